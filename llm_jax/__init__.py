@@ -1,0 +1,1 @@
+"""llm_jax: decoder-only language models in JAX, reported as compression."""

@@ -1,0 +1,80 @@
+"""`llm-jax <command>`: resolves an experiment, applies `--set` overrides, runs.
+
+Errors a user can fix (config, mesh, data, run directory) are printed as one line and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from llm_jax.config import ConfigError, apply_overrides, load_experiment, validate
+
+
+def _experiment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True,
+                        help="experiment file (experiments/pretrain_tiny.py) or its name (pretrain_tiny)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set model.n_layers=4 (repeatable)")
+    parser.add_argument("--data-dir", help="where the shared data sets live (sets data.data_dir)")
+
+
+def _resolve(args):
+    cfg = load_experiment(args.config)
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    return validate(apply_overrides(cfg, overrides))
+
+
+def _cmd_train(args) -> int:
+    from llm_jax.loop import train
+    cfg = _resolve(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    train(cfg, run_dir)
+    print(f"run directory: {run_dir}   (tensorboard --logdir {run_dir})")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from llm_jax.data.prepare import prepare
+    cfg = _resolve(args)
+    prepare(cfg, Path(args.out))
+    print(f"prepared data in {args.out}; train on it with --set data.prepared={args.out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llm-jax", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="pretrain a model from an experiment config")
+    _experiment_args(train)
+    train.add_argument("--run-dir", help="where TensorBoard logs, config and results go "
+                                         "(default: runs/<name>-<time>)")
+    train.set_defaults(fn=_cmd_train)
+    prep = sub.add_parser("prepare", help="tokenize an experiment's corpus once into binary shards")
+    _experiment_args(prep)
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.set_defaults(fn=_cmd_prepare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Imported late so that a config error is reported without paying for JAX's import.
+    from llm_jax.data.corpus import DataError
+    from llm_jax.loop import RunDirError
+    from llm_jax.sharding import MeshError
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, MeshError, RunDirError) as e:
+        print(f"llm-jax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llm-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Typed experiment configuration: frozen dataclasses, dotted `a.b=v` overrides, validation.
+
+An experiment is a Python file under `experiments/` defining `config() -> Config`, usually a short
+`dataclasses.replace` diff from these defaults. Every field can be overridden from the command line
+(`--set model.n_layers=4`); unknown keys are errors that name the closest existing key.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad experiment file, override or field value; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention: n_heads must be a multiple of it
+    head_dim: int = 0  # 0 means d_model // n_heads
+    d_ff: int = 384
+    max_seq_len: int = 2048  # size of the learned position table; RoPE does not need it
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    position: str = "rope"  # rope | learned
+    rope_theta: float = 10_000.0
+    mlp: str = "swiglu"  # swiglu | gelu
+    tie_embeddings: bool = False
+    use_bias: bool = False
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
+    attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots | dots_no_batch
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # One axis may be -1: it takes the devices the others leave.
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Each source is "kind:pattern" (pattern relative to data_dir unless absolute); see llm_jax/data/corpus.py.
+    sources: tuple[str, ...] = ("python_stdlib",)
+    data_dir: str = ""  # empty: $LLM_JAX_DATA, else ../shared/data beside the repository
+    seq_len: int = 256
+    eval_fraction: float = 0.1  # the last fraction of the token stream is held out
+    max_bytes: int = 0  # cap on corpus bytes read (0: everything)
+    tokenizer: str = ""  # an existing sentencepiece .model; empty: train one on the corpus
+    tokenizer_type: str = "bpe"  # bpe | unigram
+    tokenizer_train_bytes: int = 8_000_000  # corpus sample the tokenizer is trained on
+    prepared: str = ""  # a directory from `llm-jax prepare`; empty: prepare into RUN_DIR/data
+    num_workers: int = 0  # grain worker processes (0: in the main process)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping (0: off)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 16  # global, in sequences
+    microbatches: int = 1  # gradient accumulation: batch_size is split into this many
+    eval_every: int = 100
+    eval_batches: int = 8  # global batches per periodic evaluation
+    final_eval_batches: int = 0  # batches of the final evaluation (0: the whole held-out split)
+    log_every: int = 10
+    seed: int = 0
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: look the device up in metrics.PEAK_TFLOPS
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.position": ("rope", "learned"),
+    "model.mlp": ("swiglu", "gelu"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("auto", "float32", "bfloat16"),
+    "model.attention_impl": ("auto", "xla", "cudnn"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "data.tokenizer_type": ("bpe", "unigram"),
+}
+
+
+def llama(**overrides) -> ModelConfig:
+    """Llama architecture: RMSNorm, RoPE, SwiGLU, grouped KV heads, untied output, no biases."""
+    base = ModelConfig(norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=False, use_bias=False)
+    return dataclasses.replace(base, **overrides)
+
+
+def gpt2(**overrides) -> ModelConfig:
+    """GPT-2 architecture: LayerNorm, learned positions, GELU MLP (4x), tied embeddings, biases, MHA."""
+    base = ModelConfig(norm="layernorm", position="learned", mlp="gelu", tie_embeddings=True, use_bias=True)
+    merged = {"n_kv_heads": overrides.get("n_heads", base.n_heads), **overrides}
+    merged.setdefault("d_ff", 4 * merged.get("d_model", base.d_model))
+    return dataclasses.replace(base, **merged)
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+def flat_keys(cfg: Config) -> dict[str, type]:
+    """Every overridable dotted key with its annotated type."""
+    keys = {}
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(value):
+            hints = typing.get_type_hints(type(value))
+            for f in dataclasses.fields(value):
+                keys[f"{section.name}.{f.name}"] = hints[f.name]
+        else:
+            keys[section.name] = typing.get_type_hints(type(cfg))[section.name]
+    return keys
+
+
+def _parse(key: str, text: str, typ):
+    try:
+        if typ is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError("expected true or false")
+        if typ is int:
+            return int(text.replace("_", ""))
+        if typ is float:
+            return float(text)
+        if typ is str:
+            return text
+        if typing.get_origin(typ) is tuple:
+            if text.startswith(("(", "[")):
+                items = ast.literal_eval(text)
+            else:
+                items = [t for t in text.split(",") if t]
+            return tuple(str(i) for i in items)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"--set {key}={text}: cannot parse as {getattr(typ, '__name__', typ)} ({e})") from None
+    raise ConfigError(f"--set {key}: unsupported field type {typ}")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    keys = flat_keys(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.n_layers=4)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        value = _parse(key, text.strip(), keys[key])
+        if "." in key:
+            section, name = key.split(".", 1)
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+        else:
+            cfg = dataclasses.replace(cfg, **{key: value})
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Checks what can be checked without devices or data; mesh divisibility lives in sharding.py."""
+    flat = to_dict(cfg)
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        if flat[section][name] not in allowed:
+            raise ConfigError(f"{key}={flat[section][name]!r} is not one of {', '.join(allowed)}")
+    m, t = cfg.model, cfg.train
+    positive = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
+                "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
+                "data.seq_len": cfg.data.seq_len, "train.steps": t.steps, "train.batch_size": t.batch_size,
+                "train.microbatches": t.microbatches, "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} "
+                          "(or set model.head_dim)")
+    if m.position == "rope" and m.resolved_head_dim % 2:
+        raise ConfigError(f"RoPE needs an even head dimension, got {m.resolved_head_dim}")
+    if m.position == "learned" and cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by "
+                          f"train.microbatches={t.microbatches}")
+    if not 0.0 < cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must lie strictly between 0 and 1")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for name, value in d.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r}")
+        if isinstance(value, dict):
+            typ = typing.get_type_hints(Config)[name]
+            value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+            kwargs[name] = typ(**value)
+        else:
+            kwargs[name] = value
+    return Config(**kwargs)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------- experiments
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+
+
+def load_experiment(path_or_name: str) -> Config:
+    """Loads `config()` from an experiment file, given as a path or as a name under experiments/."""
+    path = Path(path_or_name)
+    if not path.suffix:
+        path = EXPERIMENTS_DIR / f"{path_or_name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise ConfigError(f"experiment file {str(path)!r} not found (known: {', '.join(known)})")
+    spec = importlib.util.spec_from_file_location(f"llm_jax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise ConfigError(f"experiment file {str(path)!r} defines no config() function")
+    cfg = module.config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{str(path)}: config() returned {type(cfg).__name__}, not llm_jax.config.Config")
+    return cfg
+
+
+def data_dir(cfg: Config) -> Path:
+    """Where shared data sets live: the config, then $LLM_JAX_DATA, then ../shared/data beside the repo."""
+    if cfg.data.data_dir:
+        return Path(cfg.data.data_dir).expanduser()
+    if os.environ.get("LLM_JAX_DATA"):
+        return Path(os.environ["LLM_JAX_DATA"]).expanduser()
+    return REPO_ROOT.parent / "shared" / "data"

@@ -1,0 +1,187 @@
+"""SentencePiece tokenizer: trained on an in-memory corpus sample, lossless on any text, exact in bytes.
+
+Vocabulary layout: 0 <pad>, 1 <unk>, 2 <s> (BOS), 3 </s> (EOS), 4-7 SPECIAL_TOKENS, 8-263 the byte pieces
+<0x00>..<0xFF>, then the learned pieces. SPECIAL_TOKENS are control symbols: reserved now so that chat SFT
+needs no new vocabulary, only ever inserted by id, never produced from text ("<|user|>" typed in a text
+encodes as ordinary pieces).
+
+Nothing is normalised (identity rule, no dummy prefix, whitespace kept) and characters outside the vocabulary
+fall back to their UTF-8 bytes, so decode(encode(s)) == s for every string. Newlines, tabs and indentation are
+ordinary characters: the trainer sees multi-line chunks of text, so pieces like "):\\n" or runs of spaces form.
+
+A corpus too small for the vocabulary: when its characters alone would not leave half of the learnable
+pieces for merges, the rarer characters are left to byte fallback (lower character_coverage); when it cannot
+supply vocab_size distinct pieces, the tokenizer is trained with as many as it can (a warning says so), and
+is then smaller than requested, which the model's embedding table tolerates.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import re
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from llm_jax.data.corpus import DataError
+
+SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+N_RESERVED = 4 + len(SPECIAL_TOKENS) + 256  # pad/unk/bos/eos, specials, byte pieces
+SENTENCE_BYTES = 8192  # longest chunk the trainer sees as one "sentence"
+CHARACTER_COVERAGE = 0.9995
+
+
+class Tokenizer:
+    """A sentencepiece model plus the exact bytes of every piece."""
+
+    def __init__(self, proto: bytes):
+        self._proto = proto
+        self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        self._piece_bytes = [_piece_bytes(self._sp, i) for i in range(self._sp.vocab_size())]
+        self._byte_lengths_V = np.array([len(b) for b in self._piece_bytes], np.int32)
+        self._byte_lengths_V.flags.writeable = False
+        self.sha256 = hashlib.sha256(proto).hexdigest()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"tokenizer model {path} does not exist")
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError as e:
+            raise DataError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+
+    def __reduce__(self):  # picklable for grain worker processes
+        return Tokenizer, (self._proto,)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {name: self._sp.piece_to_id(name) for name in SPECIAL_TOKENS}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, without BOS or EOS."""
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """encode() of each text, on all cores (sentencepiece's own thread pool)."""
+        return self._sp.encode(list(texts))
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The exact bytes of ids: byte pieces stay raw bytes, so a UTF-8 character cut in two is not lost."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return b"".join([self._piece_bytes[i] for i in ids])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def byte_lengths(self) -> np.ndarray:
+        """int32[vocab_size]: UTF-8 bytes each piece decodes to (0 for pad/unk/bos/eos/specials)."""
+        return self._byte_lengths_V
+
+    def serialized(self) -> bytes:
+        return self._proto
+
+
+def _piece_bytes(sp: spm.SentencePieceProcessor, i: int) -> bytes:
+    if sp.is_byte(i):
+        return bytes([int(sp.id_to_piece(i)[1:-1], 16)])  # "<0xAB>"
+    if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+        return b""
+    return sp.id_to_piece(i).replace("\u2581", " ").encode()
+
+
+def train_tokenizer(texts: Iterable[str], model_prefix: Path, vocab_size: int, model_type: str = "bpe",
+                    sample_bytes: int = 8_000_000) -> Tokenizer:
+    """Trains on the first sample_bytes of texts; writes `{model_prefix}.model`."""
+    if vocab_size < N_RESERVED + 2:
+        raise DataError(f"vocab_size={vocab_size} is too small: {N_RESERVED} ids are reserved "
+                        "(pad/unk/bos/eos, chat specials, 256 bytes)")
+    sentences = list(_sample(texts, sample_bytes))
+    if not sentences:
+        raise DataError("no text to train the tokenizer on")
+    coverage = _character_coverage(sentences, max_chars=(vocab_size - N_RESERVED) // 2)
+    proto = _train(sentences, vocab_size, model_type, coverage)
+    Path(f"{model_prefix}.model").write_bytes(proto)
+    return Tokenizer(proto)
+
+
+def text_chunks(text: str, max_bytes: int = SENTENCE_BYTES) -> Iterator[str]:
+    """Splits text at line ends into pieces of at most max_bytes UTF-8 bytes; "".join gives text back."""
+    step = max_bytes // 4  # a character takes at most 4 bytes, so step characters always fit
+    lines = (piece for line in text.splitlines(keepends=True) for piece in
+             ([line] if len(line) <= step else [line[i:i + step] for i in range(0, len(line), step)]))
+    buf, size = [], 0
+    for line in lines:
+        n = len(line.encode())
+        if size + n > max_bytes and buf:
+            yield "".join(buf)
+            buf, size = [], 0
+        buf.append(line)
+        size += n
+    if buf:
+        yield "".join(buf)
+
+
+def _sample(texts: Iterable[str], sample_bytes: int) -> Iterator[str]:
+    total = 0
+    for text in texts:
+        for chunk in text_chunks(text):
+            yield chunk
+            total += len(chunk.encode())
+            if total >= sample_bytes:
+                return
+
+
+def _character_coverage(sentences: list[str], max_chars: int) -> float:
+    """The coverage at which sentencepiece keeps at most ~max_chars characters as pieces of their own."""
+    counts = collections.Counter()
+    for s in sentences:
+        counts.update(s)
+    freq = sorted(counts.values(), reverse=True)
+    if len(freq) <= max_chars:
+        return CHARACTER_COVERAGE
+    # sentencepiece adds characters by frequency while the share covered so far is below the coverage.
+    return min(CHARACTER_COVERAGE, sum(freq[:max_chars]) / sum(freq))
+
+
+def _train(sentences: list[str], vocab_size: int, model_type: str, coverage: float) -> bytes:
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+            character_coverage=coverage, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            control_symbols=list(SPECIAL_TOKENS), max_sentence_length=2 * SENTENCE_BYTES,
+            num_threads=2, minloglevel=2)
+    except RuntimeError as e:
+        message = " ".join(str(e).split())
+        fit = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+        if not fit or int(fit[1]) >= vocab_size:
+            raise DataError(f"sentencepiece training failed: {message}") from None
+        warnings.warn(f"tokenizer corpus too small for vocab_size={vocab_size}: trained {fit[1]} pieces instead",
+                      stacklevel=3)
+        return _train(sentences, int(fit[1]), model_type, coverage)
+    return model.getvalue()

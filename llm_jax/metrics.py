@@ -1,0 +1,149 @@
+"""TensorBoard writing (process 0 only), training FLOPs per token, the peak table and MFU.
+
+FLOPs per token — the reference for `perf/mfu`:
+
+    flops_per_token = 6·N + 6·n_layers·n_heads·head_dim·T
+
+N counts the matmul parameters, from the config rather than the parameter tree:
+
+    N = n_layers·(d·H·hd            q projection
+                  + 2·d·KV·hd       k and v projections
+                  + H·hd·d          output projection
+                  + m·d·ff)         MLP: m = 3 for SwiGLU (gate, up, down), 2 for GELU (up, down)
+        + V·d                       unembedding, counted once even when tied to the input embedding
+
+with d = d_model, H = n_heads, KV = n_kv_heads, hd = resolved_head_dim, ff = d_ff, V = vocab_size,
+T = seq_len. 6·N is 2 FLOPs per multiply-add for the forward pass and twice that for the backward
+pass. Left out: the input embedding and the learned position table (gathers, not matmuls), norm
+scales and biases (O(d) per token each, negligible), softmax, activations and the loss.
+
+The attention term: per token and layer the forward pass spends 2·T·H·hd FLOPs on QKᵀ and as much on
+the weighted sum of V, 4·T·H·hd in all; the causal mask halves the keys attended on average, and the
+backward pass doubles the forward, giving 3·(4·T·H·hd)/2 = 6·T·H·hd. It counts H query heads: grouped
+KV heads shrink the projections but not these products. No remat recomputation is counted: this is
+model FLOPs, so MFU measures useful work, not hardware utilisation.
+
+MFU = tokens/s · flops_per_token / (n_devices · peak FLOP/s per device).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from llm_jax.config import ModelConfig
+
+LN2 = math.log(2.0)
+
+
+def nats_to_bits(nats):
+    """Works on floats and arrays alike."""
+    return nats / LN2
+
+
+# ---------------------------------------------------------------------------------------------- TensorBoard
+
+class Writer:
+    """Event-file writer that needs no TensorFlow; a disabled writer (processes other than 0) is a no-op
+    that creates no file."""
+
+    def __init__(self, logdir, enabled: bool):
+        self._events = EventFileWriter(str(logdir)) if enabled else None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._events is None:
+            return
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
+                                             for tag, v in values.items()])
+        self._write(step, summary)
+
+    def text(self, tag: str, markdown: str, step: int = 0) -> None:
+        """A text-plugin summary (a scalar string tensor), rendered as Markdown on the Text dashboard."""
+        if self._events is None:
+            return
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+                                        string_val=[markdown.encode("utf-8")])
+        value = summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
+        self._write(step, summary_pb2.Summary(value=[value]))
+
+    def flush(self) -> None:
+        if self._events is not None:
+            self._events.flush()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    def _write(self, step: int, summary: summary_pb2.Summary) -> None:
+        self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs and MFU
+
+def matmul_params(model: ModelConfig) -> int:
+    """N of the module docstring."""
+    d, hd = model.d_model, model.resolved_head_dim
+    attention = d * model.n_heads * hd + 2 * d * model.n_kv_heads * hd + model.n_heads * hd * d
+    mlp = (3 if model.mlp == "swiglu" else 2) * d * model.d_ff
+    return model.n_layers * (attention + mlp) + model.vocab_size * d
+
+
+def flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token; see the module docstring."""
+    attention = 6 * model.n_layers * model.n_heads * model.resolved_head_dim * seq_len
+    return float(6 * matmul_params(model) + attention)
+
+
+def param_count(params) -> int:
+    return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+# Dense (no sparsity) bf16 peak per chip, in TFLOP/s.
+PEAK_TFLOPS = {
+    "v4": 275.0,    # cloud.google.com/tpu/docs/v4: "Peak compute per chip (bf16) 275 TFLOPs"
+    "v5e": 197.0,   # cloud.google.com/tpu/docs/v5e: "Peak compute per chip (bf16) 197 TFLOPs"
+    "v5p": 459.0,   # cloud.google.com/tpu/docs/v5p: "Peak compute per chip (bf16) 459 TFLOPs"
+    "v6e": 918.0,   # cloud.google.com/tpu/docs/v6e (Trillium): "Peak compute per chip (bf16) 918 TFLOPs"
+    "a100": 312.0,  # NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOPS (624 with sparsity), SXM and PCIe
+    "h100": 989.0,  # NVIDIA H100 datasheet, SXM: BF16 Tensor Core 1,979 TFLOPS with sparsity, half dense
+    "h200": 989.0,  # NVIDIA H200 datasheet, SXM: BF16 Tensor Core 1,979 TFLOPS with sparsity, half dense
+}
+
+# jax `device.device_kind` substrings (lower case), first match wins; None: a chip we have no number for.
+# TPU strings as jax reports them ("TPU v5 lite" is v5e, "TPU v5" is v5p, "TPU v6 lite" is v6e), hence
+# the lite and v4i entries before their prefixes. H100/H200 PCIe and NVL parts run slower than the SXM
+# numbers above, so they get None rather than a wrong MFU; train.peak_tflops covers them. "NVIDIA GH200"
+# matches h200: its GPU has the same dense bf16 peak (GH200 datasheet: 990 TFLOPS).
+_DEVICE_KINDS = (
+    ("tpu v4 lite", None), ("tpu v4i", None), ("tpu v4", "v4"),
+    ("tpu v5 lite", "v5e"), ("tpu v5e", "v5e"), ("tpu v5p", "v5p"), ("tpu v5", "v5p"),
+    ("tpu v6 lite", "v6e"), ("tpu v6e", "v6e"),
+    ("a100", "a100"),
+    ("pcie", None), ("nvl", None), ("h100", "h100"), ("h200", "h200"),
+)
+
+
+def device_peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
+    """Per-device dense bf16 peak in TFLOP/s: `override` when positive, else the table; None if unknown
+    (CPU included)."""
+    if override > 0:
+        return float(override)
+    kind = " ".join(device_kind.lower().split())
+    for pattern, chip in _DEVICE_KINDS:
+        if pattern in kind:
+            return None if chip is None else PEAK_TFLOPS[chip]
+    return None
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, n_devices: int, peak_tflops: float | None) -> float:
+    """Model FLOPs utilisation as a fraction; NaN when the peak is unknown."""
+    if peak_tflops is None or peak_tflops <= 0:
+        return float("nan")
+    return tokens_per_sec * flops_per_token / (n_devices * peak_tflops * 1e12)

@@ -1,0 +1,68 @@
+"""The decoder-only transformer: embeddings, a stack of pre-norm blocks (optionally scanned), LM head."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llm_jax.config import ModelConfig
+from llm_jax.model.attention import Attention
+from llm_jax.model.layers import MLP, Dense, compute_dtype, norm, param_dtype
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        x_BxTxD = x_BxTxD + Attention(self.cfg, name="attn")(
+            norm(self.cfg, "attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
+        x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(norm(self.cfg, "mlp_norm")(x_BxTxD))
+        x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
+        return x_BxTxD, None  # (carry, output) so the same block works under nn.scan
+
+
+def block_stack(cfg: ModelConfig):
+    block = Block
+    if cfg.remat != "none":
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if not cfg.scan_layers:
+        return [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return [scanned(cfg, name="layers")]
+
+
+class Transformer(nn.Module):
+    """tokens, positions, segment ids (B, T) -> next-token logits (B, T, V) in float32."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
+        cfg = self.cfg
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),
+                         embedding_init=nn.with_logical_partitioning(
+                             nn.initializers.normal(cfg.init_std), ("vocab", "embed")), name="embed")
+        x_BxTxD = embed(tokens_BxT)
+        if cfg.position == "learned":
+            x_BxTxD = x_BxTxD + nn.Embed(
+                cfg.max_seq_len, cfg.d_model, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.init_std), ("positions", "embed")), name="pos_embed")(positions_BxT)
+        x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
+        for layer in block_stack(cfg):
+            x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT)
+        x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
+        if cfg.tie_embeddings:
+            logits_BxTxV = embed.attend(x_BxTxD)
+        else:
+            logits_BxTxV = Dense(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxTxD)
+        logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "act_vocab"))
+        return logits_BxTxV.astype(jnp.float32)

@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llm_jax",
+    version="0.1.0",
+    description="Decoder-only language models in JAX: pretraining, SFT and reward models, reported as compression",
+    packages=find_packages(include=["llm_jax", "llm_jax.*"]),
+    python_requires=">=3.11",
+    # Ranges pin what was tested: jax, flax, orbax and grain change APIs between minor releases.
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "sentencepiece>=0.2.1,<0.3",
+        "tensorboard>=2.21,<2.22",
+        "numpy>=2.0,<3",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={"test": ["pytest>=9,<10"]},
+    entry_points={"console_scripts": ["llm-jax=llm_jax.cli:main"]},
+)
