@@ -73,10 +73,13 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def start_run_dir(run_dir: Path) -> None:
+def start_run_dir(run_dir: Path) -> bool:
+    """Creates the run directory; returns whether it is new (and so may be removed if setup fails)."""
     if (run_dir / "config.json").exists():
         raise RunDirError(f"run directory {run_dir} already holds a run; choose another --run-dir")
+    new = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    return new
 
 
 def build(cfg: Config, run_dir: Path, devices=None) -> Setup:
@@ -87,9 +90,13 @@ def build(cfg: Config, run_dir: Path, devices=None) -> Setup:
     model = Transformer(cfg.model)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     check_fits(model, optimizer, mesh, cfg.data.seq_len)
-    if is_main():
-        start_run_dir(run_dir)
-    prepared = load_data(cfg, run_dir)
+    new_dir = start_run_dir(run_dir) if is_main() else False
+    try:
+        prepared = load_data(cfg, run_dir)
+    except Exception:
+        if new_dir:  # a run that never started leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     state, shardings = create_state(model, optimizer, mesh, cfg.data.seq_len,
                                     jax.random.key(cfg.train.seed))
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh,
@@ -181,20 +188,23 @@ def _train_steps(setup: Setup, writer: metrics.Writer):
     perf = PerfMeter(cfg, jax.device_count())
     bar = tqdm(total=cfg.train.steps, disable=not is_main(), unit="step", dynamic_ncols=True)
     pending = None
-    for i in range(cfg.train.steps):
-        state, step_metrics = setup.train_fn(state, sharding.global_batch(next(batches), batch_sharding))
+    try:
+        for i in range(cfg.train.steps):
+            state, step_metrics = setup.train_fn(state, sharding.global_batch(next(batches), batch_sharding))
+            if pending is not None:
+                _log_train(pending, perf, writer, bar, cfg)
+            pending = (i + 1, step_metrics)
+            if (i + 1) % cfg.train.eval_every == 0 and i + 1 < cfg.train.steps:
+                _log_train(pending, perf, writer, bar, cfg)
+                pending = None
+                sums, _ = evaluate(setup, state.params, cfg.train.eval_batches)
+                writer.scalars(i + 1, eval_scalars(sums))
+                perf.t0 = None  # evaluation time is not step time
         if pending is not None:
             _log_train(pending, perf, writer, bar, cfg)
-        pending = (i + 1, step_metrics)
-        if (i + 1) % cfg.train.eval_every == 0 and i + 1 < cfg.train.steps:
-            _log_train(pending, perf, writer, bar, cfg)
-            pending = None
-            sums, _ = evaluate(setup, state.params, cfg.train.eval_batches)
-            writer.scalars(i + 1, eval_scalars(sums))
-            perf.t0 = None  # evaluation time is not step time
-    if pending is not None:
-        _log_train(pending, perf, writer, bar, cfg)
-    bar.close()
+    finally:
+        bar.close()
+        batches.close()  # grain worker processes and their shared memory
     return state
 
 

@@ -27,7 +27,6 @@ MFU = tokens/s · flops_per_token / (n_devices · peak FLOP/s per device).
 """
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -37,14 +36,6 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from llm_jax.config import ModelConfig
 
-LN2 = math.log(2.0)
-
-
-def nats_to_bits(nats):
-    """Works on floats and arrays alike."""
-    return nats / LN2
-
-
 # ---------------------------------------------------------------------------------------------- TensorBoard
 
 class Writer:
@@ -52,7 +43,8 @@ class Writer:
     that creates no file."""
 
     def __init__(self, logdir, enabled: bool):
-        self._events = EventFileWriter(str(logdir)) if enabled else None
+        # A short flush interval so a researcher watching TensorBoard sees the curve move.
+        self._events = EventFileWriter(str(logdir), flush_secs=10) if enabled else None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._events is None:

@@ -91,10 +91,6 @@ def test_mfu():
     assert metrics.mfu(1000.0, 1e9, 2, 100.0) == pytest.approx(0.005)
 
 
-def test_nats_to_bits():
-    assert metrics.nats_to_bits(math.log(2.0) * 3) == pytest.approx(3.0)
-
-
 def test_baselines():
     repetitive = b"the quick brown fox jumps over the lazy dog. " * 400
     low = compression.baselines(repetitive)

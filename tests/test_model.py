@@ -21,9 +21,17 @@ def inputs(batch=2, seed=0, vocab=97):
     return tokens, positions, jnp.ones((batch, T), jnp.int32)
 
 
+class Jitted:
+    """A model whose apply is jitted: eager op-by-op dispatch is what makes CPU tests slow."""
+
+    def __init__(self, cfg):
+        self.module = Transformer(cfg)
+        self.apply = jax.jit(self.module.apply)
+
+
 def init_apply(cfg, *args):
-    model = Transformer(cfg)
-    params = nn.unbox(model.init(jax.random.key(1), *args)["params"])
+    model = Jitted(cfg)
+    params = nn.unbox(jax.jit(model.module.init)(jax.random.key(1), *args)["params"])
     return model, params
 
 
@@ -70,7 +78,7 @@ def test_segment_ids_isolate_packed_documents(name):
 def test_scan_over_layers_equals_unrolled_layers():
     tokens, positions, segments = inputs()
     scanned, params = init_apply(tiny(), tokens, positions, segments)
-    unrolled = Transformer(tiny(scan_layers=False))
+    unrolled = Jitted(tiny(scan_layers=False))
     layers = params["layers"]
     unrolled_params = {k: v for k, v in params.items() if k != "layers"}
     for i in range(2):
@@ -85,9 +93,9 @@ def test_remat_changes_memory_not_results():
 
     def grads(model):
         loss = lambda p: jnp.sum(model.apply({"params": p}, tokens, positions, segments) ** 2)
-        return jax.grad(loss)(params)
+        return jax.jit(jax.grad(loss))(params)
     for policy in ("full", "dots", "dots_no_batch"):
-        remat = Transformer(tiny(remat=policy))
+        remat = Jitted(tiny(remat=policy))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads(plain), grads(remat))
 
 
@@ -115,6 +123,6 @@ def test_bf16_compute_keeps_float32_params_and_logits():
     model, params = init_apply(tiny(compute_dtype="bfloat16"), tokens, positions, segments)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     logits = model.apply({"params": params}, tokens, positions, segments)
-    ref = Transformer(tiny()).apply({"params": params}, tokens, positions, segments)
+    ref = Jitted(tiny()).apply({"params": params}, tokens, positions, segments)
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, ref, atol=0.05)  # bf16 rounding only

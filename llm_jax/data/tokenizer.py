@@ -10,7 +10,7 @@ fall back to their UTF-8 bytes, so decode(encode(s)) == s for every string. Newl
 ordinary characters: the trainer sees multi-line chunks of text, so pieces like "):\\n" or runs of spaces form.
 
 A corpus too small for the vocabulary: when its characters alone would not leave half of the learnable
-pieces for merges, the rarer characters are left to byte fallback (lower character_coverage); when it cannot
+pieces for merges, the rarer characters are left to byte fallback (the trainer never sees them); when it cannot
 supply vocab_size distinct pieces, the tokenizer is trained with as many as it can (a warning says so), and
 is then smaller than requested, which the model's embedding table tolerates.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import itertools
 import re
 import warnings
 from pathlib import Path
@@ -33,6 +34,8 @@ SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 N_RESERVED = 4 + len(SPECIAL_TOKENS) + 256  # pad/unk/bos/eos, specials, byte pieces
 SENTENCE_BYTES = 8192  # longest chunk the trainer sees as one "sentence"
 CHARACTER_COVERAGE = 0.9995
+ENCODE_CHARS = 8192  # encode_batch cuts longer texts into pieces of about this size
+_WORD_START = re.compile("(?<![ \u2581]) ")  # U+2581 "▁" in a text also counts as whitespace
 
 
 class Tokenizer:
@@ -81,11 +84,18 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, without BOS or EOS."""
-        return self._sp.encode(text)
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """encode() of each text, on all cores (sentencepiece's own thread pool)."""
-        return self._sp.encode(list(texts))
+        """encode() of each text, on all cores (sentencepiece's own thread pool).
+
+        Texts are encoded in pieces of about ENCODE_CHARS cut at word starts, which no token spans: one long
+        document no longer leaves all threads but one idle, and BPE runs ~3x faster on short inputs. For BPE
+        the ids equal sentencepiece's on the whole text; unigram may break exact score ties differently.
+        """
+        pieces = [_word_aligned_pieces(text) for text in texts]
+        ids = iter(self._sp.encode([p for ps in pieces for p in ps]))
+        return [list(itertools.chain.from_iterable(itertools.islice(ids, len(ps)))) for ps in pieces]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The exact bytes of ids: byte pieces stay raw bytes, so a UTF-8 character cut in two is not lost."""
@@ -112,6 +122,19 @@ def _piece_bytes(sp: spm.SentencePieceProcessor, i: int) -> bytes:
     return sp.id_to_piece(i).replace("\u2581", " ").encode()
 
 
+def _word_aligned_pieces(text: str) -> list[str]:
+    # A space after a non-space always starts a new sentencepiece word (split_by_whitespace), and the
+    # trainer never makes a piece cross a word start: encoding the pieces apart changes no token.
+    pieces, start = [], 0
+    while len(text) - start > 2 * ENCODE_CHARS:
+        cut = _WORD_START.search(text, start + ENCODE_CHARS)
+        if not cut:
+            break
+        pieces.append(text[start:cut.start()])
+        start = cut.start()
+    return pieces + [text[start:]]
+
+
 def train_tokenizer(texts: Iterable[str], model_prefix: Path, vocab_size: int, model_type: str = "bpe",
                     sample_bytes: int = 8_000_000) -> Tokenizer:
     """Trains on the first sample_bytes of texts; writes `{model_prefix}.model`."""
@@ -121,8 +144,8 @@ def train_tokenizer(texts: Iterable[str], model_prefix: Path, vocab_size: int, m
     sentences = list(_sample(texts, sample_bytes))
     if not sentences:
         raise DataError("no text to train the tokenizer on")
-    coverage = _character_coverage(sentences, max_chars=(vocab_size - N_RESERVED) // 2)
-    proto = _train(sentences, vocab_size, model_type, coverage)
+    sentences = _split_at_rare_characters(sentences, max_chars=(vocab_size - N_RESERVED) // 2)
+    proto = _train(sentences, vocab_size, model_type)
     Path(f"{model_prefix}.model").write_bytes(proto)
     return Tokenizer(proto)
 
@@ -154,26 +177,29 @@ def _sample(texts: Iterable[str], sample_bytes: int) -> Iterator[str]:
                 return
 
 
-def _character_coverage(sentences: list[str], max_chars: int) -> float:
-    """The coverage at which sentencepiece keeps at most ~max_chars characters as pieces of their own."""
+def _split_at_rare_characters(sentences: list[str], max_chars: int) -> list[str]:
+    """Keeps at most max_chars distinct characters: the text is cut at rarer ones, left to byte fallback.
+
+    sentencepiece insists on a piece per character covering >= 98% of the text, so a small vocabulary
+    cannot hold a Chinese corpus's characters; cutting there (rather than deleting) invents no neighbours.
+    """
     counts = collections.Counter()
     for s in sentences:
         counts.update(s)
-    freq = sorted(counts.values(), reverse=True)
-    if len(freq) <= max_chars:
-        return CHARACTER_COVERAGE
-    # sentencepiece adds characters by frequency while the share covered so far is below the coverage.
-    return min(CHARACTER_COVERAGE, sum(freq[:max_chars]) / sum(freq))
+    rare = {ord(c): "\x00" for c, _ in counts.most_common()[max_chars:]}
+    if not rare and "\x00" not in counts:  # the trainer also refuses NUL characters
+        return sentences
+    return [piece for s in sentences for piece in s.translate(rare).split("\x00") if piece]
 
 
-def _train(sentences: list[str], vocab_size: int, model_type: str, coverage: float) -> bytes:
+def _train(sentences: list[str], vocab_size: int, model_type: str) -> bytes:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type=model_type,
             byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-            character_coverage=coverage, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            character_coverage=CHARACTER_COVERAGE, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
             control_symbols=list(SPECIAL_TOKENS), max_sentence_length=2 * SENTENCE_BYTES,
             num_threads=2, minloglevel=2)
     except RuntimeError as e:
@@ -183,5 +209,5 @@ def _train(sentences: list[str], vocab_size: int, model_type: str, coverage: flo
             raise DataError(f"sentencepiece training failed: {message}") from None
         warnings.warn(f"tokenizer corpus too small for vocab_size={vocab_size}: trained {fit[1]} pieces instead",
                       stacklevel=3)
-        return _train(sentences, int(fit[1]), model_type, coverage)
+        return _train(sentences, int(fit[1]), model_type)
     return model.getvalue()
