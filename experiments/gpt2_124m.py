@@ -9,6 +9,5 @@ def config() -> Config:
                    compute_dtype="auto", remat="none"),
         data=DataConfig(sources=("gutenberg:en_gutenberg/books/*.txt.gz",), seq_len=1024, eval_fraction=0.02),
         optim=OptimConfig(learning_rate=6e-4, warmup_steps=700, weight_decay=0.1),
-        train=TrainConfig(steps=20_000, batch_size=256, microbatches=4, eval_every=1000, eval_batches=16,
-                          final_eval_batches=64),
+        train=TrainConfig(steps=20_000, batch_size=256, microbatches=4, eval_every=1000, eval_batches=32),
     )

@@ -10,6 +10,5 @@ def config() -> Config:
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         data=DataConfig(sources=("gutenberg:en_gutenberg/books/*.txt.gz",), seq_len=2048, eval_fraction=0.02),
         optim=OptimConfig(learning_rate=3e-4, warmup_steps=1000),
-        train=TrainConfig(steps=20_000, batch_size=64, microbatches=4, eval_every=1000, eval_batches=8,
-                          final_eval_batches=32),
+        train=TrainConfig(steps=20_000, batch_size=64, microbatches=4, eval_every=1000, eval_batches=16),
     )

@@ -11,5 +11,5 @@ def config() -> Config:
                                  "squad:zh_wiki_cmrc2018_drcd/*.json.gz"),
                         seq_len=512, eval_fraction=0.05, tokenizer_type="unigram"),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=500),
-        train=TrainConfig(steps=20_000, batch_size=64, eval_every=1000, eval_batches=32, final_eval_batches=200),
+        train=TrainConfig(steps=20_000, batch_size=64, eval_every=1000, eval_batches=64),
     )

@@ -16,5 +16,5 @@ def config() -> Config:
         data=DataConfig(sources=("python_stdlib",), seq_len=128, max_bytes=12_000_000,
                         tokenizer_train_bytes=4_000_000),
         optim=OptimConfig(learning_rate=5e-3, warmup_steps=30),
-        train=TrainConfig(steps=550, batch_size=32, eval_every=100, eval_batches=8, final_eval_batches=40),
+        train=TrainConfig(steps=550, batch_size=32, eval_every=100, eval_batches=40),
     )

@@ -91,8 +91,9 @@ class TrainConfig:
     batch_size: int = 16  # global, in sequences
     microbatches: int = 1  # gradient accumulation: batch_size is split into this many
     eval_every: int = 100
-    eval_batches: int = 8  # global batches per periodic evaluation
-    final_eval_batches: int = 0  # batches of the final evaluation (0: the whole held-out split)
+    # Global batches per evaluation (0: the whole held-out split). Every evaluation, the final one
+    # included, scores the same windows, so the eval curve is one measurement over time.
+    eval_batches: int = 8
     log_every: int = 10
     seed: int = 0
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: look the device up in metrics.PEAK_TFLOPS

@@ -221,7 +221,7 @@ def _log_train(pending, perf: PerfMeter, writer, bar, cfg: Config) -> None:
 
 def _final_eval(setup: Setup, state, writer: metrics.Writer) -> dict:
     cfg = setup.cfg
-    sums, n_windows = evaluate(setup, state.params, cfg.train.final_eval_batches)
+    sums, n_windows = evaluate(setup, state.params, cfg.train.eval_batches)
     scores = eval_scalars(sums)
     writer.scalars(cfg.train.steps, scores)
     results = {**scores, "eval/tokens": sums["tokens"], "eval/bytes": sums["bytes"],

@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax import losses, sharding
+from llm_jax.data.pipeline import KEYS as BATCH_KEYS
 from llm_jax.state import TrainState
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights", "target_bytes")
 
 
 def _sums_and_grads(model, params, microbatch):

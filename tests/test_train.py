@@ -29,9 +29,9 @@ def tiny_args(tmp_path, *extra):
             "--set", f"data.sources=text:{corpus}/*.txt", "--set", "model.vocab_size=320",
             "--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.d_ff=64",
             "--set", "data.seq_len=32", "--set", "train.batch_size=8", "--set", "train.steps=60",
-            "--set", "train.eval_every=20", "--set", "train.eval_batches=2", "--set", "train.log_every=5",
+            "--set", "train.eval_every=20", "--set", "train.log_every=5",
             "--set", "optim.warmup_steps=5", "--set", "optim.learning_rate=1e-2", "--set", "data.max_bytes=0",
-            "--set", "train.final_eval_batches=0", *extra]
+            "--set", "train.eval_batches=0", *extra]
 
 
 def scalars(run_dir):
