@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from llm_jax import compression, losses, metrics, optim, sharding, step
@@ -114,7 +113,7 @@ def evaluate(setup: Setup, params, max_batches: int) -> tuple[dict, int]:
     totals = None
     for local in batches:
         sums = setup.eval_fn(params, sharding.global_batch(local, batch_sharding))
-        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     # The last batch may be padded: count only windows that exist.
     n_windows = min(len(batches) * cfg.train.batch_size,

@@ -1,6 +1,7 @@
 """The same training on 1 device and on meshes of 8 fake devices; mesh and divisibility errors.
 
-Other mesh shapes: LLM_JAX_TEST_MESHES="4x2x1,1x1x8" pytest tests/test_sharding.py
+Other mesh shapes (data x fsdp x tensor, any factorisation of 8):
+    LLM_JAX_TEST_MESHES="4x2x1,1x2x4,1x1x8" pytest tests/test_sharding.py
 """
 import os
 
@@ -38,7 +39,8 @@ def packed_batches(n_steps, microbatches=1, seed=0):
 
 
 def run(mesh_cfg, devices=None, microbatches=1, steps=STEPS):
-    cfg = llama(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+    # Every dimension divisible by 8, so any factorisation of 8 devices is a valid mesh; still GQA (2:1).
+    cfg = llama(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8, d_ff=128,
                 compute_dtype="float32")
     mesh = make_mesh(mesh_cfg, devices)
     model = Transformer(cfg)
