@@ -1,6 +1,8 @@
 """`llm-jax <command>`: resolves an experiment, applies `--set` overrides, runs.
 
-Errors a user can fix (config, mesh, data, run directory) are printed as one line and exit with 2.
+Errors a user can fix (config, mesh, data, run directory, checkpoint) are printed as one line and exit
+with 2; a preempted run (SIGTERM/SIGINT, checkpoint saved) exits with 75, a non-finite loss under
+train.nonfinite=stop with 3.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _cmd_train(args) -> int:
     from llm_jax.loop import train
     cfg = _resolve(args)
     run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    train(cfg, run_dir)
+    train(cfg, run_dir, fresh=args.fresh)
     print(f"run directory: {run_dir}   (tensorboard --logdir {run_dir})")
     return 0
 
@@ -45,33 +47,54 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from llm_jax.checkpoint import export_params
+    step = export_params(Path(args.run_dir), Path(args.out), args.step)
+    print(f"exported the params of step {step} to {args.out}; start from them with "
+          f"--set checkpoint.init_from={args.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-jax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="pretrain a model from an experiment config")
     _experiment_args(train)
-    train.add_argument("--run-dir", help="where TensorBoard logs, config and results go "
-                                         "(default: runs/<name>-<time>)")
+    train.add_argument("--run-dir", help="where TensorBoard logs, checkpoints, config and results go "
+                                         "(default: runs/<name>-<time>); an existing run there is resumed")
+    train.add_argument("--fresh", action="store_true", help="delete the run in --run-dir and start over")
     train.set_defaults(fn=_cmd_train)
     prep = sub.add_parser("prepare", help="tokenize an experiment's corpus once into binary shards")
     _experiment_args(prep)
     prep.add_argument("--out", required=True, help="output directory")
     prep.set_defaults(fn=_cmd_prepare)
+    export = sub.add_parser("export", help="write the params of a checkpoint for init_from / inference")
+    export.add_argument("--run-dir", required=True, help="a training run directory")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    export.add_argument("--out", required=True, help="output directory (must not exist)")
+    export.set_defaults(fn=_cmd_export)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Imported late so that a config error is reported without paying for JAX's import.
+    from llm_jax.checkpoint import CheckpointError
     from llm_jax.data.corpus import DataError
-    from llm_jax.loop import RunDirError
+    from llm_jax.loop import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteError, Preempted, RunDirError
     from llm_jax.sharding import MeshError
     try:
         return args.fn(args)
-    except (ConfigError, DataError, MeshError, RunDirError) as e:
+    except (ConfigError, DataError, MeshError, RunDirError, CheckpointError) as e:
         print(f"llm-jax: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Preempted as e:
+        print(f"llm-jax: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except NonFiniteError as e:
+        print(f"llm-jax: error: {e}", file=sys.stderr)
+        return NONFINITE_EXIT
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("llm-jax: interrupted", file=sys.stderr)
         return 130
 

@@ -97,6 +97,16 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: look the device up in metrics.PEAK_TFLOPS
+    nonfinite: str = "skip"  # a NaN/Inf loss, gradient or update: skip that update, or stop the run
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # save every N steps (0: only at the end); always at the end and on preemption
+    keep: int = 3  # the last K checkpoints are kept
+    keep_period: int = 0  # also keep every M-th step for good (0: off)
+    async_save: bool = True  # write in the background; the step waits only for the device-to-host copy
+    init_from: str = ""  # start from the params of an `llm-jax export` directory (optimizer starts fresh)
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 CHOICES = {
@@ -118,6 +129,7 @@ CHOICES = {
     "model.attention_impl": ("auto", "xla", "cudnn"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.tokenizer_type": ("bpe", "unigram"),
+    "train.nonfinite": ("skip", "stop"),
 }
 
 
@@ -225,6 +237,10 @@ def validate(cfg: Config) -> Config:
                           f"train.microbatches={t.microbatches}")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must lie strictly between 0 and 1")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1 or cfg.checkpoint.keep_period < 0:
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every}, checkpoint.keep={cfg.checkpoint.keep}, "
+                          f"checkpoint.keep_period={cfg.checkpoint.keep_period}: need every >= 0, keep >= 1, "
+                          "keep_period >= 0")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     return cfg

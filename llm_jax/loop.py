@@ -2,11 +2,16 @@
 
 The device never waits for the host: step t is dispatched before step t-1's metrics are fetched.
 TensorBoard, the console and files in the run directory are written by process 0 only.
+
+A run directory with checkpoints is resumed from its latest readable one; SIGTERM/SIGINT save a
+checkpoint at the next step boundary and end the run with PREEMPTED_EXIT.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +19,7 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from llm_jax import compression, losses, metrics, optim, sharding, step
+from llm_jax import checkpoint, compression, losses, metrics, optim, sharding, step
 from llm_jax.config import Config, ConfigError, to_json, validate
 from llm_jax.data.pipeline import eval_batches, eval_text, train_iterator
 from llm_jax.data.prepare import Prepared, prepare
@@ -22,17 +27,33 @@ from llm_jax.model import Transformer
 from llm_jax.state import check_fits, create_state
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run stopped on request after checkpointing; start it again to go on
+NONFINITE_EXIT = 3
+
+
 class RunDirError(ValueError):
     """The run directory cannot be used as asked."""
+
+
+class Preempted(Exception):
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"preempted by {signal_name} at step {step}: checkpoint saved; run the same command "
+                         "again to continue")
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient or update under train.nonfinite=stop."""
 
 
 @dataclass
 class Setup:
     """Everything the loop needs, built (and checked) once before the first step."""
     cfg: Config
+    run_dir: Path
     mesh: jax.sharding.Mesh
     prepared: Prepared
     state: object
+    start_step: int
     train_fn: object
     eval_fn: object
     n_params: int
@@ -72,36 +93,60 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def start_run_dir(run_dir: Path) -> bool:
-    """Creates the run directory; returns whether it is new (and so may be removed if setup fails)."""
+def open_run_dir(run_dir: Path, fresh: bool) -> tuple[bool, bool]:
+    """(resume, created): resume when the directory holds a run with checkpoints; --fresh deletes it first."""
+    if fresh and run_dir.exists() and is_main():
+        shutil.rmtree(run_dir)
+    _barrier("fresh")
     if (run_dir / "config.json").exists():
-        raise RunDirError(f"run directory {run_dir} already holds a run; choose another --run-dir")
-    new = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return new
+        if not checkpoint.committed_steps(run_dir):
+            raise RunDirError(f"run directory {run_dir} holds a run with no checkpoint to resume; "
+                              "pass --fresh to delete it and start over")
+        return True, False
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+    return False, created
 
 
-def build(cfg: Config, run_dir: Path, devices=None) -> Setup:
-    """Validates, checks the mesh and every dimension, prepares data, then creates the sharded state."""
+def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setup:
+    """Validates, checks the mesh and every dimension, prepares data, creates or restores the sharded state."""
     cfg = validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     check_batch(cfg, mesh)
     model = Transformer(cfg.model)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     check_fits(model, optimizer, mesh, cfg.data.seq_len)
-    new_dir = start_run_dir(run_dir) if is_main() else False
+    resume, created = open_run_dir(run_dir, fresh)
     try:
         prepared = load_data(cfg, run_dir)
+        state, shardings = create_state(model, optimizer, mesh, cfg.data.seq_len, jax.random.key(cfg.train.seed))
+        if is_main():
+            checkpoint.check_writable(run_dir, checkpoint.estimated_bytes(state), cfg.checkpoint.keep)
     except Exception:
-        if new_dir:  # a run that never started leaves nothing behind
+        if created:  # a run that never started leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    state, shardings = create_state(model, optimizer, mesh, cfg.data.seq_len,
-                                    jax.random.key(cfg.train.seed))
+    state, start_step = _initial_state(cfg, run_dir, resume, state, prepared)
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh,
                                    shardings)
     eval_fn = step.jit_eval_step(model, mesh, shardings.params)
-    return Setup(cfg, mesh, prepared, state, train_fn, eval_fn, metrics.param_count(state.params))
+    return Setup(cfg, run_dir, mesh, prepared, state, start_step, train_fn, eval_fn,
+                 metrics.param_count(state.params))
+
+
+def _initial_state(cfg: Config, run_dir: Path, resume: bool, state, prepared: Prepared):
+    if resume:
+        restored = checkpoint.restore_latest(run_dir, cfg, state, prepared.tokenizer)
+        if restored is None:
+            raise RunDirError(f"run directory {run_dir} has no readable checkpoint left (damaged ones are in "
+                              f"{run_dir / 'corrupt_checkpoints'}); pass --fresh to start over")
+        return restored
+    if cfg.checkpoint.init_from:
+        return state.replace(params=checkpoint.load_params(Path(cfg.checkpoint.init_from), cfg, state.params)), 0
+    return state, 0
 
 
 def evaluate(setup: Setup, params, max_batches: int) -> tuple[dict, int]:
@@ -151,53 +196,118 @@ class PerfMeter:
         return out
 
 
+class PreemptionWatch:
+    """Turns SIGTERM/SIGINT into a request to checkpoint and stop at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        """Whether any process was signalled (all processes must agree, since saving is collective)."""
+        local = self.signal_name is not None
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.process_allgather(jax.numpy.array(local)).any())
+
+
 def _describe(setup: Setup) -> str:
     cfg, mesh = setup.cfg, setup.mesh
     shape = "×".join(f"{k}={v}" for k, v in mesh.shape.items())
+    start = f", resuming from step {setup.start_step}" if setup.start_step else ""
     return (f"{cfg.name}: {setup.n_params / 1e6:.2f}M params, {jax.device_count()} × "
             f"{jax.devices()[0].device_kind} ({jax.process_count()} process), mesh {shape}, "
             f"{cfg.train.batch_size}×{cfg.data.seq_len} tokens/step, "
-            f"{len(setup.prepared.train_tokens()):,} train / {len(setup.prepared.eval_tokens()):,} eval tokens")
+            f"{len(setup.prepared.train_tokens()):,} train / {len(setup.prepared.eval_tokens()):,} eval tokens"
+            f"{start}")
 
 
-def train(cfg: Config, run_dir: Path, devices=None) -> dict:
-    """Runs a whole training job; returns the final results (also written to RUN_DIR/results.json)."""
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict:
+    """Runs (or resumes) a training job; returns the final results (also in RUN_DIR/results.json)."""
     run_dir = Path(run_dir)
-    setup = build(cfg, run_dir, devices)
+    setup = build(cfg, run_dir, devices, fresh)
     cfg = setup.cfg
-    writer = metrics.Writer(run_dir / "tb", enabled=is_main())
+    writer = metrics.Writer(run_dir / "tb", enabled=is_main(),
+                            resume_step=setup.start_step if setup.start_step else None)
     if is_main():
-        (run_dir / "config.json").write_text(to_json(cfg))
+        _write_atomic(run_dir / "config.json", to_json(cfg))
         shutil.copy(setup.prepared.tokenizer_path, run_dir / "tokenizer.model")
-        writer.text("config", f"```json\n{to_json(cfg)}\n```")
+        if not setup.start_step:
+            writer.text("config", f"```json\n{to_json(cfg)}\n```")
         print(_describe(setup), flush=True)
-    state = _train_steps(setup, writer)
-    results = _final_eval(setup, state, writer)
-    writer.close()
+    mngr = checkpoint.manager(run_dir, cfg.checkpoint)
+    try:
+        with PreemptionWatch() as watch:
+            state = _train_steps(setup, writer, mngr, watch)
+        results = _final_eval(setup, state, writer)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
     if is_main():
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        _write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     return results
 
 
-def _train_steps(setup: Setup, writer: metrics.Writer):
+def _train_steps(setup: Setup, writer: metrics.Writer, mngr, watch: PreemptionWatch):
     cfg, state = setup.cfg, setup.state
     batches = train_iterator(setup.prepared, cfg.data.seq_len, cfg.train.batch_size, cfg.train.microbatches,
                              cfg.train.seed, jax.process_index(), jax.process_count(), cfg.data.num_workers)
+    if setup.start_step:
+        how = checkpoint.restore_data(setup.run_dir, cfg.checkpoint, setup.start_step, batches)
+        if is_main():
+            print(f"resumed from checkpoint step {setup.start_step} (data position: {how})", flush=True)
+    meta = checkpoint.meta(cfg, setup.prepared.tokenizer_path)
     batch_sharding = sharding.logical_sharding(setup.mesh, "microbatch", "batch", "length")
     perf = PerfMeter(cfg, jax.device_count())
-    bar = tqdm(total=cfg.train.steps, disable=not is_main(), unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=setup.start_step, disable=not is_main(), unit="step",
+               dynamic_ncols=True)
     pending = None
     try:
-        for i in range(cfg.train.steps):
+        for i in range(setup.start_step, cfg.train.steps):
             state, step_metrics = setup.train_fn(state, sharding.global_batch(next(batches), batch_sharding))
             if pending is not None:
                 _log_train(pending, perf, writer, bar, cfg)
-            pending = (i + 1, step_metrics)
-            if (i + 1) % cfg.train.eval_every == 0 and i + 1 < cfg.train.steps:
+            pending, done = (i + 1, step_metrics), i + 1
+            preempted = watch.requested()
+            every = cfg.checkpoint.every
+            save_now = (every and done % every == 0) or done == cfg.train.steps or preempted
+            eval_now = done % cfg.train.eval_every == 0 and done < cfg.train.steps
+            if save_now or eval_now:  # see this step's metrics (and stop on a non-finite one) first
                 _log_train(pending, perf, writer, bar, cfg)
                 pending = None
+            if save_now:
+                t0 = time.perf_counter()
+                checkpoint.save(mngr, state, batches, meta)
+                writer.scalars(done, {"perf/checkpoint_save_s": time.perf_counter() - t0})
+                perf.t0 = None  # a save is not step time
+            if preempted:
+                mngr.wait_until_finished()
+                raise Preempted(done, watch.signal_name or "a signal on another process")
+            if eval_now:
                 sums, _ = evaluate(setup, state.params, cfg.train.eval_batches)
-                writer.scalars(i + 1, eval_scalars(sums))
+                writer.scalars(done, eval_scalars(sums))
                 perf.t0 = None  # evaluation time is not step time
         if pending is not None:
             _log_train(pending, perf, writer, bar, cfg)
@@ -209,7 +319,11 @@ def _train_steps(setup: Setup, writer: metrics.Writer):
 
 def _log_train(pending, perf: PerfMeter, writer, bar, cfg: Config) -> None:
     step_done, step_metrics = pending
-    values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "train/tokens"}
+    fetched = jax.device_get(step_metrics)
+    if not fetched.pop("train/finite") and cfg.train.nonfinite == "stop":
+        raise NonFiniteError(f"non-finite loss, gradient or update at step {step_done} (train.nonfinite=stop); "
+                             "the update was not applied and no checkpoint was written after it")
+    values = {k: float(v) for k, v in fetched.items()}
     if step_done == 1 or step_done % cfg.train.log_every == 0:
         values.update(perf.update(step_done))
     writer.scalars(step_done, values)
@@ -224,7 +338,8 @@ def _final_eval(setup: Setup, state, writer: metrics.Writer) -> dict:
     scores = eval_scalars(sums)
     writer.scalars(cfg.train.steps, scores)
     results = {**scores, "eval/tokens": sums["tokens"], "eval/bytes": sums["bytes"],
-               "params": setup.n_params, "steps": cfg.train.steps}
+               "params": setup.n_params, "steps": cfg.train.steps,
+               "skipped_steps": int(jax.device_get(state.skipped))}
     if is_main():
         held_out = eval_text(setup.prepared, cfg.data.seq_len, n_windows)
         if len(held_out) != int(sums["bytes"]):

@@ -17,6 +17,8 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    rng: jax.Array  # base key data; per-step randomness would derive as fold_in(rng, step)
+    skipped: jax.Array  # updates skipped for a non-finite loss, gradient or update
 
 
 def _dummy_inputs(batch: int, seq_len: int):
@@ -28,7 +30,8 @@ def _boxed_init(model: nn.Module, optimizer: optax.GradientTransformation, seq_l
     def init(rng):
         params = model.init(rng, *_dummy_inputs(1, seq_len))["params"]
         # optax keeps the Partitioned boxes on its moments, so they inherit the parameters' logical names.
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          rng=jax.random.key_data(rng), skipped=jnp.zeros((), jnp.int32))
     return init
 
 

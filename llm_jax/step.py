@@ -36,16 +36,24 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, lr_schedule)
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["tokens"], 1.0), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+    # One NaN/Inf anywhere reaches these norms; such an update is dropped, so the state stays the last good one.
+    finite = jnp.isfinite(sums["nats"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    skipped = state.skipped + (~finite).astype(jnp.int32)
     rates = losses.compression(sums)
     metrics = {
         "train/loss_bits_per_token": rates["bits_per_token"],
         "train/bits_per_byte": rates["bits_per_byte"],
         "optim/learning_rate": lr_schedule(state.step),
-        "optim/grad_norm": optax.tree.norm(grads),
-        "optim/param_norm": optax.tree.norm(params),
-        "train/tokens": sums["tokens"],
+        "optim/grad_norm": grad_norm,
+        "optim/param_norm": optax.tree.norm(keep_old(params, state.params)),
+        "optim/skipped_steps": skipped,
+        "train/finite": finite,
     }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = TrainState(step=state.step + 1, params=keep_old(params, state.params),
+                           opt_state=keep_old(opt_state, state.opt_state), rng=state.rng, skipped=skipped)
+    return new_state, metrics
 
 
 def eval_step(params, batch: dict, *, model) -> dict:

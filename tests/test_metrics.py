@@ -5,6 +5,9 @@ import os
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.summary.writer import event_file_writer
+from tensorboard.util import tensor_util
 
 from llm_jax import compression, metrics
 from llm_jax.config import ModelConfig
@@ -41,6 +44,100 @@ def test_disabled_writer_writes_nothing(tmp_path):
     writer.flush()
     writer.close()
     assert not logdir.exists()
+
+
+def _train(logdir, steps, offset, resume_step=None, config=False):
+    """A run that logs loss = offset + step, as a killed or resumed training job would."""
+    writer = metrics.Writer(logdir, enabled=True, resume_step=resume_step)
+    if config:
+        writer.text("config", "hello")
+    for step in steps:
+        writer.scalars(step, {"train/loss": offset + step})
+    writer.close()
+
+
+def _event_files(logdir):
+    return sorted(logdir.glob("events.out.tfevents.*"))
+
+
+def _raw_points(logdir, tag):
+    """(step, value) of every `tag` point in every event file, read without EventAccumulator."""
+    return sorted((event.step, tensor_util.make_ndarray(value.tensor).item())
+                  for path in _event_files(logdir) for event in EventFileLoader(str(path)).Load()
+                  for value in event.summary.value if value.tag == tag)
+
+
+def _assert_one_curve(logdir, new_offset):
+    """Steps 1..12 once each: 1..6 from the killed run, 7..12 from the latest resumed one; config kept."""
+    expected = [(s, float(s)) for s in range(1, 7)] + [(s, float(new_offset + s)) for s in range(7, 13)]
+    acc = EventAccumulator(str(logdir), purge_orphaned_data=False)
+    acc.Reload()
+    assert sorted((e.step, e.value) for e in acc.Scalars("train/loss")) == expected
+    assert _raw_points(logdir, "train/loss") == expected
+    (text,) = acc.Tensors("config")
+    assert (text.step, text.tensor_proto.string_val) == (0, [b"hello"])
+    assert _raw_points(logdir, "config") == [(0, b"hello")]
+
+
+def test_resume_cuts_points_past_the_checkpoint(tmp_path):
+    _train(tmp_path, range(1, 11), offset=0, config=True)
+    _train(tmp_path, range(7, 13), offset=100, resume_step=6)
+    _assert_one_curve(tmp_path, new_offset=100)
+    # Killed again before the next checkpoint: resuming from the same step is idempotent.
+    _train(tmp_path, range(7, 13), offset=200, resume_step=6)
+    _assert_one_curve(tmp_path, new_offset=200)
+    assert sorted(tmp_path.iterdir()) == _event_files(tmp_path)  # no temporary left behind
+
+
+def test_resume_after_a_crash_mid_rewrite(tmp_path):
+    # Killed before os.replace: the old file is whole and a partial temporary lies beside it.
+    _train(tmp_path, range(1, 11), offset=0, config=True)
+    (old,) = _event_files(tmp_path)
+    stale = old.with_name("." + old.name.replace("tfevents", "rewrite"))
+    stale.write_bytes(b"partial")
+    _train(tmp_path, range(7, 13), offset=100, resume_step=6)
+    _assert_one_curve(tmp_path, new_offset=100)
+    assert not stale.exists()
+
+
+def test_resume_leaves_files_with_nothing_to_cut_untouched(tmp_path):
+    _train(tmp_path, range(1, 11), offset=0)
+    (old,) = _event_files(tmp_path)
+    before = (old.read_bytes(), old.stat().st_mtime_ns)
+    _train(tmp_path, [], offset=0, resume_step=10)
+    assert (old.read_bytes(), old.stat().st_mtime_ns) == before
+    assert len(_event_files(tmp_path)) == 2
+
+
+def test_resume_never_reuses_a_file_name(tmp_path, monkeypatch):
+    # A restart in the same second with the same pid (pid 1 in a container) gives EventFileWriter the
+    # same base name; opening it again would truncate the killed run's file.
+    monkeypatch.setattr(event_file_writer.time, "time", lambda: 1.7e9)
+    for offset, resume_step in ((0, None), (100, 6)):
+        monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
+        _train(tmp_path, range(1, 11) if resume_step is None else range(7, 13), offset, resume_step,
+               config=resume_step is None)
+    assert len(_event_files(tmp_path)) == 2
+    _assert_one_curve(tmp_path, new_offset=100)
+
+
+def test_no_resume_step_appends_as_before(tmp_path):
+    _train(tmp_path, range(1, 11), offset=0)
+    (old,) = _event_files(tmp_path)
+    before = old.read_bytes()
+    _train(tmp_path, range(7, 13), offset=100)
+    assert old.read_bytes() == before
+    steps = [step for step, _ in _raw_points(tmp_path, "train/loss")]
+    assert steps == sorted(list(range(1, 13)) + list(range(7, 11)))
+
+
+def test_disabled_writer_with_resume_step_touches_nothing(tmp_path):
+    _train(tmp_path, range(1, 11), offset=0)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    writer = metrics.Writer(tmp_path, enabled=False, resume_step=3)
+    writer.scalars(4, {"train/loss": 1.0})
+    writer.close()
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
 
 
 def test_flops_per_token_swiglu_untied():

@@ -59,13 +59,13 @@ def test_train_end_to_end_compression_falls(tmp_path, capsys):
     assert "gzip -9" in out and "xz -9e" in out
 
 
-def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
+def test_existing_run_without_checkpoint_is_not_overwritten(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     assert main(tiny_args(tmp_path)) == 2
-    assert "already holds a run" in capsys.readouterr().err
-    assert (run / "config.json").read_text() == "{}"
+    assert "no checkpoint to resume; pass --fresh" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == "{}" and sorted(p.name for p in run.iterdir()) == ["config.json"]
 
 
 @pytest.mark.parametrize("override, message", [
