@@ -15,8 +15,12 @@ at batch s, so the global data order is unchanged.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import gc
 import json
+import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,7 +42,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def manager(run_dir: Path, cfg: CheckpointConfig, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, keep_period=cfg.keep_period or None, create=not read_only, read_only=read_only,
+        max_to_keep=None if read_only else cfg.keep, keep_period=cfg.keep_period or None,
+        save_interval_steps=0 if read_only else 1, create=not read_only, read_only=read_only,
         enable_async_checkpointing=cfg.async_save)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
@@ -62,6 +67,26 @@ def _abstract(state):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Orbax, asyncio and TensorStore's threads print a traceback per damaged array, through logging and
+    straight to file descriptor 2; the caller reports the failure in one line instead."""
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        gc.collect()  # abandoned futures complain when collected: let them do it while silenced
+        logging.disable(logging.NOTSET)
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        os.close(devnull)
+
+
 def committed_steps(run_dir: Path) -> list[int]:
     """Steps whose checkpoint was committed (orbax renames a step directory into place when complete)."""
     root = checkpoint_dir(run_dir)
@@ -78,10 +103,12 @@ def restore_latest(run_dir: Path, cfg: Config, target_state, tokenizer) -> tuple
         step = steps[-1]
         mngr = manager(run_dir, cfg.checkpoint, read_only=True)
         try:
-            saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            with _quiet():
+                saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             check_compatible(saved, cfg, tokenizer)
-            state = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(target_state))))["state"]
+            with _quiet():
+                state = mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_abstract(target_state))))["state"]
             return state, step
         except CheckpointError:
             raise

@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Orbax reports every save and restore through absl at INFO/WARNING; the CLI prints what matters.
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
     # Imported late so that a config error is reported without paying for JAX's import.
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.data.corpus import DataError

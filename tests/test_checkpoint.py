@@ -1,0 +1,387 @@
+"""Checkpoint, resume and fault tolerance, end to end on a tiny corpus.
+
+Resume == uninterrupted (bit for bit on CPU, after SIGKILL), elastic resume on another mesh, preemption by
+SIGTERM/SIGINT (exit 75), damaged checkpoints moved aside, non-finite steps, export / init_from, and the
+run-directory rules (--fresh, bad inputs). Runs that must be killed are subprocesses; the rest run in-process.
+"""
+import hashlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train import make_corpus
+
+from llm_jax import checkpoint, loop
+from llm_jax.cli import main
+from llm_jax.config import apply_overrides, load_experiment
+
+REPO = Path(__file__).resolve().parent.parent
+LOSS, GRAD_NORM = "train/loss_bits_per_token", "optim/grad_norm"
+E = 10  # checkpoint.every of the in-process runs, which train 2E steps
+VOCAB = 320
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def overrides(corpus, *extra):
+    """test_train's tiny run as `--set` items; every dimension divides by 2 (tensor) and the batch by 4."""
+    return [f"data.sources=text:{corpus}/*.txt", f"model.vocab_size={VOCAB}", "model.d_model=32",
+            "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64", "data.seq_len=32",
+            "train.batch_size=8", f"train.steps={2 * E}", "train.eval_every=1000", "train.log_every=5",
+            "optim.warmup_steps=5", "optim.learning_rate=1e-2", "data.max_bytes=0", "train.eval_batches=0",
+            f"checkpoint.every={E}", "checkpoint.keep=5", *extra]
+
+
+def train_argv(run_dir, corpus, *extra, flags=()):
+    argv = ["train", "--config", "pretrain_tiny", "--run-dir", str(run_dir), *flags]
+    for item in overrides(corpus, *extra):
+        argv += ["--set", item]
+    return argv
+
+
+def events(run_dir, tag=LOSS):
+    """Every event of `tag`, duplicates included (no purge), in file order."""
+    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "tensors": 0},
+                           purge_orphaned_data=False)
+    acc.Reload()
+    return acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
+
+
+def by_step(evs):
+    return {e.step: e.value for e in evs}
+
+
+def assert_each_step_once(run_dir, total, tag=LOSS):
+    steps = sorted(e.step for e in events(run_dir, tag))
+    assert steps == list(range(1, total + 1)), f"{tag}: steps {steps}"
+
+
+def committed(run_dir):
+    """Committed checkpoint steps: only a finished save has a directory named by the bare step."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()) if root.is_dir() else []
+
+
+def snapshot(root):
+    """Every file under `root` with its size, mtime and content hash."""
+    root = Path(root)
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).digest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def lines_with(text, word):
+    return [line for line in text.splitlines() if word in line]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory):
+    """A completed in-process run of 2E steps with checkpoints at E and 2E; tests that change it copy it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(train_argv(run, corpus)) == 0
+    assert committed(run) == [E, 2 * E]
+    return run
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst, symlinks=True)
+    time.sleep(0.05)  # new files get later mtimes than the copied ones
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- subprocesses
+
+class Runs:
+    """`python -m llm_jax train` subprocesses whose output goes to files; all killed at teardown."""
+
+    def __init__(self, root):
+        self.root, self.procs = root, []
+
+    def start(self, name, argv):
+        out, err = open(self.root / f"{name}.out", "w"), open(self.root / f"{name}.err", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "llm_jax", *argv], cwd=REPO, env=os.environ.copy(),
+                                stdout=out, stderr=err)
+        out.close(), err.close()
+        proc.name = name
+        self.procs.append(proc)
+        return proc
+
+    def stderr(self, proc):
+        return (self.root / f"{proc.name}.err").read_text()
+
+    def wait(self, proc, timeout):
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"{proc.name} did not finish within {timeout} s: {self.stderr(proc)[-2000:]}")
+
+    def run(self, name, argv, timeout=240):
+        proc = self.start(name, argv)
+        return self.wait(proc, timeout), proc
+
+    def wait_for_checkpoint(self, proc, run_dir, step, timeout=240):
+        deadline = time.monotonic() + timeout
+        while step not in committed(run_dir):
+            assert proc.poll() is None, (f"{proc.name} exited ({proc.returncode}) before checkpoint {step}: "
+                                         f"{self.stderr(proc)[-2000:]}")
+            assert time.monotonic() < deadline, f"no checkpoint {step} after {timeout} s"
+            time.sleep(0.01)
+
+    def close(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def runs(tmp_path):
+    r = Runs(tmp_path)
+    yield r
+    r.close()
+
+
+# A run long enough that a kill after the first checkpoint lands mid-run: ~150 steps of a slightly bigger model.
+LONG = ("model.d_model=64", "model.d_ff=128", "train.steps=150")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+def test_resume_continues_the_curve_with_the_same_losses(finished, corpus, tmp_path):
+    """Checkpoint 2E lost (as if killed after E): the resumed run retrains E+1..2E, each step once in TB."""
+    run = copy_run(finished, tmp_path / "run")
+    original = {tag: by_step(events(run, tag)) for tag in (LOSS, GRAD_NORM)}
+    shutil.rmtree(run / "checkpoints" / str(2 * E))
+    (run / "results.json").unlink()
+    t0 = time.time()
+    assert main(train_argv(run, corpus)) == 0
+    assert (run / "results.json").exists() and committed(run) == [E, 2 * E]
+    for tag in (LOSS, GRAD_NORM):
+        assert_each_step_once(run, 2 * E, tag)
+        evs = events(run, tag)
+        assert all(e.wall_time < t0 for e in evs if e.step <= E), f"{tag}: steps up to {E} were rewritten"
+        new = {e.step: e.value for e in evs if e.step > E}
+        assert all(e.wall_time >= t0 for e in evs if e.step > E), f"{tag}: old points after the resume step"
+        assert new == {s: v for s, v in original[tag].items() if s > E}, tag
+
+
+def test_sigkill_then_restart_is_bit_identical_to_an_uninterrupted_run(corpus, tmp_path, runs):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    reference = runs.start("whole", train_argv(whole, corpus, *LONG))
+    proc = runs.start("killed", train_argv(killed, corpus, *LONG))
+    runs.wait_for_checkpoint(proc, killed, E)
+    assert proc.poll() is None, "the run finished before it could be killed: make it longer"
+    proc.send_signal(signal.SIGKILL)
+    assert runs.wait(proc, 30) == -signal.SIGKILL
+    resumed_from = max(committed(killed))
+    assert E <= resumed_from < 150 and not (killed / "results.json").exists()
+
+    t_restart = time.time()
+    rc, restart = runs.run("restart", train_argv(killed, corpus, *LONG))
+    assert rc == 0, runs.stderr(restart)[-2000:]
+    assert runs.wait(reference, 240) == 0, runs.stderr(reference)[-2000:]
+    for tag in (LOSS, GRAD_NORM):
+        expected = {s: v for s, v in by_step(events(whole, tag)).items() if s > resumed_from}
+        got = {e.step: e.value for e in events(killed, tag) if e.wall_time >= t_restart}
+        assert sorted(got) == list(range(resumed_from + 1, 151)), tag
+        mismatched = [(s, got[s], expected[s]) for s in sorted(got) if got[s] != expected[s]]
+        assert not mismatched, f"{tag} (resumed from {resumed_from}): first mismatches {mismatched[:3]}"
+    # The curve holds each step once: the killed run's points up to its checkpoint, then the new run's.
+    for tag in (LOSS, GRAD_NORM):
+        assert_each_step_once(killed, 150, tag)
+
+
+def test_elastic_resume_on_another_mesh(corpus, tmp_path, monkeypatch):
+    base = load_experiment("pretrain_tiny")
+    run = tmp_path / "run"
+    cfg8 = apply_overrides(base, overrides(corpus, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+    loop.train(cfg8, run)
+    original = by_step(events(run))
+    shutil.rmtree(run / "checkpoints" / str(2 * E))  # as if killed after checkpoint E
+    (run / "results.json").unlink()
+
+    restored = []
+    real_restore = checkpoint.restore_latest
+
+    def spy(*args, **kwargs):
+        out = real_restore(*args, **kwargs)
+        restored.append(out)
+        return out
+
+    monkeypatch.setattr(checkpoint, "restore_latest", spy)
+    devices4 = jax.devices()[:4]
+    cfg4 = apply_overrides(base, overrides(corpus, "mesh.data=4", "mesh.fsdp=1", "mesh.tensor=1"))
+    t0 = time.time()
+    loop.train(cfg4, run, devices=devices4)
+
+    (state, step), = restored
+    assert step == E
+    for leaf in jax.tree.leaves(state.params):
+        assert leaf.sharding.device_set == set(devices4)
+        assert dict(leaf.sharding.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert_each_step_once(run, 2 * E)
+    new = {e.step: e.value for e in events(run) if e.wall_time >= t0}
+    assert sorted(new) == list(range(E + 1, 2 * E + 1))
+    for s, v in new.items():  # another mesh sums in another order: close, not equal
+        assert v == pytest.approx(original[s], rel=1e-4), s
+    assert committed(run) == [E, 2 * E]
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+
+def test_fresh_deletes_the_run_and_starts_over(finished, corpus, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    t0 = time.time()
+    assert main(train_argv(run, corpus, flags=["--fresh"])) == 0
+    assert committed(run) == [E, 2 * E]
+    assert_each_step_once(run, 2 * E)
+    assert all(e.wall_time >= t0 for e in events(run))
+    old = [p for p in (run / "checkpoints").rglob("*") if p.is_file() and p.stat().st_mtime < t0 - 0.02]
+    assert not old, old[:3]
+
+
+def test_run_without_checkpoint_needs_fresh(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    before = snapshot(run)
+    assert main(train_argv(run, corpus)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llm-jax: error:") and "\n" not in err and "--fresh" in err, err
+    assert snapshot(run) == before and sorted(p.name for p in run.iterdir()) == ["config.json"]
+    assert main(train_argv(run, corpus, "train.steps=2", flags=["--fresh"])) == 0
+    assert committed(run) == [2]
+
+
+@pytest.mark.parametrize("async_save", ["true", "false"])
+def test_keep_last_and_every_period_and_always_the_end(corpus, tmp_path, async_save):
+    run = tmp_path / "run"
+    assert main(train_argv(run, corpus, "train.steps=13", "checkpoint.every=2", "checkpoint.keep=2",
+                           "checkpoint.keep_period=4", f"checkpoint.async_save={async_save}")) == 0
+    # the last two (12, 13: the end is always saved) and every 4th step
+    assert committed(run) == [4, 8, 12, 13]
+
+
+def test_changed_model_is_refused_and_checkpoints_untouched(finished, corpus, capsys):
+    before = snapshot(finished / "checkpoints"), (finished / "config.json").read_bytes()
+    assert main(train_argv(finished, corpus, "model.n_layers=3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llm-jax: error:") and "\n" not in err and "model.n_layers" in err, err
+    assert (snapshot(finished / "checkpoints"), (finished / "config.json").read_bytes()) == before
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
+def test_unwritable_run_dir_is_exit_2_before_training(corpus, tmp_path, capsys, where):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    run = afile / "run" if where == "under_a_file" else afile
+    assert main(train_argv(run, corpus)) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("llm-jax: error:") and "\n" not in err and str(run) in err, err
+    assert "prepared" not in captured.out  # failed before tokenising
+    assert afile.read_text() == "not a directory"
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_checkpoints_and_exits_75(corpus, tmp_path, runs, sig):
+    run = tmp_path / "run"
+    argv = train_argv(run, corpus, *LONG)
+    proc = runs.start("preempted", argv)
+    runs.wait_for_checkpoint(proc, run, E)
+    assert proc.poll() is None, "the run finished before the signal: make it longer"
+    proc.send_signal(sig)
+    assert runs.wait(proc, 60) == 75, runs.stderr(proc)[-2000:]
+    assert "preempted" in runs.stderr(proc)
+    stopped = max(committed(run))
+    assert E <= stopped < 150 and not (run / "results.json").exists()
+    # It saved the step it stopped at: the last step it logged.
+    assert max(e.step for e in events(run)) == stopped
+    if sig == signal.SIGTERM:
+        rc, restart = runs.run("restart", argv)
+        assert rc == 0, runs.stderr(restart)[-2000:]
+        assert_each_step_once(run, 150)
+        assert (run / "results.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- corruption
+
+def _largest_file(root):
+    return max((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_unreadable_checkpoint_is_moved_aside_and_the_previous_one_used(finished, corpus, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    bad = _largest_file(run / "checkpoints" / str(2 * E))
+    rel = bad.relative_to(run / "checkpoints" / str(2 * E))
+    size = bad.stat().st_size
+    os.truncate(bad, size // 2)
+    before = snapshot(run / "checkpoints" / str(E))
+    t0 = time.time()
+    assert main(train_argv(run, corpus, f"train.steps={3 * E}")) == 0
+    unreadable = lines_with(capsys.readouterr().err, "unreadable")
+    assert len(unreadable) == 1 and str(2 * E) in unreadable[0], unreadable
+    moved = run / "corrupt_checkpoints" / str(2 * E) / rel
+    assert moved.is_file() and moved.stat().st_size == size // 2
+    assert snapshot(run / "checkpoints" / str(E)) == before
+    assert committed(run) == [E, 2 * E, 3 * E]
+    # Resumed from E: steps E+1.. were trained again by this run, each step once in the curve.
+    assert_each_step_once(run, 3 * E)
+    assert all((e.wall_time >= t0) == (e.step > E) for e in events(run))
+
+
+# ---------------------------------------------------------------------------------------------- non-finite
+
+def test_nonfinite_stop_exits_3_without_a_checkpoint_after_it(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_argv(run, corpus, "train.nonfinite=stop", "optim.learning_rate=1e30",
+                           "checkpoint.every=1")) == 3
+    assert len(lines_with(capsys.readouterr().err, "non-finite")) == 1
+    evs = events(run)
+    bad = [e.step for e in evs if not math.isfinite(e.value)]
+    first_bad = min(bad) if bad else max((e.step for e in evs), default=0) + 1
+    assert first_bad < 2 * E, "the learning rate did not blow the run up"
+    assert all(step < first_bad for step in committed(run)), (committed(run), first_bad)
+    assert not (run / "results.json").exists()
+
+
+def test_nonfinite_skip_completes_and_counts_skipped_steps(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert main(train_argv(run, corpus, "train.nonfinite=skip", "optim.learning_rate=1e30")) == 0
+    skipped = events(run, "optim/skipped_steps")
+    assert skipped and skipped[-1].value > 0
+    assert (run / "results.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def test_export_then_init_from_starts_from_the_trained_params(finished, corpus, tmp_path):
+    out = tmp_path / "export"
+    assert main(["export", "--run-dir", str(finished), "--out", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "tokenizer.model").is_file()
+    assert (out / "tokenizer.model").read_bytes() == (finished / "tokenizer.model").read_bytes()
+    assert set(p.name for p in out.iterdir()) - {"config.json", "tokenizer.model"}, "no params exported"
+    assert main(["export", "--run-dir", str(finished), "--out", str(tmp_path / "export_e"),
+                 "--step", str(E)]) == 0
+    assert (tmp_path / "export_e" / "config.json").is_file()
+
+    run = tmp_path / "run"
+    assert main(train_argv(run, corpus, f"checkpoint.init_from={out}", "train.steps=2")) == 0
+    fresh_first = events(finished)[0].value
+    first = events(run)[0].value
+    assert first < fresh_first - 3 and first < math.log2(VOCAB) / 2, (first, fresh_first)
