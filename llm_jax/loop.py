@@ -298,6 +298,7 @@ def _train_steps(setup: Setup, writer: metrics.Writer, mngr, watch: PreemptionWa
                 _log_train(pending, perf, writer, bar, cfg)
                 pending = None
             if save_now:
+                writer.flush()  # points up to this step reach disk before the checkpoint can commit
                 t0 = time.perf_counter()
                 checkpoint.save(mngr, state, batches, meta)
                 writer.scalars(done, {"perf/checkpoint_save_s": time.perf_counter() - t0})
