@@ -309,6 +309,28 @@ def test_changed_model_is_refused_and_checkpoints_untouched(finished, corpus, ca
     assert (snapshot(finished / "checkpoints"), (finished / "config.json").read_bytes()) == before
 
 
+def test_other_tokenizer_is_refused_and_checkpoints_untouched(finished, corpus, tmp_path, capsys):
+    other = tmp_path / "other_data"  # the same corpus, tokenized by a unigram model instead of BPE
+    assert main(["prepare", "--config", "pretrain_tiny", "--out", str(other)]
+                + [a for item in overrides(corpus, "data.tokenizer_type=unigram") for a in ("--set", item)]) == 0
+    capsys.readouterr()
+    before = snapshot(finished / "checkpoints")
+    assert main(train_argv(finished, corpus, f"data.prepared={other}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llm-jax: error:") and "\n" not in err and "tokenizer differs" in err, err
+    assert snapshot(finished / "checkpoints") == before
+
+
+def test_too_little_disk_space_fails_before_training(corpus, tmp_path, capsys, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    run = tmp_path / "run"
+    assert main(train_argv(run, corpus)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llm-jax: error:") and "not enough free space" in err and str(run) in err, err
+    assert not run.exists()  # a run that never started leaves nothing behind
+
+
 @pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
 def test_unwritable_run_dir_is_exit_2_before_training(corpus, tmp_path, capsys, where):
     afile = tmp_path / "afile"
