@@ -30,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from llm_jax.config import CheckpointConfig, Config, ConfigError, from_dict, to_dict
+from llm_jax.data.tokenizer import Tokenizer
 
 
 class CheckpointError(ValueError):
@@ -133,33 +134,36 @@ def _quarantine(run_dir: Path, step: int, error: Exception) -> None:
           f"trying the previous one", file=sys.stderr, flush=True)
 
 
-def restore_data(run_dir: Path, cfg: CheckpointConfig, step: int, iterator) -> str:
+def restore_data(run_dir: Path, cfg: Config, step: int, iterator) -> str:
     """Puts `iterator` where it was at `step`: grain's saved state if it fits this process layout,
     else the start of global batch `step` (same global order). Returns which one was used."""
-    mngr = manager(run_dir, cfg, read_only=True)
+    mngr = manager(run_dir, cfg.checkpoint, read_only=True)
     try:
         mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
         return "grain state"
     except (ValueError, FileNotFoundError):
+        if cfg.data.num_workers:  # worker iterators keep interleaved per-worker states: no plain index
+            raise CheckpointError(f"checkpoint step {step} was written by a different number of processes; "
+                                  "resume it with data.num_workers=0") from None
         iterator.set_state({"next_index": step})
         return f"batch {step} of the global order (process layout changed)"
     finally:
         mngr.close()
 
 
+def model_differences(saved: Config, cfg: Config) -> list[str]:
+    return [f"model.{f.name}: {getattr(saved.model, f.name)!r} saved, {getattr(cfg.model, f.name)!r} now"
+            for f in dataclasses.fields(cfg.model) if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+
+
 def check_compatible(saved: dict, cfg: Config, tokenizer) -> None:
     """The model must match field for field; the tokenizer must be the one the checkpoint was trained with."""
-    saved_cfg = from_dict(saved["config"])
-    diffs = [f"model.{f.name}: {getattr(saved_cfg.model, f.name)!r} in the checkpoint, "
-             f"{getattr(cfg.model, f.name)!r} now"
-             for f in dataclasses.fields(cfg.model)
-             if getattr(saved_cfg.model, f.name) != getattr(cfg.model, f.name)]
+    diffs = model_differences(from_dict(saved["config"]), cfg)
     if diffs:
         raise CheckpointError(f"the checkpoint was written by a different model ({'; '.join(diffs)}); "
                               "use the same model.* settings, or --fresh to start over")
     saved_tok = base64.b64decode(saved["tokenizer_model"])
     if saved_tok != tokenizer.serialized():
-        from llm_jax.data.tokenizer import Tokenizer
         old = Tokenizer(saved_tok)
         raise CheckpointError(f"the tokenizer differs from the checkpoint's (vocab size {tokenizer.vocab_size} now, "
                               f"{old.vocab_size} in the checkpoint); resume with the original data settings")
@@ -191,9 +195,7 @@ def export_params(run_dir: Path, out: Path, step: int | None = None) -> int:
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():
         raise CheckpointError(f"export directory {out} already exists")
-    mngr = ocp.CheckpointManager(checkpoint_dir(run_dir).absolute(), options=ocp.CheckpointManagerOptions(
-        read_only=True), item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                        "meta": ocp.JsonCheckpointHandler()})
+    mngr = manager(run_dir, CheckpointConfig(), read_only=True)
     steps = mngr.all_steps()
     if not steps:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)}")
@@ -208,7 +210,7 @@ def export_params(run_dir: Path, out: Path, step: int | None = None) -> int:
     tmp.mkdir(parents=True)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save((tmp / "params").absolute(), restored["state"]["params"])
-    (tmp / "config.json").write_text(_json(restored["meta"]["config"]))
+    (tmp / "config.json").write_text(json.dumps(restored["meta"]["config"], indent=2, sort_keys=True))
     (tmp / "tokenizer.model").write_bytes(base64.b64decode(restored["meta"]["tokenizer_model"]))
     (tmp / "step").write_text(f"{step}\n")
     tmp.rename(out)
@@ -221,15 +223,9 @@ def load_params(path: Path, cfg: Config, target_params):
     if not (path / "params").exists() or not (path / "config.json").exists():
         raise ConfigError(f"checkpoint.init_from={path}: not an export directory (no params/ or config.json); "
                           "make one with `llm-jax export`")
-    saved = from_dict(json.loads((path / "config.json").read_text()))
-    diffs = [f.name for f in dataclasses.fields(cfg.model)
-             if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+    diffs = model_differences(from_dict(json.loads((path / "config.json").read_text())), cfg)
     if diffs:
-        raise CheckpointError(f"checkpoint.init_from={path} has a different model: "
-                              + ", ".join(f"model.{n}={getattr(saved.model, n)!r}" for n in diffs))
+        raise CheckpointError(f"checkpoint.init_from={path} has a different model ({'; '.join(diffs)})")
     with ocp.StandardCheckpointer() as ckpt:
         return ckpt.restore((path / "params").absolute(), _abstract(target_params))
 
-
-def _json(d: dict) -> str:
-    return json.dumps(d, indent=2, sort_keys=True)

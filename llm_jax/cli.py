@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late so that a config error is reported without paying for JAX's import.
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.data.corpus import DataError
-    from llm_jax.loop import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteError, Preempted, RunDirError
+    from llm_jax.loop import NONFINITE_EXIT, NonFiniteError, RunDirError
+    from llm_jax.preemption import PREEMPTED_EXIT, Preempted
     from llm_jax.sharding import MeshError
     try:
         return args.fn(args)

@@ -4,14 +4,13 @@ The device never waits for the host: step t is dispatched before step t-1's metr
 TensorBoard, the console and files in the run directory are written by process 0 only.
 
 A run directory with checkpoints is resumed from its latest readable one; SIGTERM/SIGINT save a
-checkpoint at the next step boundary and end the run with PREEMPTED_EXIT.
+checkpoint at the next step boundary and end the run (llm_jax/preemption.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +23,15 @@ from llm_jax.config import Config, ConfigError, to_json, validate
 from llm_jax.data.pipeline import eval_batches, eval_text, train_iterator
 from llm_jax.data.prepare import Prepared, prepare
 from llm_jax.model import Transformer
+from llm_jax.preemption import Preempted, PreemptionWatch
 from llm_jax.state import check_fits, create_state
 
 
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run stopped on request after checkpointing; start it again to go on
 NONFINITE_EXIT = 3
 
 
 class RunDirError(ValueError):
     """The run directory cannot be used as asked."""
-
-
-class Preempted(Exception):
-    def __init__(self, step: int, signal_name: str):
-        super().__init__(f"preempted by {signal_name} at step {step}: checkpoint saved; run the same command "
-                         "again to continue")
 
 
 class NonFiniteError(RuntimeError):
@@ -172,60 +165,6 @@ def eval_scalars(sums: dict) -> dict[str, float]:
             "eval/bits_per_byte": float(rates["bits_per_byte"])}
 
 
-class PerfMeter:
-    """Step time, tokens/s and MFU over windows of steps, skipping the window holding compilation."""
-
-    def __init__(self, cfg: Config, n_devices: int):
-        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        self.flops_per_token = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak = metrics.device_peak_tflops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
-        self.n_devices = n_devices
-        self.t0, self.step0 = None, None
-        self.last: dict[str, float] = {}
-
-    def update(self, step_done: int) -> dict[str, float]:
-        now = time.perf_counter()
-        out = {}
-        if self.t0 is not None and step_done > self.step0:
-            step_time = (now - self.t0) / (step_done - self.step0)
-            tokens_per_sec = self.tokens_per_step / step_time
-            out = {"perf/step_time_s": step_time, "perf/tokens_per_sec": tokens_per_sec,
-                   "perf/mfu": metrics.mfu(tokens_per_sec, self.flops_per_token, self.n_devices, self.peak)}
-            self.last = out
-        self.t0, self.step0 = now, step_done
-        return out
-
-
-class PreemptionWatch:
-    """Turns SIGTERM/SIGINT into a request to checkpoint and stop at the next step boundary."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signal_name = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-
-    def requested(self) -> bool:
-        """Whether any process was signalled (all processes must agree, since saving is collective)."""
-        local = self.signal_name is not None
-        if jax.process_count() == 1:
-            return local
-        from jax.experimental import multihost_utils
-        return bool(multihost_utils.process_allgather(jax.numpy.array(local)).any())
-
-
 def _describe(setup: Setup) -> str:
     cfg, mesh = setup.cfg, setup.mesh
     shape = "×".join(f"{k}={v}" for k, v in mesh.shape.items())
@@ -275,12 +214,12 @@ def _train_steps(setup: Setup, writer: metrics.Writer, mngr, watch: PreemptionWa
     batches = train_iterator(setup.prepared, cfg.data.seq_len, cfg.train.batch_size, cfg.train.microbatches,
                              cfg.train.seed, jax.process_index(), jax.process_count(), cfg.data.num_workers)
     if setup.start_step:
-        how = checkpoint.restore_data(setup.run_dir, cfg.checkpoint, setup.start_step, batches)
+        how = checkpoint.restore_data(setup.run_dir, cfg, setup.start_step, batches)
         if is_main():
             print(f"resumed from checkpoint step {setup.start_step} (data position: {how})", flush=True)
     meta = checkpoint.meta(cfg, setup.prepared.tokenizer_path)
     batch_sharding = sharding.logical_sharding(setup.mesh, "microbatch", "batch", "length")
-    perf = PerfMeter(cfg, jax.device_count())
+    perf = metrics.PerfMeter(cfg, jax.device_count())
     bar = tqdm(total=cfg.train.steps, initial=setup.start_step, disable=not is_main(), unit="step",
                dynamic_ncols=True)
     pending = None
@@ -318,7 +257,7 @@ def _train_steps(setup: Setup, writer: metrics.Writer, mngr, watch: PreemptionWa
     return state
 
 
-def _log_train(pending, perf: PerfMeter, writer, bar, cfg: Config) -> None:
+def _log_train(pending, perf: metrics.PerfMeter, writer, bar, cfg: Config) -> None:
     step_done, step_metrics = pending
     fetched = jax.device_get(step_metrics)
     if not fetched.pop("train/finite") and cfg.train.nonfinite == "stop":

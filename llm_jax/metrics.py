@@ -39,7 +39,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from llm_jax.config import ModelConfig
+from llm_jax.config import Config, ModelConfig
 
 # ---------------------------------------------------------------------------------------------- TensorBoard
 
@@ -189,3 +189,27 @@ def mfu(tokens_per_sec: float, flops_per_token: float, n_devices: int, peak_tflo
     if peak_tflops is None or peak_tflops <= 0:
         return float("nan")
     return tokens_per_sec * flops_per_token / (n_devices * peak_tflops * 1e12)
+
+
+class PerfMeter:
+    """Step time, tokens/s and MFU over windows of steps, skipping the window holding compilation."""
+
+    def __init__(self, cfg: Config, n_devices: int):
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = device_peak_tflops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
+        self.n_devices = n_devices
+        self.t0, self.step0 = None, None
+        self.last: dict[str, float] = {}
+
+    def update(self, step_done: int) -> dict[str, float]:
+        now = time.perf_counter()
+        out = {}
+        if self.t0 is not None and step_done > self.step0:
+            step_time = (now - self.t0) / (step_done - self.step0)
+            tokens_per_sec = self.tokens_per_step / step_time
+            out = {"perf/step_time_s": step_time, "perf/tokens_per_sec": tokens_per_sec,
+                   "perf/mfu": mfu(tokens_per_sec, self.flops_per_token, self.n_devices, self.peak)}
+            self.last = out
+        self.t0, self.step0 = now, step_done
+        return out
