@@ -66,16 +66,16 @@ def _resolve(source: str, data_dir: Path) -> tuple[Reader, list[Path]]:
         pattern, sep, field = pattern.rpartition("#")
         if not sep or not field:
             raise DataError(f"data.sources entry {source!r} must look like jsonl:GLOB#FIELD")
-        return functools.partial(_jsonl_documents, field=field), _glob(source, pattern, data_dir)
+        return functools.partial(_jsonl_documents, field=field), glob_source(source, pattern, data_dir)
     readers = {"text": _whole_file, "gutenberg": _gutenberg_book, "chinese_poetry": _poetry_documents,
                "squad": _squad_contexts}
     if kind not in readers:
         known = ", ".join(["python_stdlib", "jsonl", *readers])
         raise DataError(f"data.sources entry {source!r}: unknown kind {kind!r} (known: {known})")
-    return readers[kind], _glob(source, pattern, data_dir)
+    return readers[kind], glob_source(source, pattern, data_dir)
 
 
-def _glob(source: str, pattern: str, data_dir: Path) -> list[Path]:
+def glob_source(source: str, pattern: str, data_dir: Path) -> list[Path]:
     if not pattern:
         raise DataError(f"data.sources entry {source!r} needs a file pattern (kind:GLOB)")
     if os.path.isabs(pattern):

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
-from llm_jax.data.corpus import DataError, _glob, read_text
+from llm_jax.data.corpus import DataError, glob_source, read_text
 
 ROLES = ("system", "user", "assistant")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
@@ -82,7 +82,7 @@ def _resolve(source: str, data_dir: Path) -> tuple[Callable[[Path], Iterator[lis
     if kind not in LOADERS:
         raise DataError(f"data.sources entry {source!r}: unknown dialogue kind {kind!r} "
                         f"(known: {', '.join(LOADERS)})")
-    return LOADERS[kind], _glob(source, pattern, data_dir)
+    return LOADERS[kind], glob_source(source, pattern, data_dir)
 
 
 def _msg(role: str, content, where: str) -> Message:
