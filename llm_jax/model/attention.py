@@ -1,7 +1,13 @@
-"""Causal self-attention with grouped KV heads, RoPE and packed-document (segment) masking."""
+"""Causal self-attention with grouped KV heads, RoPE, packed-document (segment) masking and a KV cache.
+
+In decode mode the keys and values of every call are appended to a cache (the "cache" collection) of
+fixed length S, created by `init` with an input of length S. Queries attend to cached keys at earlier
+or equal absolute cache positions of the same segment, so left-padded prompts (segment 0) are ignored.
+"""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from llm_jax.config import ModelConfig
@@ -13,8 +19,26 @@ def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
     return (segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :])
 
 
+def _cached(self, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
+    """Appends to the cache; returns all cached keys/values and the mask of the new queries over them."""
+    ck = self.variable("cache", "cached_k", jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
+    cv = self.variable("cache", "cached_v", jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
+    cseg = self.variable("cache", "segment_ids", jnp.zeros, segment_ids_BxT.shape, jnp.int32)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    start, t = index.value, k_BxTxKxH.shape[1]
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxTxKxH.astype(ck.value.dtype), (0, start, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxTxKxH.astype(cv.value.dtype), (0, start, 0, 0))
+    cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids_BxT.astype(jnp.int32), (0, start))
+    index.value = start + t
+    s = ck.value.shape[1]
+    causal_TxS = jnp.arange(s)[None, :] <= (start + jnp.arange(t))[:, None]
+    same_BxTxS = segment_ids_BxT[:, :, None] == cseg.value[:, None, :]
+    return ck.value, cv.value, (causal_TxS[None] & same_BxTxS)[:, None]
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
@@ -30,9 +54,16 @@ class Attention(nn.Module):
         k_BxTxKxH = nn.with_logical_constraint(k_BxTxKxH, ("batch", "length", "act_kv_heads", "head_dim"))
         v_BxTxKxH = nn.with_logical_constraint(v_BxTxKxH, ("batch", "length", "act_kv_heads", "head_dim"))
         implementation = None if cfg.attention_impl == "auto" else cfg.attention_impl
-        out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=segment_mask(segment_ids_BxT), is_causal=True,
-            implementation=implementation)
+        if self.decode and self.has_variable("cache", "cached_k"):  # (init only creates the cache)
+            k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS = _cached(self, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+            out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
+                                                       implementation=implementation)
+        else:
+            if self.decode:
+                _cached(self, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+            out_BxTxNxH = jax.nn.dot_product_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=segment_mask(segment_ids_BxT), is_causal=True,
+                implementation=implementation)
         out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, ("batch", "length", "act_heads", "head_dim"))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         o = Dense(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, std=out_std, name="o")

@@ -18,31 +18,36 @@ REMAT_POLICIES = {
 
 class Block(nn.Module):
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-        x_BxTxD = x_BxTxD + Attention(self.cfg, name="attn")(
+        x_BxTxD = x_BxTxD + Attention(self.cfg, self.decode, name="attn")(
             norm(self.cfg, "attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
         x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(norm(self.cfg, "mlp_norm")(x_BxTxD))
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
         return x_BxTxD, None  # (carry, output) so the same block works under nn.scan
 
 
-def block_stack(cfg: ModelConfig):
+def block_stack(cfg: ModelConfig, decode: bool):
     block = Block
-    if cfg.remat != "none":
+    if cfg.remat != "none" and not decode:  # decoding has no backward pass to save memory for
         block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if not cfg.scan_layers:
-        return [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        return [block(cfg, decode, name=f"layer_{i}") for i in range(cfg.n_layers)]
+    scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    return [scanned(cfg, name="layers")]
+    return [scanned(cfg, decode, name="layers")]
 
 
 class Transformer(nn.Module):
-    """tokens, positions, segment ids (B, T) -> next-token logits (B, T, V) in float32."""
+    """tokens, positions, segment ids (B, T) -> next-token logits (B, T, V) in float32.
+
+    With decode=True the attention layers keep a KV cache (see attention.py); the parameters are the same.
+    """
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
@@ -57,7 +62,7 @@ class Transformer(nn.Module):
                 embedding_init=nn.with_logical_partitioning(
                     nn.initializers.normal(cfg.init_std), ("positions", "embed")), name="pos_embed")(positions_BxT)
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
-        for layer in block_stack(cfg):
+        for layer in block_stack(cfg, self.decode):
             x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT)
         x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
         if cfg.tie_embeddings:

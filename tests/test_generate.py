@@ -1,0 +1,108 @@
+"""Generation: KV-cache decoding equals the full forward pass; sampling filters; batching; stopping."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from llm_jax.config import llama
+from llm_jax.generate import Generator, Sampling, filter_logits, left_pad
+from llm_jax.model import Transformer
+
+VOCAB = 61
+
+
+def tiny(**kw):
+    return llama(**{**dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                           compute_dtype="float32"), **kw})
+
+
+def params_for(cfg):
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    return nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), dummy, dummy, jnp.ones_like(dummy)))["params"]
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_kv_cache_decoding_equals_the_full_forward_pass(scan, padding):
+    cfg = tiny(scan_layers=scan)
+    params = params_for(cfg)
+    T, prefill = 12, 5
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, VOCAB, (2, T)).astype(np.int32)
+    segments = np.ones((2, T), np.int32)
+    if padding == "left":
+        segments[1, :4] = 0  # row 1: four pad tokens, then its prompt
+    else:
+        segments[1, -4:] = 0
+    starts = np.argmax(segments == 1, axis=1)
+    positions = np.maximum(np.arange(T)[None] - starts[:, None], 0).astype(np.int32)
+    full = jax.jit(Transformer(cfg).apply)({"params": params}, tokens, positions, segments)
+
+    gen = Generator(cfg, params)
+    decode = jax.jit(lambda p, c, t, pos, seg: gen.model.apply({"params": p, "cache": c}, t, pos, seg,
+                                                               mutable=["cache"]))
+    cache = gen.empty_cache(2, T)
+    logits, state = decode(params, cache, tokens[:, :prefill], positions[:, :prefill], segments[:, :prefill])
+    stepped = [logits]
+    cache = state["cache"]
+    for t in range(prefill, T):
+        logits, state = decode(params, cache, tokens[:, t:t + 1], positions[:, t:t + 1], segments[:, t:t + 1])
+        stepped.append(logits)
+        cache = state["cache"]
+    stepped = np.concatenate(stepped, axis=1)
+    real = segments == 1
+    np.testing.assert_allclose(stepped[real], np.asarray(full)[real], atol=1e-5, rtol=1e-5)
+
+
+def test_batched_prompts_of_different_lengths_decode_like_each_alone():
+    cfg = tiny()
+    gen = Generator(cfg, params_for(cfg), Sampling(temperature=0))
+    prompts = [[5, 9, 11, 3, 7, 21, 2], [8, 4], [30, 31, 32, 33]]
+    together = gen.generate(prompts, 6)
+    alone = [gen.generate([p], 6)[0] for p in prompts]
+    assert together == alone and all(len(o) == 6 for o in together)
+
+
+def test_greedy_is_deterministic_and_sampling_repeats_under_a_seed():
+    cfg = tiny()
+    params = params_for(cfg)
+    greedy = Generator(cfg, params, Sampling(temperature=0))
+    assert greedy.generate([[1, 2, 3]], 8) == greedy.generate([[1, 2, 3]], 8)
+    sampler = Generator(cfg, params, Sampling(temperature=1.5, top_k=20, top_p=0.95))
+    a, b = sampler.generate([[1, 2, 3]] * 4, 10, seed=3), sampler.generate([[1, 2, 3]] * 4, 10, seed=3)
+    assert a == b
+    assert a != sampler.generate([[1, 2, 3]] * 4, 10, seed=4)
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_tokens():
+    probs = np.array([[0.05, 0.5, 0.15, 0.3]])
+    logits = jnp.log(jnp.asarray(probs))
+    kept = lambda out: set(np.flatnonzero(np.isfinite(np.asarray(out)[0])).tolist())
+    assert kept(filter_logits(logits, top_k=2, top_p=1.0)) == {1, 3}
+    assert kept(filter_logits(logits, top_k=1, top_p=1.0)) == {1}
+    assert kept(filter_logits(logits, top_k=0, top_p=0.75)) == {1, 3}     # 0.5 + 0.3 reaches 0.75
+    assert kept(filter_logits(logits, top_k=0, top_p=0.85)) == {1, 2, 3}  # 0.5 + 0.3 < 0.85
+    assert kept(filter_logits(logits, top_k=0, top_p=0.4)) == {1}         # the top token always stays
+    assert kept(filter_logits(logits, top_k=3, top_p=0.75)) == {1, 3}
+    np.testing.assert_allclose(np.asarray(filter_logits(logits, 0, 1.0)), np.asarray(logits))
+
+
+def test_generation_stops_at_a_stop_token_and_at_the_budget():
+    cfg = tiny()
+    gen = Generator(cfg, params_for(cfg), Sampling(temperature=0))
+    free = gen.generate([[1, 2, 3], [4, 5]], 8)
+    stop = free[0][2]  # the third token row 0 produces greedily
+    streamed = []
+    out = gen.generate([[1, 2, 3], [4, 5]], 8, stop_ids=[stop], on_tokens=streamed.append)
+    first = free[0].index(stop)
+    assert out[0] == free[0][:first + 1]  # stops right after the stop token
+    assert len(out[1]) == (free[1].index(stop) + 1 if stop in free[1] else 8)
+    assert [s[0] for s in streamed if s[0] is not None] == out[0]
+
+
+def test_left_pad_positions_and_segments():
+    tokens, positions, segments, lengths = left_pad([[7, 8, 9], [5]], pad_id=0)
+    assert tokens.tolist() == [[7, 8, 9], [0, 0, 5]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]] and segments.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert lengths.tolist() == [3, 1]
