@@ -29,8 +29,11 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from llm_jax.config import CheckpointConfig, Config, ConfigError, from_dict, to_dict
+from llm_jax import optim, sharding
+from llm_jax.config import CheckpointConfig, Config, ConfigError, MeshConfig, from_dict, to_dict
 from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.model import Transformer
+from llm_jax.state import logical_specs
 
 
 class CheckpointError(ValueError):
@@ -215,6 +218,42 @@ def export_params(run_dir: Path, out: Path, step: int | None = None) -> int:
     (tmp / "step").write_text(f"{step}\n")
     tmp.rename(out)
     return step
+
+
+def _inference_target(cfg: Config):
+    """The abstract train state of `cfg`, laid out on the training mesh if these devices fit it, else FSDP."""
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+    except sharding.MeshError:
+        mesh = sharding.make_mesh(MeshConfig(1, -1, 1))
+    specs, abstract = logical_specs(Transformer(cfg.model), optim.make_optimizer(cfg.optim, cfg.train.steps),
+                                    cfg.data.seq_len)
+    shardings = sharding.tree_shardings(specs, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, object, Tokenizer]:
+    """Config, params and tokenizer from a run directory (its latest checkpoint, or `step`) or an export."""
+    path = Path(path)
+    if (path / "params").is_dir() and (path / "config.json").is_file():
+        cfg = from_dict(json.loads((path / "config.json").read_text()))
+        with ocp.StandardCheckpointer() as ckpt:
+            params = ckpt.restore((path / "params").absolute(), _inference_target(cfg).params)
+        return cfg, params, Tokenizer.load(path / "tokenizer.model")
+    steps = committed_steps(path)
+    if not steps:
+        raise CheckpointError(f"{path} is neither a run directory with checkpoints nor an `llm-jax export` "
+                              "directory")
+    step = steps[-1] if step is None else step
+    mngr = manager(path, CheckpointConfig(), read_only=True)
+    try:
+        saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        cfg = from_dict(saved["config"])
+        state = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_inference_target(cfg))))["state"]
+    finally:
+        mngr.close()
+    return cfg, state.params, Tokenizer(base64.b64decode(saved["tokenizer_model"]))
 
 
 def load_params(path: Path, cfg: Config, target_params):

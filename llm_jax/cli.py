@@ -55,6 +55,39 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _generator(args):
+    from llm_jax.checkpoint import load_for_inference
+    from llm_jax.generate import Generator, Sampling
+    cfg, params, tokenizer = load_for_inference(Path(args.checkpoint), args.step)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return Generator(cfg.model, params, sampling), tokenizer
+
+
+def _cmd_sample(args) -> int:
+    from llm_jax.chat import sample
+    generator, tokenizer = _generator(args)
+    sample(generator, tokenizer, args.prompt, args.max_tokens, args.seed)
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from llm_jax.chat import chat
+    generator, tokenizer = _generator(args)
+    chat(generator, tokenizer, args.max_tokens, args.seed, system=args.system)
+    return 0
+
+
+def _generation_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run directory (its latest checkpoint) or an `llm-jax export` directory")
+    parser.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-jax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -73,6 +106,14 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     export.add_argument("--out", required=True, help="output directory (must not exist)")
     export.set_defaults(fn=_cmd_export)
+    sample = sub.add_parser("sample", help="continue a prompt, streaming the tokens")
+    _generation_args(sample, max_tokens=200)
+    sample.add_argument("--prompt", required=True)
+    sample.set_defaults(fn=_cmd_sample)
+    chat = sub.add_parser("chat", help="talk with a model in the terminal through the chat template")
+    _generation_args(chat, max_tokens=256)
+    chat.add_argument("--system", default="", help="an optional system message")
+    chat.set_defaults(fn=_cmd_chat)
     return p
 
 

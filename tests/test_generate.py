@@ -106,3 +106,57 @@ def test_left_pad_positions_and_segments():
     assert tokens.tolist() == [[7, 8, 9], [0, 0, 5]]
     assert positions.tolist() == [[0, 1, 2], [0, 0, 0]] and segments.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert lengths.tolist() == [3, 1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from test_train import tiny_args
+    from llm_jax.cli import main
+    tmp = tmp_path_factory.mktemp("gen")
+    assert main(tiny_args(tmp, "--set", "train.steps=30", "--set", "train.eval_every=1000")) == 0
+    return tmp / "run"
+
+
+def test_sample_cli_streams_a_continuation(trained_run, capsys):
+    from llm_jax.cli import main
+    argv = ["sample", "--checkpoint", str(trained_run), "--prompt", "the cat", "--max-tokens", "12",
+            "--temperature", "0"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("the cat") and len(first.strip()) > len("the cat")
+    assert main(argv) == 0 and capsys.readouterr().out == first  # greedy: the same text again
+
+
+def test_chat_cli_answers_through_stdin(trained_run, capsys, monkeypatch):
+    import io
+    from llm_jax.cli import main
+    monkeypatch.setattr("sys.stdin", io.StringIO("the dog sees\nand then?\n\n"))
+    assert main(["chat", "--checkpoint", str(trained_run), "--max-tokens", "8", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("you> ") == 3 and out.count("model> ") == 2
+    answers = [part.split("\n")[0] for part in out.split("model> ")[1:]]
+    assert all(a.strip() for a in answers), out
+
+
+def test_sample_cli_names_a_bad_checkpoint_dir(tmp_path, capsys):
+    from llm_jax.cli import main
+    assert main(["sample", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
+    assert "neither a run directory with checkpoints" in capsys.readouterr().err
+
+
+def test_chat_survives_an_empty_answer():
+    import io
+    from llm_jax.chat import chat
+
+    class Silent:  # a generator that answers with the end-of-turn token straight away
+        def generate(self, prompts, max_new_tokens, **kw):
+            return [[END]]
+
+    from llm_jax.data.tokenizer import train_tokenizer
+    import tempfile, pathlib
+    with tempfile.TemporaryDirectory() as d:
+        tok = train_tokenizer(["hello world, how are you today? " * 50], pathlib.Path(d) / "t", 300)
+    END = tok.special_ids["<|end|>"]
+    out = io.StringIO()
+    dialogue = chat(Silent(), tok, 5, 0, inp=io.StringIO("hi\nagain\n\n"), out=out)
+    assert out.getvalue().count("(no answer)") == 2 and dialogue == []

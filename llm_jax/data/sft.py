@@ -1,0 +1,301 @@
+"""SFT batches: whole dialogues rendered by the chat template, packed into rows, loss on assistant tokens only.
+
+Batches have the pretraining format (pipeline.KEYS), so the train step is unchanged: the loss divides summed
+nats*weights by sum(weights) over the whole batch, and weights are 1.0 exactly on targets that are assistant
+tokens (content and the assistant's closing <|end|>), 0 elsewhere.
+
+Preparation (prepare_sft, once per data config and tokenizer):
+  1. every dialogue of iter_dialogues, in order, rendered by chat_template.render(d, tok, max_len=seq_len + 1);
+  2. the dialogues shuffled with the fixed SPLIT_SEED; the LAST max(1, round(n * data.eval_fraction)) of that
+     order are held out for eval (so eval mixes all sources), the rest are train, each split in that order;
+  3. an example whose loss_mask has no True left after the cut is dropped and counted (dropped_truncated);
+  4. best-fit packing, per split, in that order: each example goes into the open row with the least room that
+     still holds it whole (a new row if none does); no example is split across rows;
+  5. rows of seq_len + 1 tokens written as .npy arrays: tokens (uint16, or uint32 for big vocabularies),
+     segments (uint16: 1, 2, ... per example in the row, 0 padding) and mask (uint8: render's loss_mask).
+The directory appears atomically and is reused when the fingerprint (sources, data_dir, eval_fraction,
+seq_len, tokenizer sha256, FORMAT) matches.
+
+A row of W = seq_len + 1 tokens becomes inputs = row[:-1], targets = row[1:]; segment_ids and positions
+(restarting at 0 per example, 0 on padding) describe the inputs; weights = mask[1:] where the target is in the
+same (non-padding) segment as its input, so the first token of the next example is never a target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import grain
+import numpy as np
+from absl import flags
+
+from llm_jax.config import Config, data_dir
+from llm_jax.data.chat_template import render
+from llm_jax.data.corpus import DataError
+from llm_jax.data.dialogue import DialogueStats, Message, iter_dialogues
+from llm_jax.data.pipeline import KEYS, _local_batch, _padding, _split_microbatches
+from llm_jax.data.prepare import _matches
+from llm_jax.data.tokenizer import Tokenizer
+
+FORMAT = 1  # bump when the layout, the split or the packing changes: old directories then stop matching
+SPLIT_SEED = 0  # the train/eval split and the packing order; fixed so that every run sees the same split
+ARRAYS = ("tokens", "segments", "mask")
+
+Example = tuple[np.ndarray, np.ndarray]  # (ids, loss_mask) of one rendered dialogue
+
+
+# --- packing ---------------------------------------------------------------------------------------------
+
+def pack(lengths: Iterable[int], capacity: int) -> list[list[int]]:
+    """Best-fit packing: rows (lists of example indices, in placement order) of at most capacity tokens.
+
+    Each example goes into the open row with the least room left that still fits it, else into a new row;
+    ties go to the most recently touched row. Deterministic for a given order of lengths.
+    """
+    rows: list[list[int]] = []
+    by_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # room left -> open rows with that room
+    has_room = np.zeros(capacity + 1, bool)
+    for i, n in enumerate(lengths):
+        if not 0 < n <= capacity:
+            raise ValueError(f"example {i} has {n} tokens; rows hold 1 to {capacity}")
+        room = n + int(has_room[n:].argmax())
+        if has_room[room]:
+            row = by_room[room].pop()
+            has_room[room] = bool(by_room[room])
+        else:
+            row, room = len(rows), capacity
+            rows.append([])
+        rows[row].append(i)
+        if room - n:
+            by_room[room - n].append(row)
+            has_room[room - n] = True
+    return rows
+
+
+def row_arrays(examples: list[Example], capacity: int, pad_id: int, dtype) -> dict[str, np.ndarray]:
+    """One packed row (tokens, segments, mask) of the examples, in order, padded to capacity."""
+    row = {"tokens": np.full(capacity, pad_id, dtype), "segments": np.zeros(capacity, np.uint16),
+           "mask": np.zeros(capacity, np.uint8)}
+    start = 0
+    for segment, (ids, mask) in enumerate(examples, 1):
+        end = start + len(ids)
+        row["tokens"][start:end], row["segments"][start:end], row["mask"][start:end] = ids, segment, mask
+        start = end
+    if start > capacity:
+        raise ValueError(f"examples of {start} tokens do not fit a row of {capacity}")
+    return row
+
+
+def row_batch(tokens_W: np.ndarray, segments_W: np.ndarray, mask_W: np.ndarray,
+              byte_lengths_V: np.ndarray) -> dict[str, np.ndarray]:
+    """The pretraining batch entries (pipeline.KEYS) of one packed row of W = seq_len + 1 tokens."""
+    tokens_W, segments_W = tokens_W.astype(np.int32), segments_W.astype(np.int32)
+    inputs_T, targets_T, segment_ids_T = tokens_W[:-1], tokens_W[1:], segments_W[:-1]
+    same_T = (segments_W[1:] == segment_ids_T) & (segment_ids_T > 0)  # target in the input's example
+    index_T = np.arange(len(inputs_T), dtype=np.int32)
+    starts_T = np.concatenate([[True], segment_ids_T[1:] != segment_ids_T[:-1]])
+    positions_T = index_T - np.maximum.accumulate(np.where(starts_T, index_T, 0))
+    return {"inputs": inputs_T, "targets": targets_T, "segment_ids": segment_ids_T,
+            "positions": np.where(segment_ids_T > 0, positions_T, 0).astype(np.int32),
+            "weights": (same_T & (mask_W[1:] > 0)).astype(np.float32),
+            "target_bytes": byte_lengths_V[targets_T].astype(np.int32)}
+
+
+class PackedRows:
+    """Random-access source of packed SFT rows as batch entries of shape (seq_len,).
+
+    Pickles as file names, so grain worker processes map the files themselves.
+    """
+
+    def __init__(self, paths: dict[str, Path], byte_lengths_V: np.ndarray):
+        self.paths, self.byte_lengths_V, self._arrays = paths, byte_lengths_V, None
+
+    def _load(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = {k: np.load(p, mmap_mode="r") for k, p in self.paths.items()}
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self._load()["tokens"])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        a = self._load()
+        return row_batch(a["tokens"][index], a["segments"][index], a["mask"][index], self.byte_lengths_V)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def __repr__(self) -> str:
+        return f"PackedRows({self.paths['tokens'].parent}, rows={len(self)})"
+
+
+# --- preparation -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PreparedSFT:
+    path: Path
+    meta: dict
+    tokenizer: Tokenizer
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> PreparedSFT:
+        out_dir = Path(out_dir)
+        if not (out_dir / "meta.json").is_file():
+            raise DataError(f"{out_dir} holds no prepared SFT data (no meta.json)")
+        meta = json.loads((out_dir / "meta.json").read_text())
+        tokenizer = Tokenizer.load(out_dir / "tokenizer.model")
+        if tokenizer.sha256 != meta["tokenizer_sha256"]:
+            raise DataError(f"{out_dir}/tokenizer.model is not the tokenizer its meta.json was prepared with")
+        return cls(out_dir, meta, tokenizer)
+
+    def rows(self, split: str, seq_len: int) -> PackedRows:
+        if seq_len != self.meta["seq_len"]:
+            raise DataError(f"{self.path} was packed for data.seq_len={self.meta['seq_len']}, not {seq_len}; "
+                            "prepare it again for this seq_len")
+        rows = PackedRows({k: self.path / f"{split}-{k}.npy" for k in ARRAYS}, self.tokenizer.byte_lengths())
+        if not len(rows):
+            raise DataError(f"the {split} split of {self.path} has no rows; use more data or change "
+                            "data.eval_fraction")
+        return rows
+
+
+def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedSFT:
+    """Renders and packs cfg's dialogues into out_dir, or reuses what an identical config left there."""
+    out_dir = Path(out_dir)
+    tokenizer = _checked_tokenizer(cfg, tokenizer)
+    d = cfg.data
+    fields = {"format": FORMAT, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
+              "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
+    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    if _matches(out_dir, fingerprint, fields):
+        print(f"reusing prepared SFT data in {out_dir} (same data config)")
+        return PreparedSFT.load(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
+        meta = {"format": FORMAT, "fingerprint": fingerprint, "config": fields, **_prepare_into(cfg, tmp, tokenizer)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process published the same data first: use theirs
+            if not _matches(out_dir, fingerprint, fields):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    s = meta["splits"]
+    print(f"prepared SFT {out_dir}: {meta['dialogues']} dialogues ({sum(meta['skipped'].values())} skipped, "
+          f"{s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} dropped by truncation), "
+          f"{s['train']['rows']} train + {s['eval']['rows']} eval rows of {d.seq_len + 1}, "
+          f"{s['train']['assistant_tokens']} train assistant tokens, "
+          f"packing {s['train']['packing_efficiency']:.1%}")
+    return PreparedSFT.load(out_dir)
+
+
+def _checked_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = Tokenizer.load(Path(tokenizer).expanduser())
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"the SFT tokenizer has {tokenizer.vocab_size} pieces, more than "
+                        f"model.vocab_size={cfg.model.vocab_size}")
+    special = tokenizer.special_ids
+    unk = tokenizer._sp.unk_id()  # noqa: SLF001 (Tokenizer has no unk_id property)
+    if unk in special.values() or len(set(special.values())) != len(special):
+        raise DataError(f"the SFT tokenizer lacks the chat tokens {', '.join(special)}; use a tokenizer trained "
+                        "by llm_jax (they are reserved at pretraining)")
+    return tokenizer
+
+
+def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
+    stats = DialogueStats()
+    examples = [_render(d, tokenizer, cfg.data.seq_len + 1)
+                for d in iter_dialogues(cfg.data.sources, data_dir(cfg), stats)]
+    if not examples:
+        raise DataError(f"data.sources={list(cfg.data.sources)} yielded no trainable dialogue "
+                        f"(skipped: {dict(stats.skipped)})")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(examples))
+    n_eval = max(1, round(len(examples) * cfg.data.eval_fraction))
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    splits = {split: _write_split([examples[i] for i in idx], tmp, split, cfg.data.seq_len + 1,
+                                  tokenizer.pad_id, dtype)
+              for split, idx in (("train", order[:len(order) - n_eval]), ("eval", order[len(order) - n_eval:]))}
+    return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.data.seq_len, "dtype": np.dtype(dtype).name,
+            "dialogues": stats.n_yielded, "skipped": dict(stats.skipped), "splits": splits}
+
+
+def _render(dialogue: list[Message], tokenizer: Tokenizer, max_len: int) -> Example | None:
+    ids, mask = render(dialogue, tokenizer, max_len=max_len)
+    return (ids, mask) if mask.any() else None  # all assistant tokens cut away: nothing to learn
+
+
+def _write_split(examples: list[Example | None], out: Path, split: str, capacity: int, pad_id: int,
+                 dtype) -> dict:
+    kept = [e for e in examples if e is not None]
+    rows = pack([len(ids) for ids, _ in kept], capacity)
+    arrays = {k: np.lib.format.open_memmap(out / f"{split}-{k}.npy", "w+", t, (len(rows), capacity))
+              for k, t in zip(ARRAYS, (dtype, np.uint16, np.uint8))}
+    for r, row in enumerate(rows):
+        for k, v in row_arrays([kept[i] for i in row], capacity, pad_id, dtype).items():
+            arrays[k][r] = v
+    for a in arrays.values():
+        a.flush()
+    real = sum(len(ids) for ids, _ in kept)
+    return {"dialogues": len(examples), "dropped_truncated": len(examples) - len(kept), "examples": len(kept),
+            "truncated": sum(len(ids) == capacity for ids, _ in kept), "rows": len(rows), "tokens": real,
+            "assistant_tokens": int(sum(mask.sum() for _, mask in kept)),
+            "packing_efficiency": real / max(1, len(rows) * capacity)}
+
+
+# --- batches ---------------------------------------------------------------------------------------------
+
+def train_iterator(prepared: PreparedSFT, seq_len: int, global_batch: int, microbatches: int, seed: int,
+                   process_index: int, process_count: int, num_workers: int = 0) -> grain.DatasetIterator:
+    """Endless shuffled batches of shape (microbatches, local_batch // microbatches, seq_len) per key.
+
+    As pipeline.train_iterator: a fresh permutation of the rows per epoch, row e of the global stream to
+    process e % process_count, get_state()/set_state() resume exactly.
+    """
+    local_batch = _local_batch(global_batch, process_count)
+    if local_batch % microbatches:
+        raise DataError(f"train.batch_size={global_batch} over {process_count} processes gives {local_batch} "
+                        f"sequences each, not divisible by train.microbatches={microbatches}")
+    source = prepared.rows("train", seq_len)
+    shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])  # as in pipeline.train_iterator
+    ds = (grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+          [process_index::process_count]
+          .batch(local_batch, drop_remainder=True)
+          .map(functools.partial(_split_microbatches, microbatches)))
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's worker start reads absl flags
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(iter_ds)
+
+
+def eval_batches(prepared: PreparedSFT, seq_len: int, global_batch: int, process_index: int, process_count: int,
+                 max_batches: int = 0) -> list[dict[str, np.ndarray]]:
+    """The eval rows in order, as this process's (local_batch, seq_len) arrays; max_batches=0: all."""
+    local_batch = _local_batch(global_batch, process_count)
+    source = prepared.rows("eval", seq_len)
+    n_batches = -(-len(source) // global_batch)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    padding = _padding(seq_len, prepared.tokenizer.pad_id)
+    batches = []
+    for b in range(n_batches):
+        indices = [b * global_batch + process_index + process_count * j for j in range(local_batch)]
+        rows = [source[i] if i < len(source) else padding for i in indices]
+        batches.append({k: np.stack([row[k] for row in rows]) for k in KEYS})
+    return batches
