@@ -60,7 +60,10 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Each source is "kind:pattern" (pattern relative to data_dir unless absolute); see llm_jax/data/corpus.py.
+    # text: documents for next-token pretraining (sources as in data/corpus.py); dialogue: SFT on
+    # conversations, loss on assistant tokens only (sources as in data/dialogue.py).
+    format: str = "text"
+    # Each source is "kind:pattern" (pattern relative to data_dir unless absolute).
     sources: tuple[str, ...] = ("python_stdlib",)
     data_dir: str = ""  # empty: $LLM_JAX_DATA, else ../shared/data beside the repository
     seq_len: int = 256
@@ -106,7 +109,9 @@ class CheckpointConfig:
     keep: int = 3  # the last K checkpoints are kept
     keep_period: int = 0  # also keep every M-th step for good (0: off)
     async_save: bool = True  # write in the background; the step waits only for the device-to-host copy
-    init_from: str = ""  # start from the params of an `llm-jax export` directory (optimizer starts fresh)
+    # Start from the params of an `llm-jax export` directory (fresh optimizer); the model config and the
+    # tokenizer then come from that export.
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ CHOICES = {
     "model.attention_impl": ("auto", "xla", "cudnn"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.tokenizer_type": ("bpe", "unigram"),
+    "data.format": ("text", "dialogue"),
     "train.nonfinite": ("skip", "stop"),
 }
 

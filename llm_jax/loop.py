@@ -8,6 +8,7 @@ checkpoint at the next step boundary and end the run (llm_jax/preemption.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,8 +20,8 @@ import jax
 from tqdm import tqdm
 
 from llm_jax import checkpoint, compression, losses, metrics, optim, sharding, step
-from llm_jax.config import Config, ConfigError, to_json, validate
-from llm_jax.data.pipeline import eval_batches, eval_text, train_iterator
+from llm_jax.config import Config, ConfigError, from_dict, to_json, validate
+from llm_jax.data import pipeline, sft
 from llm_jax.data.prepare import Prepared, prepare
 from llm_jax.model import Transformer
 from llm_jax.preemption import Preempted, PreemptionWatch
@@ -65,9 +66,35 @@ def check_batch(cfg: Config, mesh) -> None:
                           f"{jax.process_count()} processes")
 
 
-def load_data(cfg: Config, run_dir: Path) -> Prepared:
+def batches_module(cfg: Config):
+    """Documents and dialogues differ in packing, not in the batches they yield (same keys, same shapes)."""
+    return sft if cfg.data.format == "dialogue" else pipeline
+
+
+def with_init_from(cfg: Config) -> Config:
+    """Fine-tuning an export: its model and tokenizer are the ones to train."""
+    if not cfg.checkpoint.init_from:
+        return cfg
+    export = Path(cfg.checkpoint.init_from)
+    if not (export / "config.json").is_file():
+        raise ConfigError(f"checkpoint.init_from={export}: not an export directory (no config.json); "
+                          "make one with `llm-jax export`")
+    saved = from_dict(json.loads((export / "config.json").read_text()))
+    return dataclasses.replace(cfg, model=saved.model,
+                               data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.model")))
+
+
+def load_data(cfg: Config, run_dir: Path):
     """A `llm-jax prepare` directory if the config names one, else tokenize once into RUN_DIR/data."""
-    if cfg.data.prepared:
+    if cfg.data.format == "dialogue":
+        if not cfg.data.tokenizer:
+            raise ConfigError("SFT (data.format=dialogue) needs the pretrained model's tokenizer: set "
+                              "checkpoint.init_from=EXPORT or data.tokenizer=PATH")
+        if is_main():
+            sft.prepare_sft(cfg, run_dir / "data", cfg.data.tokenizer)
+        _barrier("prepared")
+        prepared = sft.PreparedSFT.load(run_dir / "data")
+    elif cfg.data.prepared:
         prepared = Prepared.load(Path(cfg.data.prepared))
     else:
         if is_main():
@@ -106,7 +133,7 @@ def open_run_dir(run_dir: Path, fresh: bool) -> tuple[bool, bool]:
 
 def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setup:
     """Validates, checks the mesh and every dimension, prepares data, creates or restores the sharded state."""
-    cfg = validate(cfg)
+    cfg = validate(with_init_from(cfg))
     mesh = sharding.make_mesh(cfg.mesh, devices)
     check_batch(cfg, mesh)
     model = Transformer(cfg.model)
@@ -145,18 +172,15 @@ def _initial_state(cfg: Config, run_dir: Path, resume: bool, state, prepared: Pr
 def evaluate(setup: Setup, params, max_batches: int) -> tuple[dict, int]:
     """Summed nats/tokens/bytes over the held-out split; also returns how many windows were scored."""
     cfg = setup.cfg
-    batches = eval_batches(setup.prepared, cfg.data.seq_len, cfg.train.batch_size, jax.process_index(),
-                           jax.process_count(), max_batches)
+    batches = batches_module(cfg).eval_batches(setup.prepared, cfg.data.seq_len, cfg.train.batch_size,
+                                               jax.process_index(), jax.process_count(), max_batches)
     batch_sharding = sharding.logical_sharding(setup.mesh, "batch", "length")
     totals = None
     for local in batches:
         sums = setup.eval_fn(params, sharding.global_batch(local, batch_sharding))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    # The last batch may be padded: count only windows that exist.
-    n_windows = min(len(batches) * cfg.train.batch_size,
-                    (len(setup.prepared.eval_tokens()) - 1) // cfg.data.seq_len)
-    return totals, n_windows
+    return totals, len(batches)
 
 
 def eval_scalars(sums: dict) -> dict[str, float]:
@@ -172,8 +196,15 @@ def _describe(setup: Setup) -> str:
     return (f"{cfg.name}: {setup.n_params / 1e6:.2f}M params, {jax.device_count()} × "
             f"{jax.devices()[0].device_kind} ({jax.process_count()} process), mesh {shape}, "
             f"{cfg.train.batch_size}×{cfg.data.seq_len} tokens/step, "
-            f"{len(setup.prepared.train_tokens()):,} train / {len(setup.prepared.eval_tokens()):,} eval tokens"
-            f"{start}")
+            f"{_data_summary(setup.prepared)}{start}")
+
+
+def _data_summary(prepared) -> str:
+    if isinstance(prepared, sft.PreparedSFT):
+        train, held = prepared.meta["splits"]["train"], prepared.meta["splits"]["eval"]
+        return (f"{train['rows']:,} train / {held['rows']:,} eval rows of packed dialogues "
+                f"({train['assistant_tokens']:,} assistant tokens to train on)")
+    return f"{len(prepared.train_tokens()):,} train / {len(prepared.eval_tokens()):,} eval tokens"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -211,8 +242,9 @@ def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict
 
 def _train_steps(setup: Setup, writer: metrics.Writer, mngr, watch: PreemptionWatch):
     cfg, state = setup.cfg, setup.state
-    batches = train_iterator(setup.prepared, cfg.data.seq_len, cfg.train.batch_size, cfg.train.microbatches,
-                             cfg.train.seed, jax.process_index(), jax.process_count(), cfg.data.num_workers)
+    batches = batches_module(cfg).train_iterator(
+        setup.prepared, cfg.data.seq_len, cfg.train.batch_size, cfg.train.microbatches, cfg.train.seed,
+        jax.process_index(), jax.process_count(), cfg.data.num_workers)
     if setup.start_step:
         how = checkpoint.restore_data(setup.run_dir, cfg, setup.start_step, batches)
         if is_main():
@@ -274,14 +306,17 @@ def _log_train(pending, perf: metrics.PerfMeter, writer, bar, cfg: Config) -> No
 
 def _final_eval(setup: Setup, state, writer: metrics.Writer) -> dict:
     cfg = setup.cfg
-    sums, n_windows = evaluate(setup, state.params, cfg.train.eval_batches)
+    sums, n_batches = evaluate(setup, state.params, cfg.train.eval_batches)
     scores = eval_scalars(sums)
     writer.scalars(cfg.train.steps, scores)
     results = {**scores, "eval/tokens": sums["tokens"], "eval/bytes": sums["bytes"],
                "params": setup.n_params, "steps": cfg.train.steps,
                "skipped_steps": int(jax.device_get(state.skipped))}
-    if is_main():
-        held_out = eval_text(setup.prepared, cfg.data.seq_len, n_windows)
+    if is_main() and cfg.data.format == "text":  # compressors see whole texts; SFT scores answers only
+        # The last batch may be padded: count only windows that exist.
+        n_windows = min(n_batches * cfg.train.batch_size,
+                        (len(setup.prepared.eval_tokens()) - 1) // cfg.data.seq_len)
+        held_out = pipeline.eval_text(setup.prepared, cfg.data.seq_len, n_windows)
         if len(held_out) != int(sums["bytes"]):
             raise RuntimeError(f"held-out text has {len(held_out)} bytes but the model was scored on "
                                f"{int(sums['bytes'])}: the byte table and the data disagree")

@@ -219,5 +219,16 @@ def _best_path(root: dict, children: dict[str, list[dict]]) -> list[Message]:
     return dialogue
 
 
+def is_chinese(text: str) -> bool:
+    """Whether CJK ideographs make up at least a third of the letters (MOSS marks no language per file)."""
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum("\u4e00" <= c <= "\u9fff" for c in letters) * 3 >= len(letters)
+
+
+def moss_zh(path_or_dir: Path) -> Iterator[list[Message]]:
+    """The MOSS conversations that open in Chinese."""
+    return (d for d in moss(path_or_dir) if d and is_chinese(d[0].content))
+
+
 LOADERS: dict[str, Callable[[Path], Iterable[list[Message]]]] = {
-    "alpaca": alpaca, "chat": chat_jsonl, "hh": hh_rlhf, "moss": moss, "oasst": oasst}
+    "alpaca": alpaca, "chat": chat_jsonl, "hh": hh_rlhf, "moss": moss, "moss_zh": moss_zh, "oasst": oasst}

@@ -157,6 +157,10 @@ class PreparedSFT:
             raise DataError(f"{out_dir}/tokenizer.model is not the tokenizer its meta.json was prepared with")
         return cls(out_dir, meta, tokenizer)
 
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.model"
+
     def rows(self, split: str, seq_len: int) -> PackedRows:
         if seq_len != self.meta["seq_len"]:
             raise DataError(f"{self.path} was packed for data.seq_len={self.meta['seq_len']}, not {seq_len}; "

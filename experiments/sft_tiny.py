@@ -1,0 +1,13 @@
+"""A tiny SFT run for tests and smoke checks; point data.sources at your own dialogues."""
+from llm_jax.config import CheckpointConfig, Config, DataConfig, OptimConfig, TrainConfig, llama
+
+
+def config() -> Config:
+    return Config(
+        name="sft_tiny",
+        model=llama(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, scan_layers=False),
+        data=DataConfig(format="dialogue", sources=("chat:dialogues.jsonl",), seq_len=64, eval_fraction=0.2),
+        optim=OptimConfig(learning_rate=1e-2, warmup_steps=5, weight_decay=0.0),
+        train=TrainConfig(steps=60, batch_size=8, eval_every=30, eval_batches=0, log_every=10),
+        checkpoint=CheckpointConfig(every=30),
+    )
