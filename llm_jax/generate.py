@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax import sharding
 from llm_jax.config import ConfigError, ModelConfig
 from llm_jax.model import Transformer
 
@@ -65,13 +66,23 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
 
 
 class Generator:
-    """Jitted prefill and decode steps for one model; reuse it across calls to keep the compilations."""
+    """Jitted prefill and decode steps for one model; reuse it across calls to keep the compilations.
+
+    Parameters laid out on a mesh (as training and `load_for_inference` leave them) make generation run
+    on that mesh, with the model's logical sharding rules in force: batch over data and fsdp, heads over
+    tensor, the KV cache sharded like the keys.
+    """
 
     def __init__(self, cfg: ModelConfig, params, sampling: Sampling = Sampling()):
         self.cfg, self.params, self.sampling = cfg, params, sampling
         self.model = Transformer(cfg, decode=True)
-        self._prefill = jax.jit(self._prefill_fn)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        mesh = getattr(jax.tree.leaves(params)[0].sharding, "mesh", None)
+        if isinstance(mesh, jax.sharding.Mesh):
+            self._prefill = sharding.jit_on_mesh(self._prefill_fn, mesh)
+            self._step = sharding.jit_on_mesh(self._step_fn, mesh, donate_argnums=(1,))
+        else:
+            self._prefill = jax.jit(self._prefill_fn)
+            self._step = jax.jit(self._step_fn, donate_argnums=(1,))
 
     def _prefill_fn(self, params, cache, tokens, positions, segments, rng):
         logits, updated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,

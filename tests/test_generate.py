@@ -160,3 +160,18 @@ def test_chat_survives_an_empty_answer():
     out = io.StringIO()
     dialogue = chat(Silent(), tok, 5, 0, inp=io.StringIO("hi\nagain\n\n"), out=out)
     assert out.getvalue().count("(no answer)") == 2 and dialogue == []
+
+
+def test_generation_on_a_mesh_matches_one_device():
+    from llm_jax import sharding
+    from llm_jax.config import MeshConfig
+    cfg = tiny(vocab_size=64, n_heads=4, n_kv_heads=2)
+    params = params_for(cfg)
+    boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), *(jnp.zeros((1, 8), jnp.int32),) * 3))
+    mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
+    on_mesh = jax.device_put(params, sharding.tree_shardings(nn.get_partition_spec(boxed)["params"], mesh))
+    prompts = [[5, 9, 11, 3], [8, 4], [30, 31, 32], [7]]
+    alone = Generator(cfg, params, Sampling(temperature=0)).generate(prompts, 6)
+    sharded = Generator(cfg, on_mesh, Sampling(temperature=0))
+    assert sharded.generate(prompts, 6) == alone
+    assert len(jax.tree.leaves(on_mesh)[0].sharding.device_set) == 8

@@ -30,6 +30,8 @@ def _cached(self, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
     cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxTxKxH.astype(cv.value.dtype), (0, start, 0, 0))
     cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids_BxT.astype(jnp.int32), (0, start))
     index.value = start + t
+    ck.value = nn.with_logical_constraint(ck.value, ("batch", "length", "act_kv_heads", "head_dim"))
+    cv.value = nn.with_logical_constraint(cv.value, ("batch", "length", "act_kv_heads", "head_dim"))
     s = ck.value.shape[1]
     causal_TxS = jnp.arange(s)[None, :] <= (start + jnp.arange(t))[:, None]
     same_BxTxS = segment_ids_BxT[:, :, None] == cseg.value[:, None, :]
