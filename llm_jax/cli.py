@@ -55,6 +55,23 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_show_masks(args) -> int:
+    import itertools
+    from llm_jax.config import data_dir
+    from llm_jax.data.chat_template import render, show
+    from llm_jax.data.dialogue import iter_dialogues
+    from llm_jax.data.tokenizer import Tokenizer
+    from llm_jax.loop import with_init_from
+    cfg = with_init_from(_resolve(args))
+    if not cfg.data.tokenizer:
+        raise ConfigError("show-masks needs a tokenizer: --set checkpoint.init_from=EXPORT or data.tokenizer=PATH")
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    for n, dialogue in enumerate(itertools.islice(iter_dialogues(cfg.data.sources, data_dir(cfg)), args.n)):
+        ids, mask = render(dialogue, tokenizer, max_len=cfg.data.seq_len + 1)
+        print(f"--- dialogue {n}: {len(ids)} tokens, {int(mask.sum())} trained on (in ⟦ ⟧)\n{show(ids, mask, tokenizer)}")
+    return 0
+
+
 def _generator(args):
     from llm_jax.checkpoint import load_for_inference
     from llm_jax.generate import Generator, Sampling
@@ -106,6 +123,10 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     export.add_argument("--out", required=True, help="output directory (must not exist)")
     export.set_defaults(fn=_cmd_export)
+    masks = sub.add_parser("show-masks", help="print SFT examples with the tokens trained on marked")
+    _experiment_args(masks)
+    masks.add_argument("--n", type=int, default=3, help="how many dialogues")
+    masks.set_defaults(fn=_cmd_show_masks)
     sample = sub.add_parser("sample", help="continue a prompt, streaming the tokens")
     _generation_args(sample, max_tokens=200)
     sample.add_argument("--prompt", required=True)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from llm_jax.data.chat_template import render, render_prompt, targets_and_weights
+from llm_jax.data.chat_template import render, render_prompt, show, targets_and_weights
 from llm_jax.data.corpus import DataError
 from llm_jax.data.dialogue import (DialogueStats, Message, alpaca, chat_jsonl, dialogue_problem, hh_rlhf,
                                    hh_transcript, iter_dialogues, moss, oasst)
@@ -241,3 +241,21 @@ def test_chinese_and_literal_tags_round_trip(tok):
     assert tok.decode(ids) == "床前明月光，疑是地上霜。<|end|>举头望明月，低头思故乡。😀"  # tags decode to ""
     assert (ids == tok.special_ids["<|end|>"]).sum() == 2  # literal text never becomes a control token
     assert tok.decode(ids[mask]) == dialogue[1].content
+
+
+def test_show_marks_exactly_the_trained_spans(tok):
+    dialogue = [Message("user", "你好 cat"), Message("assistant", "the dog 猫"), Message("user", "more"),
+                Message("assistant", "yes")]
+    ids, mask = render(dialogue, tok)
+    assert show(ids, mask, tok) == ("<|user|>你好 cat<|end|><|assistant|>⟦the dog 猫<|end|>⟧"
+                                    "<|user|>more<|end|><|assistant|>⟦yes<|end|>⟧")
+    # cut before the last <|end|>: the open span still closes
+    assert show(ids[:-1], mask[:-1], tok).endswith("<|assistant|>⟦yes⟧")
+
+
+def test_moss_zh_keeps_conversations_that_open_in_chinese(tmp_path):
+    from llm_jax.data.dialogue import is_chinese, moss_zh
+    write(tmp_path / "zh.json", moss_record(("你好，请介绍一下北京", "北京是中国的首都。")))
+    write(tmp_path / "en.json", moss_record(("Tell me about Paris", "Paris is in France.")))
+    assert [d[0].content for d in moss_zh(tmp_path)] == ["你好，请介绍一下北京"]
+    assert is_chinese("你好世界 hello") and not is_chinese("hello world 你") and not is_chinese("123")

@@ -69,3 +69,26 @@ def render_prompt(dialogue: list[Message], tokenizer: Tokenizer) -> np.ndarray:
 def _tags(tokenizer: Tokenizer) -> dict[str, int]:
     # special_ids is keyed by the token text, "<|user|>" -> id; the template speaks in role names.
     return {name[2:-2]: i for name, i in tokenizer.special_ids.items()}
+
+
+def show(ids: np.ndarray, loss_mask: np.ndarray, tokenizer: Tokenizer) -> str:
+    """The rendered text with every trained-on span in ⟦ ⟧, for checking a mask by eye."""
+    names = {i: name for name, i in tokenizer.special_ids.items()}
+    out, run, open_span = [], [], False
+
+    def flush():  # bytes are decoded per run, so characters split over byte tokens come out whole
+        out.append(tokenizer.decode_bytes(run).decode("utf-8", errors="replace"))
+        run.clear()
+
+    for token, trained in zip(ids.tolist(), loss_mask.tolist()):
+        if trained != open_span:
+            flush()
+            out.append("⟦" if trained else "⟧")
+            open_span = trained
+        if token in names:
+            flush()
+            out.append(names[token])
+        else:
+            run.append(token)
+    flush()
+    return "".join(out) + ("⟧" if open_span else "")
