@@ -58,11 +58,17 @@ def train_iterator(prepared: Prepared, seq_len: int, global_batch: int, microbat
 
     Each epoch is a fresh permutation of the windows; the iterator's get_state()/set_state() resume exactly.
     """
+    source = _windows(prepared, prepared.train_tokens(), seq_len, "train")
+    return batch_iterator(source, global_batch, microbatches, seed, process_index, process_count, num_workers)
+
+
+def batch_iterator(source, global_batch: int, microbatches: int, seed: int, process_index: int,
+                   process_count: int, num_workers: int = 0) -> grain.DatasetIterator:
+    """Endless shuffled batches of any random-access source of rows (packed windows, packed dialogues)."""
     local_batch = _local_batch(global_batch, process_count)
     if local_batch % microbatches:
         raise DataError(f"train.batch_size={global_batch} over {process_count} processes gives {local_batch} "
                         f"sequences each, not divisible by train.microbatches={microbatches}")
-    source = _windows(prepared, prepared.train_tokens(), seq_len, "train")
     # grain reseeds epoch e with seed + e: hashing the seed keeps runs with seeds s and s+1 unrelated.
     shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     ds = (grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
@@ -81,12 +87,19 @@ def train_iterator(prepared: Prepared, seq_len: int, global_batch: int, microbat
 def eval_batches(prepared: Prepared, seq_len: int, global_batch: int, process_index: int, process_count: int,
                  max_batches: int = 0) -> list[dict[str, np.ndarray]]:
     """The eval windows in order, as this process's (local_batch, seq_len) arrays; max_batches=0: all."""
-    local_batch = _local_batch(global_batch, process_count)
     source = _windows(prepared, prepared.eval_tokens(), seq_len, "eval")
+    return ordered_batches(source, seq_len, global_batch, process_index, process_count, max_batches,
+                           prepared.tokenizer.pad_id)
+
+
+def ordered_batches(source, seq_len: int, global_batch: int, process_index: int, process_count: int,
+                    max_batches: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """Rows of `source` in order, split across processes like training, the last batch padded."""
+    local_batch = _local_batch(global_batch, process_count)
     n_batches = -(-len(source) // global_batch)
     if max_batches:
         n_batches = min(n_batches, max_batches)
-    padding = _padding(seq_len, prepared.tokenizer.pad_id)
+    padding = _padding(seq_len, pad_id)
     batches = []
     for b in range(n_batches):
         indices = [b * global_batch + process_index + process_count * j for j in range(local_batch)]

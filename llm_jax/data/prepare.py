@@ -121,7 +121,7 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
     given = _given_tokenizer(cfg)
     fields = _fingerprint_fields(cfg, given)
     fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    if _matches(out_dir, fingerprint, fields):
+    if matches_fingerprint(out_dir, fingerprint, fields):
         print(f"reusing prepared data in {out_dir} (same data config)")
         return Prepared.load(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process published the same data first: use theirs
-            if not _matches(out_dir, fingerprint, fields):
+            if not matches_fingerprint(out_dir, fingerprint, fields):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,7 +166,7 @@ def _fingerprint_fields(cfg: Config, given: Tokenizer | None) -> dict:
     return fields
 
 
-def _matches(out_dir: Path, fingerprint: str, fields: dict) -> bool:
+def matches_fingerprint(out_dir: Path, fingerprint: str, fields: dict) -> bool:
     """True if out_dir holds data prepared with this fingerprint; False if it is absent or empty."""
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return False

@@ -23,7 +23,6 @@ same (non-padding) segment as its input, so the first token of the next example 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -34,14 +33,13 @@ from typing import Iterable
 
 import grain
 import numpy as np
-from absl import flags
 
 from llm_jax.config import Config, data_dir
 from llm_jax.data.chat_template import render
 from llm_jax.data.corpus import DataError
 from llm_jax.data.dialogue import DialogueStats, Message, iter_dialogues
-from llm_jax.data.pipeline import KEYS, _local_batch, _padding, _split_microbatches
-from llm_jax.data.prepare import _matches
+from llm_jax.data.pipeline import batch_iterator, ordered_batches
+from llm_jax.data.prepare import matches_fingerprint
 from llm_jax.data.tokenizer import Tokenizer
 
 FORMAT = 1  # bump when the layout, the split or the packing changes: old directories then stop matching
@@ -180,7 +178,7 @@ def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | P
     fields = {"format": FORMAT, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
               "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
     fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    if _matches(out_dir, fingerprint, fields):
+    if matches_fingerprint(out_dir, fingerprint, fields):
         print(f"reusing prepared SFT data in {out_dir} (same data config)")
         return PreparedSFT.load(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +192,7 @@ def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | P
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process published the same data first: use theirs
-            if not _matches(out_dir, fingerprint, fields):
+            if not matches_fingerprint(out_dir, fingerprint, fields):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -265,41 +263,13 @@ def _write_split(examples: list[Example | None], out: Path, split: str, capacity
 
 def train_iterator(prepared: PreparedSFT, seq_len: int, global_batch: int, microbatches: int, seed: int,
                    process_index: int, process_count: int, num_workers: int = 0) -> grain.DatasetIterator:
-    """Endless shuffled batches of shape (microbatches, local_batch // microbatches, seq_len) per key.
-
-    As pipeline.train_iterator: a fresh permutation of the rows per epoch, row e of the global stream to
-    process e % process_count, get_state()/set_state() resume exactly.
-    """
-    local_batch = _local_batch(global_batch, process_count)
-    if local_batch % microbatches:
-        raise DataError(f"train.batch_size={global_batch} over {process_count} processes gives {local_batch} "
-                        f"sequences each, not divisible by train.microbatches={microbatches}")
-    source = prepared.rows("train", seq_len)
-    shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])  # as in pipeline.train_iterator
-    ds = (grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
-          [process_index::process_count]
-          .batch(local_batch, drop_remainder=True)
-          .map(functools.partial(_split_microbatches, microbatches)))
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    if num_workers > 0:
-        if not flags.FLAGS.is_parsed():  # grain's worker start reads absl flags
-            flags.FLAGS.mark_as_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(iter_ds)
+    """As pipeline.train_iterator, over packed dialogue rows."""
+    return batch_iterator(prepared.rows("train", seq_len), global_batch, microbatches, seed, process_index,
+                          process_count, num_workers)
 
 
 def eval_batches(prepared: PreparedSFT, seq_len: int, global_batch: int, process_index: int, process_count: int,
                  max_batches: int = 0) -> list[dict[str, np.ndarray]]:
     """The eval rows in order, as this process's (local_batch, seq_len) arrays; max_batches=0: all."""
-    local_batch = _local_batch(global_batch, process_count)
-    source = prepared.rows("eval", seq_len)
-    n_batches = -(-len(source) // global_batch)
-    if max_batches:
-        n_batches = min(n_batches, max_batches)
-    padding = _padding(seq_len, prepared.tokenizer.pad_id)
-    batches = []
-    for b in range(n_batches):
-        indices = [b * global_batch + process_index + process_count * j for j in range(local_batch)]
-        rows = [source[i] if i < len(source) else padding for i in indices]
-        batches.append({k: np.stack([row[k] for row in rows]) for k in KEYS})
-    return batches
+    return ordered_batches(prepared.rows("eval", seq_len), seq_len, global_batch, process_index, process_count,
+                           max_batches, prepared.tokenizer.pad_id)
