@@ -118,7 +118,7 @@ def read_text(path: Path) -> str:
         return text
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
@@ -156,7 +156,7 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
 
 
 def _poetry_documents(path: Path) -> Iterator[str]:
-    data = _read_json(path)
+    data = read_json(path)
     for record in data if isinstance(data, list) else [data]:
         lines = _poem_lines(record)
         if lines:
@@ -179,7 +179,7 @@ def _poem_lines(node) -> list[str]:
 
 
 def _squad_contexts(path: Path) -> Iterator[str]:
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise DataError(f"{path}: not SQuAD JSON (expected an object with a 'data' list)")
     for article in data["data"]:

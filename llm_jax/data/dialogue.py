@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
-from llm_jax.data.corpus import DataError, glob_source, read_text
+from llm_jax.data.corpus import DataError, glob_source, read_json, read_text
 
 ROLES = ("system", "user", "assistant")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
@@ -166,7 +166,7 @@ def hh_rlhf(path: Path) -> Iterator[list[Message]]:
 def moss(path_or_dir: Path) -> Iterator[list[Message]]:
     path_or_dir = Path(path_or_dir)
     for path in sorted(path_or_dir.rglob("*.json")) if path_or_dir.is_dir() else [path_or_dir]:
-        record = _read_json(path)
+        record = read_json(path)
         chat = record.get("chat") if isinstance(record, dict) else None
         if not isinstance(chat, dict):
             raise DataError(f"{path}: not a MOSS conversation (no 'chat' object)")
@@ -181,13 +181,6 @@ def moss(path_or_dir: Path) -> Iterator[list[Message]]:
                     raise DataError(f"{path}: chat.turn_{i}.{key} does not start with '<|{key}|>:'")
                 dialogue.append(Message(role, match[1]))
         yield dialogue
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
 def oasst(path: Path) -> Iterator[list[Message]]:

@@ -21,7 +21,7 @@ import platform
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -84,16 +84,17 @@ class TokenArray:
 
 
 @dataclasses.dataclass(frozen=True)
-class Prepared:
+class PreparedDir:
+    """A directory of tokenized data: meta.json plus the tokenizer it was made with (pretraining or SFT)."""
     path: Path
     meta: dict
     tokenizer: Tokenizer
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> Prepared:
+    def load(cls, out_dir: str | Path):
         out_dir = Path(out_dir)
         if not (out_dir / "meta.json").is_file():
-            raise DataError(f"{out_dir} holds no prepared data (no meta.json); run `llm-jax prepare` first")
+            raise DataError(f"{out_dir} holds no prepared data (no meta.json); prepare it first")
         meta = json.loads((out_dir / "meta.json").read_text())
         tokenizer = Tokenizer.load(out_dir / "tokenizer.model")
         if tokenizer.sha256 != meta["tokenizer_sha256"]:
@@ -103,6 +104,10 @@ class Prepared:
     @property
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.model"
+
+
+class Prepared(PreparedDir):
+    """Pretraining token shards (train and eval splits)."""
 
     def train_tokens(self) -> TokenArray:
         return self._tokens("train")
@@ -119,15 +124,29 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
     """Tokenizes cfg's corpus into out_dir, or reuses what an identical data config left there."""
     out_dir = Path(out_dir)
     given = _given_tokenizer(cfg)
-    fields = _fingerprint_fields(cfg, given)
-    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    if matches_fingerprint(out_dir, fingerprint, fields):
+    meta = publish(out_dir, _fingerprint_fields(cfg, given),
+                   lambda tmp: {"format": FORMAT, **_prepare_into(cfg, tmp, given)})
+    if meta is None:
         print(f"reusing prepared data in {out_dir} (same data config)")
         return Prepared.load(out_dir)
+    prepared = Prepared.load(out_dir)
+    splits = prepared.meta["splits"]
+    print(f"prepared {out_dir}: {meta['documents']} documents, {meta['text_bytes'] / 1e6:.1f} MB of text, "
+          f"{splits['train']['tokens']} train + {splits['eval']['tokens']} eval tokens")
+    return prepared
+
+
+def publish(out_dir: Path, fields: dict, build: Callable[[Path], dict]) -> dict | None:
+    """Writes a data directory under a temporary name and renames it into place, so a crash leaves nothing
+    half-written. `build(tmp)` writes the files and returns the meta. Returns that meta, or None when
+    out_dir already holds data made from the same `fields` (then nothing is rebuilt)."""
+    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    if matches_fingerprint(out_dir, fingerprint, fields):
+        return None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        meta = {"format": FORMAT, "fingerprint": fingerprint, "config": fields, **_prepare_into(cfg, tmp, given)}
+        meta = {"fingerprint": fingerprint, "config": fields, **build(tmp)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
@@ -138,11 +157,7 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    prepared = Prepared.load(out_dir)
-    splits = prepared.meta["splits"]
-    print(f"prepared {out_dir}: {meta['documents']} documents, {meta['text_bytes'] / 1e6:.1f} MB of text, "
-          f"{splits['train']['tokens']} train + {splits['eval']['tokens']} eval tokens")
-    return prepared
+    return meta
 
 
 def _given_tokenizer(cfg: Config) -> Tokenizer | None:

@@ -22,12 +22,6 @@ same (non-padding) segment as its input, so the first token of the next example 
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -39,7 +33,7 @@ from llm_jax.data.chat_template import render
 from llm_jax.data.corpus import DataError
 from llm_jax.data.dialogue import DialogueStats, Message, iter_dialogues
 from llm_jax.data.pipeline import batch_iterator, ordered_batches
-from llm_jax.data.prepare import matches_fingerprint
+from llm_jax.data.prepare import PreparedDir, publish
 from llm_jax.data.tokenizer import Tokenizer
 
 FORMAT = 1  # bump when the layout, the split or the packing changes: old directories then stop matching
@@ -138,26 +132,8 @@ class PackedRows:
 
 # --- preparation -----------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class PreparedSFT:
-    path: Path
-    meta: dict
-    tokenizer: Tokenizer
-
-    @classmethod
-    def load(cls, out_dir: str | Path) -> PreparedSFT:
-        out_dir = Path(out_dir)
-        if not (out_dir / "meta.json").is_file():
-            raise DataError(f"{out_dir} holds no prepared SFT data (no meta.json)")
-        meta = json.loads((out_dir / "meta.json").read_text())
-        tokenizer = Tokenizer.load(out_dir / "tokenizer.model")
-        if tokenizer.sha256 != meta["tokenizer_sha256"]:
-            raise DataError(f"{out_dir}/tokenizer.model is not the tokenizer its meta.json was prepared with")
-        return cls(out_dir, meta, tokenizer)
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.model"
+class PreparedSFT(PreparedDir):
+    """Packed dialogue rows (train and eval splits)."""
 
     def rows(self, split: str, seq_len: int) -> PackedRows:
         if seq_len != self.meta["seq_len"]:
@@ -177,25 +153,15 @@ def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | P
     d = cfg.data
     fields = {"format": FORMAT, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
               "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
-    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    if matches_fingerprint(out_dir, fingerprint, fields):
+
+    def build(tmp: Path) -> dict:
+        (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
+        return {"format": FORMAT, **_prepare_into(cfg, tmp, tokenizer)}
+
+    meta = publish(out_dir, fields, build)
+    if meta is None:
         print(f"reusing prepared SFT data in {out_dir} (same data config)")
         return PreparedSFT.load(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
-        meta = {"format": FORMAT, "fingerprint": fingerprint, "config": fields, **_prepare_into(cfg, tmp, tokenizer)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # another process published the same data first: use theirs
-            if not matches_fingerprint(out_dir, fingerprint, fields):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     s = meta["splits"]
     print(f"prepared SFT {out_dir}: {meta['dialogues']} dialogues ({sum(meta['skipped'].values())} skipped, "
           f"{s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} dropped by truncation), "
