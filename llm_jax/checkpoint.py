@@ -33,7 +33,11 @@ from llm_jax import optim, sharding
 from llm_jax.config import CheckpointConfig, Config, ConfigError, MeshConfig, from_dict, to_dict
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import Transformer
-from llm_jax.state import logical_specs
+from llm_jax.state import abstract_params, logical_specs
+
+# Model fields of the output head: fine-tuning an export into another head (a language model into a reward
+# model) keeps the export's trunk and starts these fresh.
+HEAD_FIELDS = ("head", "reward_init_std")
 
 
 class CheckpointError(ValueError):
@@ -154,9 +158,10 @@ def restore_data(run_dir: Path, cfg: Config, step: int, iterator) -> str:
         mngr.close()
 
 
-def model_differences(saved: Config, cfg: Config) -> list[str]:
+def model_differences(saved: Config, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
     return [f"model.{f.name}: {getattr(saved.model, f.name)!r} saved, {getattr(cfg.model, f.name)!r} now"
-            for f in dataclasses.fields(cfg.model) if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+            for f in dataclasses.fields(cfg.model)
+            if f.name not in ignore and getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
 
 
 def check_compatible(saved: dict, cfg: Config, tokenizer) -> None:
@@ -214,6 +219,8 @@ def export_params(run_dir: Path, out: Path, step: int | None = None) -> int:
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save((tmp / "params").absolute(), restored["state"]["params"])
     (tmp / "config.json").write_text(json.dumps(restored["meta"]["config"], indent=2, sort_keys=True))
+    if restored["meta"].get("eval"):
+        (tmp / "eval.json").write_text(json.dumps(restored["meta"]["eval"], indent=2, sort_keys=True))
     (tmp / "tokenizer.model").write_bytes(base64.b64decode(restored["meta"]["tokenizer_model"]))
     (tmp / "step").write_text(f"{step}\n")
     tmp.rename(out)
@@ -235,7 +242,7 @@ def _inference_target(cfg: Config):
 def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, object, Tokenizer]:
     """Config, params and tokenizer from a run directory (its latest checkpoint, or `step`) or an export."""
     path = Path(path)
-    if (path / "params").is_dir() and (path / "config.json").is_file():
+    if _is_export(path):
         cfg = from_dict(json.loads((path / "config.json").read_text()))
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore((path / "params").absolute(), _inference_target(cfg).params)
@@ -245,6 +252,8 @@ def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, obj
         raise CheckpointError(f"{path} is neither a run directory with checkpoints nor an `llm-jax export` "
                               "directory")
     step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(path)} (have {steps})")
     mngr = manager(path, CheckpointConfig(), read_only=True)
     try:
         saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -256,15 +265,42 @@ def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, obj
     return cfg, state.params, Tokenizer(base64.b64decode(saved["tokenizer_model"]))
 
 
-def load_params(path: Path, cfg: Config, target_params):
-    """Params from an `llm-jax export` directory, checked against the model and resharded like the target."""
+def saved_eval(path: Path, step: int | None = None) -> dict[str, float]:
+    """The eval scores saved with a checkpoint (run directory: its latest, or `step`) or an export; {} if none."""
     path = Path(path)
-    if not (path / "params").exists() or not (path / "config.json").exists():
+    if _is_export(path):
+        return json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() else {}
+    steps = committed_steps(path)
+    mngr = manager(path, CheckpointConfig(), read_only=True)
+    try:
+        saved = mngr.restore(steps[-1] if step is None else step,
+                             args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        mngr.close()
+    return saved.get("eval", {})
+
+
+def _is_export(path: Path) -> bool:
+    return (path / "params").is_dir() and (path / "config.json").is_file()
+
+
+def load_params(path: Path, cfg: Config, target_params) -> tuple[dict, list[str]]:
+    """Params from an `llm-jax export` directory, checked against the model and resharded like the target.
+
+    The export may have another head (HEAD_FIELDS): its other params are used, the target's own head keeps
+    its initialisation. Returns the params and the names of the top-level params that were not in the export.
+    """
+    path = Path(path)
+    if not _is_export(path):
         raise ConfigError(f"checkpoint.init_from={path}: not an export directory (no params/ or config.json); "
                           "make one with `llm-jax export`")
-    diffs = model_differences(from_dict(json.loads((path / "config.json").read_text())), cfg)
+    saved = from_dict(json.loads((path / "config.json").read_text()))
+    diffs = model_differences(saved, cfg, ignore=HEAD_FIELDS)
     if diffs:
         raise CheckpointError(f"checkpoint.init_from={path} has a different model ({'; '.join(diffs)})")
+    mesh = jax.tree.leaves(target_params)[0].sharding.mesh
     with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore((path / "params").absolute(), _abstract(target_params))
+        loaded = ckpt.restore((path / "params").absolute(), abstract_params(Transformer(saved.model), mesh))
+    fresh = sorted(set(target_params) - set(loaded))
+    return {k: loaded.get(k, v) for k, v in target_params.items()}, fresh
 

@@ -76,6 +76,9 @@ def _generator(args):
     from llm_jax.checkpoint import load_for_inference
     from llm_jax.generate import Generator, Sampling
     cfg, params, tokenizer = load_for_inference(Path(args.checkpoint), args.step)
+    if cfg.model.head != "lm":
+        raise ConfigError(f"{args.checkpoint} is a reward model (model.head={cfg.model.head}): it scores answers "
+                          "(llm-jax score), it does not generate")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     return Generator(cfg.model, params, sampling), tokenizer
 
@@ -91,6 +94,15 @@ def _cmd_chat(args) -> int:
     from llm_jax.chat import chat
     generator, tokenizer = _generator(args)
     chat(generator, tokenizer, args.max_tokens, args.seed, system=args.system)
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from llm_jax.score import describe, score_file
+    summary = score_file(Path(args.checkpoint), Path(args.input), Path(args.output) if args.output else None,
+                         args.step, args.batch_size)
+    # With the scores on stdout, the summary goes to stderr so that the JSONL stays clean.
+    print(describe(summary), file=sys.stderr if args.output is None else sys.stdout, flush=True)
     return 0
 
 
@@ -135,6 +147,15 @@ def parser() -> argparse.ArgumentParser:
     _generation_args(chat, max_tokens=256)
     chat.add_argument("--system", default="", help="an optional system message")
     chat.set_defaults(fn=_cmd_chat)
+    score = sub.add_parser("score", help="rewards from a reward model for responses or pairs in a JSONL file")
+    score.add_argument("--checkpoint", required=True,
+                       help="a reward-model run directory (its latest checkpoint) or an `llm-jax export` of one")
+    score.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
+    score.add_argument("--input", required=True, help="JSONL of {prompt, response} or {prompt, chosen, rejected} "
+                                                      "(or hh-rlhf {chosen, rejected}) lines")
+    score.add_argument("--output", help="write one JSON line of rewards per input line here (default: stdout)")
+    score.add_argument("--batch-size", type=int, default=32)
+    score.set_defaults(fn=_cmd_score)
     return p
 
 

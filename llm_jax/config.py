@@ -44,6 +44,9 @@ class ModelConfig:
     attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots | dots_no_batch
+    # lm: next-token logits; reward: one scalar per sequence, read at its last real token (a reward model)
+    head: str = "lm"
+    reward_init_std: float = 0.0  # init of the reward head's kernel (0: zeros, so every pair starts at 1 bit)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -61,7 +64,8 @@ class MeshConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # text: documents for next-token pretraining (sources as in data/corpus.py); dialogue: SFT on
-    # conversations, loss on assistant tokens only (sources as in data/dialogue.py).
+    # conversations, loss on assistant tokens only (sources as in data/dialogue.py); preference: chosen vs
+    # rejected answers for a reward model (sources as in data/preference.py).
     format: str = "text"
     # Each source is "kind:pattern" (pattern relative to data_dir unless absolute).
     sources: tuple[str, ...] = ("python_stdlib",)
@@ -115,6 +119,13 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    """The pairwise (Bradley-Terry) loss of a reward model: -log sigmoid(r_chosen - r_rejected - margin)."""
+    use_margins: bool = True  # subtract each pair's `margin` from the data (pairs without one have 0)
+    center_coef: float = 0.0  # adds center_coef * mean((r_chosen + r_rejected)^2), keeping rewards near 0
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -123,6 +134,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 CHOICES = {
@@ -134,7 +146,8 @@ CHOICES = {
     "model.attention_impl": ("auto", "xla", "cudnn"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.tokenizer_type": ("bpe", "unigram"),
-    "data.format": ("text", "dialogue"),
+    "model.head": ("lm", "reward"),
+    "data.format": ("text", "dialogue", "preference"),
     "train.nonfinite": ("skip", "stop"),
 }
 
@@ -247,6 +260,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"checkpoint.every={cfg.checkpoint.every}, checkpoint.keep={cfg.checkpoint.keep}, "
                           f"checkpoint.keep_period={cfg.checkpoint.keep_period}: need every >= 0, keep >= 1, "
                           "keep_period >= 0")
+    if (cfg.data.format == "preference") != (m.head == "reward"):
+        raise ConfigError(f"data.format={cfg.data.format!r} with model.head={m.head!r}: a reward model "
+                          "(model.head=reward) trains on preference data (data.format=preference) and only on it")
+    if cfg.reward.center_coef < 0 or m.reward_init_std < 0:
+        raise ConfigError(f"reward.center_coef={cfg.reward.center_coef} and model.reward_init_std="
+                          f"{m.reward_init_std} must not be negative")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     return cfg

@@ -19,9 +19,9 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from llm_jax import checkpoint, compression, losses, metrics, optim, sharding, step
+from llm_jax import checkpoint, compression, losses, metrics, optim, reward, sharding, step
 from llm_jax.config import Config, ConfigError, from_dict, to_json, validate
-from llm_jax.data import pipeline, sft
+from llm_jax.data import pipeline, preference, sft
 from llm_jax.data.prepare import Prepared, prepare
 from llm_jax.model import Transformer
 from llm_jax.preemption import Preempted, PreemptionWatch
@@ -48,6 +48,7 @@ class Setup:
     prepared: Prepared
     state: object
     start_step: int
+    objective: losses.Objective
     train_fn: object
     eval_fn: object
     n_params: int
@@ -67,12 +68,17 @@ def check_batch(cfg: Config, mesh) -> None:
 
 
 def batches_module(cfg: Config):
-    """Documents and dialogues differ in packing, not in the batches they yield (same keys, same shapes)."""
-    return sft if cfg.data.format == "dialogue" else pipeline
+    """Documents and dialogues differ in packing, not in the batches they yield (same keys, same shapes);
+    preference pairs yield (pairs, 2, T) batches for the reward objective."""
+    return {"text": pipeline, "dialogue": sft, "preference": preference}[cfg.data.format]
+
+
+def objective(cfg: Config) -> losses.Objective:
+    return reward.objective(cfg.reward) if cfg.model.head == "reward" else losses.NEXT_TOKEN
 
 
 def with_init_from(cfg: Config) -> Config:
-    """Fine-tuning an export: its model and tokenizer are the ones to train."""
+    """Fine-tuning an export: its model (with this config's head) and tokenizer are the ones to train."""
     if not cfg.checkpoint.init_from:
         return cfg
     export = Path(cfg.checkpoint.init_from)
@@ -80,20 +86,23 @@ def with_init_from(cfg: Config) -> Config:
         raise ConfigError(f"checkpoint.init_from={export}: not an export directory (no config.json); "
                           "make one with `llm-jax export`")
     saved = from_dict(json.loads((export / "config.json").read_text()))
-    return dataclasses.replace(cfg, model=saved.model,
+    head = {f: getattr(cfg.model, f) for f in checkpoint.HEAD_FIELDS}
+    return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, **head),
                                data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.model")))
 
 
 def load_data(cfg: Config, run_dir: Path):
     """A `llm-jax prepare` directory if the config names one, else tokenize once into RUN_DIR/data."""
-    if cfg.data.format == "dialogue":
+    if cfg.data.format in ("dialogue", "preference"):
         if not cfg.data.tokenizer:
-            raise ConfigError("SFT (data.format=dialogue) needs the pretrained model's tokenizer: set "
-                              "checkpoint.init_from=EXPORT or data.tokenizer=PATH")
+            raise ConfigError(f"data.format={cfg.data.format} needs the pretrained model's tokenizer (with its chat "
+                              "tokens): set checkpoint.init_from=EXPORT or data.tokenizer=PATH")
+        make, kind = ((sft.prepare_sft, sft.PreparedSFT) if cfg.data.format == "dialogue" else
+                      (preference.prepare_preference, preference.PreparedPreference))
         if is_main():
-            sft.prepare_sft(cfg, run_dir / "data", cfg.data.tokenizer)
+            make(cfg, run_dir / "data", cfg.data.tokenizer)
         _barrier("prepared")
-        prepared = sft.PreparedSFT.load(run_dir / "data")
+        prepared = kind.load(run_dir / "data")
     elif cfg.data.prepared:
         prepared = Prepared.load(Path(cfg.data.prepared))
     else:
@@ -150,10 +159,11 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     state, start_step = _initial_state(cfg, run_dir, resume, state, prepared)
+    task = objective(cfg)
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh,
-                                   shardings)
-    eval_fn = step.jit_eval_step(model, mesh, shardings.params)
-    return Setup(cfg, run_dir, mesh, prepared, state, start_step, train_fn, eval_fn,
+                                   shardings, task)
+    eval_fn = step.jit_eval_step(model, mesh, shardings.params, task)
+    return Setup(cfg, run_dir, mesh, prepared, state, start_step, task, train_fn, eval_fn,
                  metrics.param_count(state.params))
 
 
@@ -165,28 +175,40 @@ def _initial_state(cfg: Config, run_dir: Path, resume: bool, state, prepared: Pr
                               f"{run_dir / 'corrupt_checkpoints'}); pass --fresh to start over")
         return restored
     if cfg.checkpoint.init_from:
-        return state.replace(params=checkpoint.load_params(Path(cfg.checkpoint.init_from), cfg, state.params)), 0
+        params, fresh = checkpoint.load_params(Path(cfg.checkpoint.init_from), cfg, state.params)
+        if fresh and is_main():
+            print(f"init_from {cfg.checkpoint.init_from}: {', '.join(fresh)} initialised fresh (not in the export)")
+        return state.replace(params=params), 0
     return state, 0
 
 
 def evaluate(setup: Setup, params, max_batches: int) -> tuple[dict, int]:
-    """Summed nats/tokens/bytes over the held-out split; also returns how many windows were scored."""
+    """The objective's sums over the held-out split (e.g. nats/tokens/bytes); also how many batches were scored."""
     cfg = setup.cfg
     batches = batches_module(cfg).eval_batches(setup.prepared, cfg.data.seq_len, cfg.train.batch_size,
                                                jax.process_index(), jax.process_count(), max_batches)
-    batch_sharding = sharding.logical_sharding(setup.mesh, "batch", "length")
+    shardings = step.batch_shardings(setup.mesh, setup.objective, microbatched=False)
     totals = None
     for local in batches:
-        sums = setup.eval_fn(params, sharding.global_batch(local, batch_sharding))
+        sums = setup.eval_fn(params, sharding.global_batch(local, shardings))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     return totals, len(batches)
 
 
-def eval_scalars(sums: dict) -> dict[str, float]:
-    rates = losses.compression(sums)
-    return {"eval/bits_per_token": float(rates["bits_per_token"]),
-            "eval/bits_per_byte": float(rates["bits_per_byte"])}
+@dataclass
+class Evaluation:
+    step: int
+    sums: dict
+    n_batches: int
+    scores: dict[str, float]  # the objective's eval/ scalars
+
+
+def evaluate_and_log(setup: Setup, params, writer: metrics.Writer, step_done: int) -> Evaluation:
+    sums, n_batches = evaluate(setup, params, setup.cfg.train.eval_batches)
+    scores = {k: float(v) for k, v in setup.objective.scalars(sums, "eval").items()}
+    writer.scalars(step_done, scores)
+    return Evaluation(step_done, sums, n_batches, scores)
 
 
 def _describe(setup: Setup) -> str:
@@ -200,6 +222,9 @@ def _describe(setup: Setup) -> str:
 
 
 def _data_summary(prepared) -> str:
+    if isinstance(prepared, preference.PreparedPreference):
+        train, held = prepared.meta["splits"]["train"], prepared.meta["splits"]["eval"]
+        return f"{train['pairs']:,} train / {held['pairs']:,} eval preference pairs"
     if isinstance(prepared, sft.PreparedSFT):
         train, held = prepared.meta["splits"]["train"], prepared.meta["splits"]["eval"]
         return (f"{train['rows']:,} train / {held['rows']:,} eval rows of packed dialogues "
@@ -229,8 +254,8 @@ def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict
     mngr = checkpoint.manager(run_dir, cfg.checkpoint)
     try:
         with PreemptionWatch() as watch:
-            state = _train_steps(setup, writer, mngr, watch)
-        results = _final_eval(setup, state, writer)
+            state, last_eval = _train_steps(setup, writer, mngr, watch)
+        results = _final_eval(setup, state, writer, last_eval)
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -250,46 +275,47 @@ def _train_steps(setup: Setup, writer: metrics.Writer, mngr, watch: PreemptionWa
         if is_main():
             print(f"resumed from checkpoint step {setup.start_step} (data position: {how})", flush=True)
     meta = checkpoint.meta(cfg, setup.prepared.tokenizer_path)
-    batch_sharding = sharding.logical_sharding(setup.mesh, "microbatch", "batch", "length")
+    batch_shardings = step.batch_shardings(setup.mesh, setup.objective, microbatched=True)
     perf = metrics.PerfMeter(cfg, jax.device_count())
     bar = tqdm(total=cfg.train.steps, initial=setup.start_step, disable=not is_main(), unit="step",
                dynamic_ncols=True)
-    pending = None
+    pending, last_eval = None, None
+    log = lambda: _log_train(pending, perf, writer, bar, cfg, setup.objective.progress)
     try:
         for i in range(setup.start_step, cfg.train.steps):
-            state, step_metrics = setup.train_fn(state, sharding.global_batch(next(batches), batch_sharding))
+            state, step_metrics = setup.train_fn(state, sharding.global_batch(next(batches), batch_shardings))
             if pending is not None:
-                _log_train(pending, perf, writer, bar, cfg)
+                log()
             pending, done = (i + 1, step_metrics), i + 1
             preempted = watch.requested()
             every = cfg.checkpoint.every
             save_now = (every and done % every == 0) or done == cfg.train.steps or preempted
-            eval_now = done % cfg.train.eval_every == 0 and done < cfg.train.steps
+            eval_now = done % cfg.train.eval_every == 0 or done == cfg.train.steps
             if save_now or eval_now:  # see this step's metrics (and stop on a non-finite one) first
-                _log_train(pending, perf, writer, bar, cfg)
+                log()
                 pending = None
+            if eval_now:  # before the save, so that the checkpoint carries its eval scores
+                last_eval = evaluate_and_log(setup, state.params, writer, done)
+                perf.t0 = None  # evaluation time is not step time
             if save_now:
                 writer.flush()  # points up to this step reach disk before the checkpoint can commit
                 t0 = time.perf_counter()
-                checkpoint.save(mngr, state, batches, meta)
+                scores = last_eval.scores if eval_now else {}
+                checkpoint.save(mngr, state, batches, {**meta, "eval": scores} if scores else meta)
                 writer.scalars(done, {"perf/checkpoint_save_s": time.perf_counter() - t0})
                 perf.t0 = None  # a save is not step time
             if preempted:
                 mngr.wait_until_finished()
                 raise Preempted(done, watch.signal_name or "a signal on another process")
-            if eval_now:
-                sums, _ = evaluate(setup, state.params, cfg.train.eval_batches)
-                writer.scalars(done, eval_scalars(sums))
-                perf.t0 = None  # evaluation time is not step time
         if pending is not None:
-            _log_train(pending, perf, writer, bar, cfg)
+            log()
     finally:
         bar.close()
         batches.close()  # grain worker processes and their shared memory
-    return state
+    return state, last_eval
 
 
-def _log_train(pending, perf: metrics.PerfMeter, writer, bar, cfg: Config) -> None:
+def _log_train(pending, perf: metrics.PerfMeter, writer, bar, cfg: Config, progress: tuple[str, str]) -> None:
     step_done, step_metrics = pending
     fetched = jax.device_get(step_metrics)
     if not fetched.pop("train/finite") and cfg.train.nonfinite == "stop":
@@ -300,17 +326,19 @@ def _log_train(pending, perf: metrics.PerfMeter, writer, bar, cfg: Config) -> No
         values.update(perf.update(step_done))
     writer.scalars(step_done, values)
     bar.update(1)
-    bar.set_postfix(bpb=f"{values['train/bits_per_byte']:.3f}",
-                    tok_s=f"{perf.last.get('perf/tokens_per_sec', float('nan')):,.0f}", refresh=False)
+    label, key = progress
+    bar.set_postfix({label: f"{values[key]:.3f}",
+                     "tok_s": f"{perf.last.get('perf/tokens_per_sec', float('nan')):,.0f}"}, refresh=False)
 
 
-def _final_eval(setup: Setup, state, writer: metrics.Writer) -> dict:
+def _final_eval(setup: Setup, state, writer: metrics.Writer, last_eval: Evaluation | None) -> dict:
+    """The results of the run: the evaluation at its last step (made now if the loop did not reach it)."""
     cfg = setup.cfg
-    sums, n_batches = evaluate(setup, state.params, cfg.train.eval_batches)
-    scores = eval_scalars(sums)
-    writer.scalars(cfg.train.steps, scores)
-    results = {**scores, "eval/tokens": sums["tokens"], "eval/bytes": sums["bytes"],
-               "params": setup.n_params, "steps": cfg.train.steps,
+    if last_eval is None or last_eval.step != cfg.train.steps:  # resumed after the last step
+        last_eval = evaluate_and_log(setup, state.params, writer, cfg.train.steps)
+    sums, n_batches, scores = last_eval.sums, last_eval.n_batches, last_eval.scores
+    counts = {f"eval/{k}": sums[k] for k in ("tokens", "bytes", "pairs") if k in sums}
+    results = {**scores, **counts, "params": setup.n_params, "steps": cfg.train.steps,
                "skipped_steps": int(jax.device_get(state.skipped))}
     if is_main() and cfg.data.format == "text":  # compressors see whole texts; SFT scores answers only
         # The last batch may be padded: count only windows that exist.
@@ -325,4 +353,8 @@ def _final_eval(setup: Setup, state, writer: metrics.Writer) -> dict:
         results["baselines_bits_per_byte"] = baselines
         print(f"\nheld-out split: {len(held_out):,} bytes, {int(sums['tokens']):,} tokens")
         print(compression.format_comparison(scores["eval/bits_per_byte"], baselines), flush=True)
+    if is_main() and cfg.model.head == "reward":
+        print(f"\nheld-out pairs: {int(sums['pairs']):,}, accuracy {scores['eval/accuracy']:.1%}, "
+              f"{scores['eval/loss_bits_per_pair']:.3f} bits/pair, rewards {scores['eval/reward_mean']:+.3f} "
+              f"± {scores['eval/reward_std']:.3f} (stored with the checkpoint for `llm-jax score`)", flush=True)
     return results

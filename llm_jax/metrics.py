@@ -11,6 +11,7 @@ N counts the matmul parameters, from the config rather than the parameter tree:
                   + H·hd·d          output projection
                   + m·d·ff)         MLP: m = 3 for SwiGLU (gate, up, down), 2 for GELU (up, down)
         + V·d                       unembedding, counted once even when tied to the input embedding
+                                    (0 for a reward model: its head reads one token per sequence)
 
 with d = d_model, H = n_heads, KV = n_kv_heads, hd = resolved_head_dim, ff = d_ff, V = vocab_size,
 T = seq_len. 6·N is 2 FLOPs per multiply-add for the forward pass and twice that for the backward
@@ -134,7 +135,8 @@ def matmul_params(model: ModelConfig) -> int:
     d, hd = model.d_model, model.resolved_head_dim
     attention = d * model.n_heads * hd + 2 * d * model.n_kv_heads * hd + model.n_heads * hd * d
     mlp = (3 if model.mlp == "swiglu" else 2) * d * model.d_ff
-    return model.n_layers * (attention + mlp) + model.vocab_size * d
+    head = model.vocab_size * d if model.head == "lm" else 0
+    return model.n_layers * (attention + mlp) + head
 
 
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
@@ -195,7 +197,8 @@ class PerfMeter:
     """Step time, tokens/s and MFU over windows of steps, skipping the window holding compilation."""
 
     def __init__(self, cfg: Config, n_devices: int):
-        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        sequences = cfg.train.batch_size * (2 if cfg.data.format == "preference" else 1)  # a pair is two
+        self.tokens_per_step = sequences * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = device_peak_tflops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
         self.n_devices = n_devices

@@ -127,6 +127,6 @@ def jit_on_mesh(fn, mesh: jax.sharding.Mesh, **jit_kwargs):
     return call
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assembles each process's rows into global arrays laid out by `sharding` (multi-host safe)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global arrays laid out by `shardings[key]` (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}

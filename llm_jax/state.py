@@ -35,6 +35,13 @@ def _boxed_init(model: nn.Module, optimizer: optax.GradientTransformation, seq_l
     return init
 
 
+def abstract_params(model, mesh, seq_len: int = 8):
+    """Shapes, dtypes and shardings (by the logical rules on `mesh`) of the model's params, allocating nothing."""
+    boxed = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs(1, seq_len))["params"], jax.random.key(0))
+    shardings = sharding.tree_shardings(nn.get_partition_spec(boxed), mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+
 def logical_specs(model, optimizer, seq_len: int):
     """Logical PartitionSpecs and abstract shapes of the (unboxed) train state, without allocating it."""
     abstract = jax.eval_shape(_boxed_init(model, optimizer, seq_len), jax.random.key(0))

@@ -11,6 +11,7 @@ import pytest
 
 from llm_jax import optim, sharding, step
 from llm_jax.config import MeshConfig, OptimConfig, llama
+from llm_jax.losses import NEXT_TOKEN
 from llm_jax.model import Transformer
 from llm_jax.sharding import MeshError, make_mesh, mesh_shape
 from llm_jax.state import create_state
@@ -47,11 +48,11 @@ def run(mesh_cfg, devices=None, microbatches=1, steps=STEPS):
     ocfg = OptimConfig(learning_rate=1e-2, warmup_steps=1)
     optimizer = optim.make_optimizer(ocfg, steps)
     state, shardings = create_state(model, optimizer, mesh, SEQ, jax.random.key(0))
-    train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings)
-    batch_sharding = sharding.logical_sharding(mesh, "microbatch", "batch", "length")
+    train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, NEXT_TOKEN)
+    batch_shardings = step.batch_shardings(mesh, NEXT_TOKEN, microbatched=True)
     history = []
     for batch in packed_batches(steps, microbatches):
-        state, metrics = train_fn(state, sharding.global_batch(batch, batch_sharding))
+        state, metrics = train_fn(state, sharding.global_batch(batch, batch_shardings))
         history.append({k: float(v) for k, v in metrics.items()})
     return history, state
 

@@ -88,23 +88,23 @@ def eval_batches(prepared: Prepared, seq_len: int, global_batch: int, process_in
                  max_batches: int = 0) -> list[dict[str, np.ndarray]]:
     """The eval windows in order, as this process's (local_batch, seq_len) arrays; max_batches=0: all."""
     source = _windows(prepared, prepared.eval_tokens(), seq_len, "eval")
-    return ordered_batches(source, seq_len, global_batch, process_index, process_count, max_batches,
-                           prepared.tokenizer.pad_id)
+    return ordered_batches(source, global_batch, process_index, process_count, max_batches,
+                           padding_row(seq_len, prepared.tokenizer.pad_id))
 
 
-def ordered_batches(source, seq_len: int, global_batch: int, process_index: int, process_count: int,
-                    max_batches: int, pad_id: int) -> list[dict[str, np.ndarray]]:
-    """Rows of `source` in order, split across processes like training, the last batch padded."""
+def ordered_batches(source, global_batch: int, process_index: int, process_count: int, max_batches: int,
+                    padding: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Rows of `source` in order, split across processes like training, the last batch filled with `padding`
+    (a row with the same keys and shapes that counts for nothing: zero weights)."""
     local_batch = _local_batch(global_batch, process_count)
     n_batches = -(-len(source) // global_batch)
     if max_batches:
         n_batches = min(n_batches, max_batches)
-    padding = _padding(seq_len, pad_id)
     batches = []
     for b in range(n_batches):
         indices = [b * global_batch + process_index + process_count * j for j in range(local_batch)]
         rows = [source[i] if i < len(source) else padding for i in indices]
-        batches.append({k: np.stack([row[k] for row in rows]) for k in KEYS})
+        batches.append({k: np.stack([row[k] for row in rows]) for k in padding})
     return batches
 
 
@@ -130,7 +130,8 @@ def _windows(prepared: Prepared, tokens: TokenArray, seq_len: int, split: str) -
     return windows
 
 
-def _padding(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def padding_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The row that fills a last, partial eval batch of next-token windows."""
     zeros_T = np.zeros(seq_len, np.int32)
     return {"inputs": zeros_T + pad_id, "targets": zeros_T + pad_id, "segment_ids": zeros_T,
             "positions": zeros_T, "weights": np.zeros(seq_len, np.float32), "target_bytes": zeros_T}

@@ -32,7 +32,7 @@ from llm_jax.config import Config, data_dir
 from llm_jax.data.chat_template import render
 from llm_jax.data.corpus import DataError
 from llm_jax.data.dialogue import DialogueStats, Message, iter_dialogues
-from llm_jax.data.pipeline import batch_iterator, ordered_batches
+from llm_jax.data.pipeline import batch_iterator, ordered_batches, padding_row
 from llm_jax.data.prepare import PreparedDir, publish
 from llm_jax.data.tokenizer import Tokenizer
 
@@ -149,7 +149,7 @@ class PreparedSFT(PreparedDir):
 def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedSFT:
     """Renders and packs cfg's dialogues into out_dir, or reuses what an identical config left there."""
     out_dir = Path(out_dir)
-    tokenizer = _checked_tokenizer(cfg, tokenizer)
+    tokenizer = chat_tokenizer(cfg, tokenizer)
     d = cfg.data
     fields = {"format": FORMAT, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
               "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
@@ -171,16 +171,16 @@ def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | P
     return PreparedSFT.load(out_dir)
 
 
-def _checked_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:
+def chat_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:
+    """The tokenizer (loaded if given as a path), checked to hold the chat tokens and to fit the model."""
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.load(Path(tokenizer).expanduser())
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"the SFT tokenizer has {tokenizer.vocab_size} pieces, more than "
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than "
                         f"model.vocab_size={cfg.model.vocab_size}")
     special = tokenizer.special_ids
-    unk = tokenizer._sp.unk_id()  # noqa: SLF001 (Tokenizer has no unk_id property)
-    if unk in special.values() or len(set(special.values())) != len(special):
-        raise DataError(f"the SFT tokenizer lacks the chat tokens {', '.join(special)}; use a tokenizer trained "
+    if tokenizer.unk_id in special.values() or len(set(special.values())) != len(special):
+        raise DataError(f"the tokenizer lacks the chat tokens {', '.join(special)}; use a tokenizer trained "
                         "by llm_jax (they are reserved at pretraining)")
     return tokenizer
 
@@ -237,5 +237,5 @@ def train_iterator(prepared: PreparedSFT, seq_len: int, global_batch: int, micro
 def eval_batches(prepared: PreparedSFT, seq_len: int, global_batch: int, process_index: int, process_count: int,
                  max_batches: int = 0) -> list[dict[str, np.ndarray]]:
     """The eval rows in order, as this process's (local_batch, seq_len) arrays; max_batches=0: all."""
-    return ordered_batches(prepared.rows("eval", seq_len), seq_len, global_batch, process_index, process_count,
-                           max_batches, prepared.tokenizer.pad_id)
+    return ordered_batches(prepared.rows("eval", seq_len), global_batch, process_index, process_count,
+                           max_batches, padding_row(seq_len, prepared.tokenizer.pad_id))

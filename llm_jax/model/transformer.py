@@ -42,7 +42,8 @@ def block_stack(cfg: ModelConfig, decode: bool):
 
 
 class Transformer(nn.Module):
-    """tokens, positions, segment ids (B, T) -> next-token logits (B, T, V) in float32.
+    """tokens, positions, segment ids (B, T) -> next-token logits (B, T, V) in float32; with
+    cfg.head == "reward", one reward per sequence (B,) in float32 instead (see reward_head).
 
     With decode=True the attention layers keep a KV cache (see attention.py); the parameters are the same.
     """
@@ -65,9 +66,26 @@ class Transformer(nn.Module):
         for layer in block_stack(cfg, self.decode):
             x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT)
         x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
+        if cfg.head == "reward":
+            return reward_head(cfg, x_BxTxD, segment_ids_BxT)
         if cfg.tie_embeddings:
             logits_BxTxV = embed.attend(x_BxTxD)
         else:
             logits_BxTxV = Dense(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxTxD)
         logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "act_vocab"))
         return logits_BxTxV.astype(jnp.float32)
+
+
+def last_real_index(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Index of each row's last real (segment id > 0) token, wherever the padding is; T-1 for all-padding."""
+    T = segment_ids_BxT.shape[1]
+    return T - 1 - jnp.argmax(segment_ids_BxT[:, ::-1] > 0, axis=1)
+
+
+def reward_head(cfg: ModelConfig, x_BxTxD: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
+    """The scalar reward of each sequence, read from the hidden state of its last real token (the <|end|> that
+    closes the answer): with causal attention it is the only position that has seen the whole answer."""
+    last_B = last_real_index(segment_ids_BxT)
+    h_BxD = jnp.take_along_axis(x_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+    reward_B = Dense(cfg, (), ("embed",), std=cfg.reward_init_std, name="reward_head")(h_BxD)
+    return reward_B.astype(jnp.float32)
