@@ -161,7 +161,7 @@ def test_prepare_is_reused_and_skips_are_counted(tmp_path, tok, capsys):
     assert "reusing" in capsys.readouterr().out and again.meta == first.meta
     with pytest.raises(Exception, match="seq_len"):
         prepare_sft(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=16)), tmp_path / "p", tok)
-    with pytest.raises(Exception, match="packed for data.seq_len=80"):
+    with pytest.raises(Exception, match="prepared for data.seq_len=80"):
         first.rows("train", 16)
 
 

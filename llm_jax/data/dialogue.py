@@ -135,13 +135,18 @@ def chat_jsonl(path: Path) -> Iterator[list[Message]]:
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list):
             raise DataError(f"{where}: expected an object with a 'messages' list")
-        dialogue = []
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                role = m.get("role") if isinstance(m, dict) else m
-                raise DataError(f"{where}: message role {role!r} is not one of {', '.join(ROLES)}")
-            dialogue.append(_msg(m["role"], m.get("content"), where))
-        yield dialogue
+        yield parse_messages(messages, where)
+
+
+def parse_messages(messages: list, where: str) -> list[Message]:
+    """[{"role", "content"}, ...] as Messages; DataError naming `where` for a bad role or content."""
+    dialogue = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise DataError(f"{where}: message role {role!r} is not one of {', '.join(ROLES)}")
+        dialogue.append(_msg(m["role"], m.get("content"), where))
+    return dialogue
 
 
 def hh_transcript(text: str) -> list[Message]:

@@ -43,10 +43,10 @@ import numpy as np
 from llm_jax.config import Config, data_dir
 from llm_jax.data.chat_template import render_prompt
 from llm_jax.data.corpus import DataError, glob_source
-from llm_jax.data.dialogue import ROLES, Message, _msg, _records, dialogue_problem, hh_transcript
+from llm_jax.data.dialogue import Message, _msg, _records, dialogue_problem, hh_transcript, parse_messages
 from llm_jax.data.pipeline import batch_iterator, ordered_batches
-from llm_jax.data.prepare import PreparedDir, publish
-from llm_jax.data.sft import chat_tokenizer
+from llm_jax.data.prepare import PreparedDir
+from llm_jax.data.sft import publish_chat_data
 from llm_jax.data.tokenizer import Tokenizer
 
 FORMAT = 1  # bump when the layout, the split or the truncation changes: old directories then stop matching
@@ -87,13 +87,7 @@ def prompt_messages(value, where: str) -> tuple[Message, ...]:
         return (Message("user", value.strip()),)
     if not isinstance(value, list):
         raise DataError(f"{where}: the prompt is {type(value).__name__}, not a text or a list of messages")
-    messages = []
-    for m in value:
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else m
-            raise DataError(f"{where}: prompt message role {role!r} is not one of {', '.join(ROLES)}")
-        messages.append(_msg(m["role"], m.get("content"), where))
-    return tuple(messages)
+    return tuple(parse_messages(value, where))
 
 
 def parse_pair(record, where: str) -> Pair | str:
@@ -287,33 +281,17 @@ class PreparedPreference(PreparedDir):
     """Rendered preference pairs (train and eval splits)."""
 
     def rows(self, split: str, seq_len: int) -> PairRows:
-        if seq_len != self.meta["seq_len"]:
-            raise DataError(f"{self.path} was prepared for data.seq_len={self.meta['seq_len']}, not {seq_len}; "
-                            "prepare it again for this seq_len")
-        rows = PairRows({k: self.path / f"{split}-{k}.npy" for k in ARRAYS})
-        if not len(rows):
-            raise DataError(f"the {split} split of {self.path} has no pairs; use more data or change "
-                            "data.eval_fraction")
-        return rows
+        self.check_seq_len(seq_len)
+        return self.nonempty(PairRows({k: self.path / f"{split}-{k}.npy" for k in ARRAYS}), split)
 
 
 def prepare_preference(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedPreference:
     """Renders cfg's preference pairs into out_dir, or reuses what an identical config left there."""
     out_dir = Path(out_dir)
-    tokenizer = chat_tokenizer(cfg, tokenizer)
-    d = cfg.data
-    fields = {"format": FORMAT, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
-              "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
-
-    def build(tmp: Path) -> dict:
-        (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
-        return {"format": FORMAT, **_prepare_into(cfg, tmp, tokenizer)}
-
-    meta = publish(out_dir, fields, build)
+    meta = publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, "preference")
     if meta is None:
-        print(f"reusing prepared preference data in {out_dir} (same data config)")
         return PreparedPreference.load(out_dir)
-    s = meta["splits"]
+    s, d = meta["splits"], cfg.data
     print(f"prepared preference {out_dir}: {meta['records']} records, {meta['pairs']} pairs "
           f"(skipped: {meta['skipped']}; {s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} "
           f"dropped by truncation), {s['train']['pairs']} train + {s['eval']['pairs']} eval pairs of 2 x "

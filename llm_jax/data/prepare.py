@@ -105,6 +105,18 @@ class PreparedDir:
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.model"
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Data rendered into fixed rows (SFT, preference pairs) fits only the seq_len it was made for."""
+        if seq_len != self.meta["seq_len"]:
+            raise DataError(f"{self.path} was prepared for data.seq_len={self.meta['seq_len']}, not {seq_len}; "
+                            "prepare it again for this seq_len")
+
+    def nonempty(self, rows, split: str):
+        if not len(rows):
+            raise DataError(f"the {split} split of {self.path} is empty; use more data or change "
+                            "data.eval_fraction")
+        return rows
+
 
 class Prepared(PreparedDir):
     """Pretraining token shards (train and eval splits)."""

@@ -23,7 +23,7 @@ same (non-padding) segment as its input, so the first token of the next example 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import grain
 import numpy as np
@@ -136,39 +136,44 @@ class PreparedSFT(PreparedDir):
     """Packed dialogue rows (train and eval splits)."""
 
     def rows(self, split: str, seq_len: int) -> PackedRows:
-        if seq_len != self.meta["seq_len"]:
-            raise DataError(f"{self.path} was packed for data.seq_len={self.meta['seq_len']}, not {seq_len}; "
-                            "prepare it again for this seq_len")
+        self.check_seq_len(seq_len)
         rows = PackedRows({k: self.path / f"{split}-{k}.npy" for k in ARRAYS}, self.tokenizer.byte_lengths())
-        if not len(rows):
-            raise DataError(f"the {split} split of {self.path} has no rows; use more data or change "
-                            "data.eval_fraction")
-        return rows
+        return self.nonempty(rows, split)
 
 
 def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedSFT:
     """Renders and packs cfg's dialogues into out_dir, or reuses what an identical config left there."""
     out_dir = Path(out_dir)
-    tokenizer = chat_tokenizer(cfg, tokenizer)
-    d = cfg.data
-    fields = {"format": FORMAT, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
-              "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
-
-    def build(tmp: Path) -> dict:
-        (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
-        return {"format": FORMAT, **_prepare_into(cfg, tmp, tokenizer)}
-
-    meta = publish(out_dir, fields, build)
+    meta = publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, "SFT")
     if meta is None:
-        print(f"reusing prepared SFT data in {out_dir} (same data config)")
         return PreparedSFT.load(out_dir)
-    s = meta["splits"]
+    s, d = meta["splits"], cfg.data
     print(f"prepared SFT {out_dir}: {meta['dialogues']} dialogues ({sum(meta['skipped'].values())} skipped, "
           f"{s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} dropped by truncation), "
           f"{s['train']['rows']} train + {s['eval']['rows']} eval rows of {d.seq_len + 1}, "
           f"{s['train']['assistant_tokens']} train assistant tokens, "
           f"packing {s['train']['packing_efficiency']:.1%}")
     return PreparedSFT.load(out_dir)
+
+
+def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | Path, fmt: int,
+                      prepare_into: Callable[[Config, Path, Tokenizer], dict], what: str) -> dict | None:
+    """Data rendered through the chat template (SFT, preference pairs) into out_dir with its tokenizer, by
+    `prepare_into(cfg, tmp, tokenizer) -> meta`; returns the meta, or None when out_dir already holds the
+    same data config's."""
+    tokenizer = chat_tokenizer(cfg, tokenizer)
+    d = cfg.data
+    fields = {"format": fmt, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
+              "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
+
+    def build(tmp: Path) -> dict:
+        (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
+        return {"format": fmt, **prepare_into(cfg, tmp, tokenizer)}
+
+    meta = publish(out_dir, fields, build)
+    if meta is None:
+        print(f"reusing prepared {what} data in {out_dir} (same data config)")
+    return meta
 
 
 def chat_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:
