@@ -31,11 +31,15 @@ def _resolve(args):
 
 
 def _cmd_train(args) -> int:
+    from llm_jax.distributed import initialize
     from llm_jax.loop import train
     cfg = _resolve(args)
+    initialize(args.coordinator, args.num_processes, args.process_id)
     run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     train(cfg, run_dir, fresh=args.fresh)
-    print(f"run directory: {run_dir}   (tensorboard --logdir {run_dir})")
+    import jax
+    if jax.process_index() == 0:
+        print(f"run directory: {run_dir}   (tensorboard --logdir {run_dir})")
     return 0
 
 
@@ -125,6 +129,11 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="where TensorBoard logs, checkpoints, config and results go "
                                          "(default: runs/<name>-<time>); an existing run there is resumed")
     train.add_argument("--fresh", action="store_true", help="delete the run in --run-dir and start over")
+    group = train.add_argument_group("multi-process", "one job over several processes (launch/local-multiprocess "
+                                     "passes these; SLURM and TPU pods are detected, see llm_jax/distributed.py)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    group.add_argument("--num-processes", type=int, help="processes in the job")
+    group.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")
     train.set_defaults(fn=_cmd_train)
     prep = sub.add_parser("prepare", help="tokenize an experiment's corpus once into binary shards")
     _experiment_args(prep)

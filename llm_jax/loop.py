@@ -217,7 +217,8 @@ def _describe(setup: Setup) -> str:
     start = f", resuming from step {setup.start_step}" if setup.start_step else ""
     return (f"{cfg.name}: {setup.n_params / 1e6:.2f}M params, {jax.device_count()} × "
             f"{jax.devices()[0].device_kind} ({jax.process_count()} process), mesh {shape}, "
-            f"{cfg.train.batch_size}×{cfg.data.seq_len} tokens/step, "
+            f"{cfg.train.batch_size}{' pairs × 2' if cfg.model.head == 'reward' else ''}×{cfg.data.seq_len} "
+            "tokens/step, "
             f"{_data_summary(setup.prepared)}{start}")
 
 

@@ -13,19 +13,20 @@ import pytest
 from flax import linen as nn
 from test_train import scalars
 
-from llm_jax import optim, sharding
+from llm_jax import optim, sharding, step
 from llm_jax.checkpoint import load_params
 from llm_jax.cli import main
-from llm_jax.config import Config, ConfigError, MeshConfig, apply_overrides, llama, load_experiment, to_json, validate
+from llm_jax.config import (Config, ConfigError, MeshConfig, RewardConfig, apply_overrides, llama, load_experiment,
+                            to_json, validate)
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import Transformer
-from llm_jax.reward import pair_sums, scalars as reward_scalars
+from llm_jax.reward import objective as reward_objective, pair_sums, scalars as reward_scalars
 from llm_jax.state import create_state
 
 
 def reward_model(**overrides):
-    return llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, head="reward",
-                 reward_init_std=0.5, compute_dtype="float32", **overrides)
+    shape = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    return llama(**{**shape, **overrides}, head="reward", reward_init_std=0.5, compute_dtype="float32")
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])
@@ -189,3 +190,36 @@ def test_a_reward_model_needs_preference_data_and_the_reverse():
         validate(apply_overrides(cfg, ["data.format=dialogue"]))
     with pytest.raises(ConfigError, match="model.head=reward"):
         validate(apply_overrides(Config(), ["data.format=preference"]))
+
+
+def rm_train(mesh_cfg, devices=None, microbatches=1, steps=3):
+    """A few reward-model steps on random pairs of ragged lengths (a few padding pairs among them)."""
+    cfg = reward_model(n_heads=8, n_kv_heads=4, head_dim=8)
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+    model, ocfg = Transformer(cfg), dataclasses.replace(Config().optim, learning_rate=1e-2, warmup_steps=1)
+    optimizer = optim.make_optimizer(ocfg, steps)
+    task = reward_objective(RewardConfig(center_coef=0.01))
+    state, shardings = create_state(model, optimizer, mesh, 16, jax.random.key(0))
+    train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, task)
+    rng, history = np.random.default_rng(0), []
+    for _ in range(steps):
+        lengths = rng.integers(3, 17, (8, 2))
+        segment_ids = (np.arange(16)[None, None] < lengths[..., None]).astype(np.int32)
+        batch = {"inputs": rng.integers(8, 64, (8, 2, 16)).astype(np.int32) * segment_ids,
+                 "positions": np.arange(16, dtype=np.int32)[None, None] * segment_ids, "segment_ids": segment_ids,
+                 "margin": rng.random(8).astype(np.float32), "valid": (rng.random(8) < 0.8).astype(np.float32)}
+        batch = {k: v.reshape(microbatches, 8 // microbatches, *v.shape[1:]) for k, v in batch.items()}
+        state, metrics = train_fn(state, sharding.global_batch(batch, step.batch_shardings(mesh, task, True)))
+        history.append({k: float(v) for k, v in metrics.items()})
+    return history
+
+
+def test_reward_training_is_the_same_on_one_device_on_a_mesh_and_with_microbatches():
+    reference = rm_train(MeshConfig(1, 1, 1), jax.devices()[:1])
+    for mesh_cfg, microbatches in ((MeshConfig(2, 2, 2), 1), (MeshConfig(1, 1, 1), 4)):
+        devices = None if mesh_cfg.data == 2 else jax.devices()[:1]
+        history = rm_train(mesh_cfg, devices, microbatches)
+        for key in ("train/loss_bits_per_pair", "train/accuracy", "train/margin", "optim/grad_norm"):
+            np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference], rtol=2e-5,
+                                       atol=1e-6, err_msg=f"{key} {mesh_cfg} x{microbatches}")
+    assert reference[-1]["train/loss_bits_per_pair"] != reference[0]["train/loss_bits_per_pair"]
