@@ -17,6 +17,7 @@ setup(
         "tensorboard>=2.21,<2.22",
         "numpy>=2.0,<3",
         "tqdm>=4.66,<5",
+        "matplotlib>=3.11,<3.12",
     ],
     extras_require={"test": ["pytest>=9,<10"]},
     entry_points={"console_scripts": ["llm-jax=llm_jax.cli:main"]},

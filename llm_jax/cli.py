@@ -110,6 +110,44 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from llm_jax.sweep import run_sweep
+    options = {k: v for k, v in vars(args).items() if k in _LAUNCHER_OPTIONS and v is not None}
+    return run_sweep(args.sweep, args.launcher, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None,
+                     dry_run=args.dry_run, parallel=args.parallel, launcher_options=options,
+                     extra_overrides=args.overrides)
+
+
+def _cmd_report(args) -> int:
+    from llm_jax.report import write_report
+    print(f"report: {write_report(Path(args.sweep_dir))}")
+    return 0
+
+
+# Options of the launchers in llm_jax/launch.py that a sweep passes through (unset ones are left out).
+_LAUNCHER_OPTIONS = ("num_processes", "devices_per_process", "port", "nodes", "gpus_per_node", "tasks",
+                     "cpus_per_task", "time", "partition", "account", "setup", "log_dir", "tpu_name", "zone",
+                     "project", "accelerator_type", "queued", "repo_url_or_dir", "runtime_version")
+
+
+def _sweep_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="sweep file (experiments/sweeps/layers_tiny.py) or its name (layers_tiny)")
+    parser.add_argument("--launcher", default="local", choices=("local", "local-multiprocess", "slurm", "tpu"))
+    parser.add_argument("--sweep-dir", help="where the runs go (default: runs/sweeps/<sweep name>)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run, run and write nothing")
+    parser.add_argument("--parallel", type=int, default=1, help="local launcher: runs at a time")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every point (repeatable)")
+    group = parser.add_argument_group("launcher options", "as for launch/<kind> (see llm_jax/launch.py)")
+    for name, typ in (("num_processes", int), ("devices_per_process", int), ("port", int), ("nodes", int),
+                      ("gpus_per_node", int), ("cpus_per_task", int), ("tasks", str), ("time", str),
+                      ("partition", str), ("account", str), ("setup", str), ("log_dir", str), ("tpu_name", str),
+                      ("zone", str), ("project", str), ("accelerator_type", str), ("runtime_version", str)):
+        group.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+    group.add_argument("--repo", dest="repo_url_or_dir", default=None, help="tpu: git URL or local checkout")
+    group.add_argument("--queued", action="store_true", default=None, help="tpu: request a queued resource")
+
+
 def _generation_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a run directory (its latest checkpoint) or an `llm-jax export` directory")
@@ -165,6 +203,12 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--output", help="write one JSON line of rewards per input line here (default: stdout)")
     score.add_argument("--batch-size", type=int, default=32)
     score.set_defaults(fn=_cmd_score)
+    sweep = sub.add_parser("sweep", help="train an experiment at every point of a sweep file (resumable)")
+    _sweep_args(sweep)
+    sweep.set_defaults(fn=_cmd_sweep)
+    report = sub.add_parser("report", help="Markdown table and plots of a sweep's runs")
+    report.add_argument("sweep_dir", help="the sweep directory (runs/sweeps/<name>)")
+    report.set_defaults(fn=_cmd_report)
     return p
 
 
@@ -176,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late so that a config error is reported without paying for JAX's import.
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.data.corpus import DataError
+    from llm_jax.launch import LaunchError
     from llm_jax.loop import NONFINITE_EXIT, NonFiniteError, RunDirError
     from llm_jax.preemption import PREEMPTED_EXIT, Preempted
     from llm_jax.sharding import MeshError
     try:
         return args.fn(args)
-    except (ConfigError, DataError, MeshError, RunDirError, CheckpointError) as e:
+    except (ConfigError, DataError, MeshError, RunDirError, CheckpointError, LaunchError) as e:
         print(f"llm-jax: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

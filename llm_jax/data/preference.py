@@ -45,7 +45,7 @@ from llm_jax.data.chat_template import render_prompt
 from llm_jax.data.corpus import DataError, glob_source
 from llm_jax.data.dialogue import Message, _msg, _records, dialogue_problem, hh_transcript, parse_messages
 from llm_jax.data.pipeline import batch_iterator, ordered_batches
-from llm_jax.data.prepare import PreparedDir
+from llm_jax.data.prepare import NpyRows, PreparedDir
 from llm_jax.data.sft import publish_chat_data
 from llm_jax.data.tokenizer import Tokenizer
 
@@ -233,39 +233,16 @@ def _render_pair(pair: Pair, tokenizer: Tokenizer, seq_len: int) -> tuple[tuple[
 
 # --- rows ------------------------------------------------------------------------------------------------
 
-class PairRows:
-    """Random-access source of prepared pairs as batch entries: (2, seq_len) ids, row 0 chosen, and scalars.
+class PairRows(NpyRows):
+    """Prepared pairs as batch entries: (2, seq_len) ids, row 0 chosen, row 1 rejected, and scalars."""
 
-    Pickles as file names, so grain worker processes map the files themselves.
-    """
-
-    def __init__(self, paths: dict[str, Path]):
-        self.paths, self._arrays = paths, None
-
-    def _load(self) -> dict[str, np.ndarray]:
-        if self._arrays is None:
-            self._arrays = {k: np.load(p, mmap_mode="r") for k, p in self.paths.items()}
-        return self._arrays
-
-    def __len__(self) -> int:
-        return len(self._load()["margins"])
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"pair {index} out of range for {len(self)} pairs")
-        a = self._load()
+    def row(self, a: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
         tokens = np.asarray(a["tokens"][index], np.int32)
         index_T = np.arange(tokens.shape[-1], dtype=np.int32)
         real = index_T < np.asarray(a["lengths"][index])[:, None]
         return {"inputs": tokens, "positions": np.where(real, index_T, 0).astype(np.int32),
                 "segment_ids": real.astype(np.int32), "margin": np.asarray(a["margins"][index], np.float32),
                 "valid": np.ones((), np.float32)}
-
-    def __getstate__(self):
-        return {**self.__dict__, "_arrays": None}
-
-    def __repr__(self) -> str:
-        return f"PairRows({self.paths['tokens'].parent}, pairs={len(self)})"
 
 
 def padding_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

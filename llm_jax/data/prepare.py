@@ -83,6 +83,39 @@ class TokenArray:
         return np.concatenate(parts) if parts else np.empty(0, self.dtype)
 
 
+class NpyRows:
+    """Random-access rows over .npy arrays of equal length (one per key), memory-mapped on first use.
+
+    Subclasses turn row i of every array into batch entries (`row(arrays, i)`). Pickles as file names, so
+    grain worker processes map the files themselves.
+    """
+
+    def __init__(self, paths: dict[str, Path]):
+        self.paths, self._arrays = paths, None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = {k: np.load(p, mmap_mode="r") for k, p in self.paths.items()}
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays().values())))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        return self.row(self.arrays(), index)
+
+    def row(self, arrays: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({next(iter(self.paths.values())).parent}, rows={len(self)})"
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedDir:
     """A directory of tokenized data: meta.json plus the tokenizer it was made with (pretraining or SFT)."""

@@ -33,7 +33,7 @@ from llm_jax.data.chat_template import render
 from llm_jax.data.corpus import DataError
 from llm_jax.data.dialogue import DialogueStats, Message, iter_dialogues
 from llm_jax.data.pipeline import batch_iterator, ordered_batches, padding_row
-from llm_jax.data.prepare import PreparedDir, publish
+from llm_jax.data.prepare import NpyRows, PreparedDir, publish
 from llm_jax.data.tokenizer import Tokenizer
 
 FORMAT = 1  # bump when the layout, the split or the packing changes: old directories then stop matching
@@ -100,34 +100,15 @@ def row_batch(tokens_W: np.ndarray, segments_W: np.ndarray, mask_W: np.ndarray,
             "target_bytes": byte_lengths_V[targets_T].astype(np.int32)}
 
 
-class PackedRows:
-    """Random-access source of packed SFT rows as batch entries of shape (seq_len,).
-
-    Pickles as file names, so grain worker processes map the files themselves.
-    """
+class PackedRows(NpyRows):
+    """Packed SFT rows as batch entries of shape (seq_len,)."""
 
     def __init__(self, paths: dict[str, Path], byte_lengths_V: np.ndarray):
-        self.paths, self.byte_lengths_V, self._arrays = paths, byte_lengths_V, None
+        super().__init__(paths)
+        self.byte_lengths_V = byte_lengths_V
 
-    def _load(self) -> dict[str, np.ndarray]:
-        if self._arrays is None:
-            self._arrays = {k: np.load(p, mmap_mode="r") for k, p in self.paths.items()}
-        return self._arrays
-
-    def __len__(self) -> int:
-        return len(self._load()["tokens"])
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"row {index} out of range for {len(self)} rows")
-        a = self._load()
+    def row(self, a: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
         return row_batch(a["tokens"][index], a["segments"][index], a["mask"][index], self.byte_lengths_V)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_arrays": None}
-
-    def __repr__(self) -> str:
-        return f"PackedRows({self.paths['tokens'].parent}, rows={len(self)})"
 
 
 # --- preparation -----------------------------------------------------------------------------------------
