@@ -110,6 +110,36 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from llm_jax import bench
+    cfg = _resolve(args)
+    if args.what == "train":
+        result = bench.bench_train(cfg, args.steps, args.warmup, args.real_data, args.profile)
+        print(f"bench train {cfg.name}\n{bench.format_train(result)}")
+        if args.profile:
+            print(f"profile: tensorboard --logdir {args.profile}  (Profile tab)")
+        if args.compare_torch:
+            ref = bench.torch_reference().tokens_per_sec(cfg.model, cfg.optim, cfg.train.batch_size,
+                                                         cfg.data.seq_len, steps=args.steps, warmup=args.warmup)
+            print(f"PyTorch eager reference (benchmarks/torch_reference.py, CPU, {ref['threads']} threads): "
+                  f"{ref['tokens_per_sec']:,.0f} tokens/s, {ref['step_time_s'] * 1e3:.1f} ms/step, "
+                  f"{ref['params']:,} parameters")
+            print(f"llm_jax/torch tokens/s ratio: {result['tokens_per_sec'] / ref['tokens_per_sec']:.2f}")
+    elif args.what == "data":
+        r = bench.bench_data(cfg, args.steps)
+        print(f"bench data {cfg.name}: {r['tokens_per_sec']:,.0f} tokens/s ({r['batch_ms']:.2f} ms per global batch "
+              f"of {cfg.train.batch_size}×{cfg.data.seq_len}, {r['batches']} batches)")
+    elif args.what == "generate":
+        for batch, rate in bench.bench_generate(cfg).items():
+            print(f"bench generate {cfg.name}: batch {batch:>2}: {rate:,.0f} tokens/s (KV cache, greedy)")
+    else:
+        r = bench.bench_checkpoint(cfg)
+        print(f"bench checkpoint {cfg.name}: {r['bytes'] / 2**20:.1f} MiB state; a save holds the step up "
+              f"{r['held_s'] * 1e3:.0f} ms ({'async' if r['async'] else 'sync'}), the whole write takes "
+              f"{r['whole_s'] * 1e3:.0f} ms")
+    return 0
+
+
 def _cmd_sweep(args) -> int:
     from llm_jax.sweep import run_sweep
     options = {k: v for k, v in vars(args).items() if k in _LAUNCHER_OPTIONS and v is not None}
@@ -203,6 +233,16 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--output", help="write one JSON line of rewards per input line here (default: stdout)")
     score.add_argument("--batch-size", type=int, default=32)
     score.set_defaults(fn=_cmd_score)
+    bench = sub.add_parser("bench", help="time the train step, the data pipeline, decoding or checkpointing")
+    bench.add_argument("what", choices=("train", "data", "generate", "checkpoint"))
+    _experiment_args(bench)
+    bench.add_argument("--steps", type=int, default=20, help="timed steps (data: batches)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps after the compiling one")
+    bench.add_argument("--real-data", action="store_true", help="train: batches from the pipeline, not synthetic")
+    bench.add_argument("--profile", metavar="DIR", help="train: write a jax.profiler trace of the timed steps")
+    bench.add_argument("--compare-torch", action="store_true",
+                       help="train: also time the PyTorch eager reference of the same model (pip install -e '.[torch]')")
+    bench.set_defaults(fn=_cmd_bench)
     sweep = sub.add_parser("sweep", help="train an experiment at every point of a sweep file (resumable)")
     _sweep_args(sweep)
     sweep.set_defaults(fn=_cmd_sweep)

@@ -1,0 +1,51 @@
+"""`llm-jax bench`: the printed figures are parsed and must be consistent with each other."""
+import re
+
+from test_train import make_corpus
+
+from llm_jax.cli import main
+
+TINY = ["--config", "pretrain_tiny", "--set", "model.vocab_size=320", "--set", "model.d_model=32",
+        "--set", "model.n_layers=2", "--set", "model.d_ff=64", "--set", "data.seq_len=32",
+        "--set", "train.batch_size=8", "--set", "data.max_bytes=0"]
+
+
+def table(text):
+    rows = dict(re.findall(r"^(\S[^\n]*?)\s{2,}(\S[^\n]*)$", text, re.M))
+    number = lambda key: float(re.match(r"[\d,.]+", rows[key]).group().replace(",", ""))
+    return rows, number
+
+
+def test_bench_train_figures_agree_with_each_other(capsys):
+    assert main(["bench", "train", *TINY, "--steps", "4", "--warmup", "1", "--set", "train.peak_tflops=0.005"]) == 0
+    rows, number = table(capsys.readouterr().out)
+    assert number("parameters") > 0 and number("tokens / step") == 8 * 32
+    tokens_per_sec = number("tokens / s")
+    assert tokens_per_sec > 0
+    assert abs(tokens_per_sec - 8 * 32 / (number("step time (median)") / 1e3)) / tokens_per_sec < 0.01
+    # MFU = achieved model FLOP/s over the peak of all devices (5 GFLOP/s each, given)
+    mfu, n_devices = float(rows["MFU"].rstrip("%")) / 100, number("devices")
+    assert mfu > 0 and abs(mfu - number("model TFLOP/s") / (0.005 * n_devices)) / mfu < 0.01
+    assert rows["data"] == "synthetic" and number("compile time") >= 0
+
+
+def test_bench_data_generate_and_checkpoint_report_positive_rates(tmp_path, capsys):
+    corpus = make_corpus(tmp_path)
+    data = ["--set", f"data.sources=text:{corpus}/*.txt"]
+    assert main(["bench", "data", *TINY, *data, "--steps", "5"]) == 0
+    assert float(re.search(r": ([\d,]+) tokens/s", capsys.readouterr().out).group(1).replace(",", "")) > 0
+    assert main(["bench", "generate", *TINY]) == 0
+    rates = re.findall(r"batch\s+(\d+): ([\d,]+) tokens/s", capsys.readouterr().out)
+    assert [b for b, _ in rates] == ["1", "16"] and all(float(r.replace(",", "")) > 0 for _, r in rates)
+    assert main(["bench", "checkpoint", *TINY]) == 0
+    held, whole = map(float, re.search(r"up (\d+) ms .* takes (\d+) ms", capsys.readouterr().out).groups())
+    assert 0 <= held <= whole
+
+
+def test_bench_train_with_real_data_and_a_profile(tmp_path, capsys):
+    corpus = make_corpus(tmp_path)
+    assert main(["bench", "train", *TINY, "--set", f"data.sources=text:{corpus}/*.txt", "--real-data",
+                 "--steps", "3", "--warmup", "1", "--profile", str(tmp_path / "prof")]) == 0
+    rows, number = table(capsys.readouterr().out)
+    assert rows["data"] == "pipeline (--real-data)" and number("tokens / s") > 0
+    assert list((tmp_path / "prof").rglob("*.xplane.pb")), "no profiler trace written"
