@@ -43,6 +43,9 @@ class ModelConfig:
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
     scan_layers: bool = True
+    # >0: the loss computes the output layer and its log-softmax in vocabulary chunks of this size, never
+    # holding (batch, length, vocab) logits in float32 (memory for big vocabularies); 0: plain logits
+    logits_chunk: int = 0
     remat: str = "none"  # none | full | dots | dots_no_batch
     # lm: next-token logits; reward: one scalar per sequence, read at its last real token (a reward model)
     head: str = "lm"
@@ -251,6 +254,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"RoPE needs an even head dimension, got {m.resolved_head_dim}")
     if m.position == "learned" and cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.logits_chunk < 0 or (m.logits_chunk and m.vocab_size % m.logits_chunk):
+        raise ConfigError(f"model.logits_chunk={m.logits_chunk} must be 0 or divide model.vocab_size={m.vocab_size}")
     if t.batch_size % t.microbatches:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by "
                           f"train.microbatches={t.microbatches}")

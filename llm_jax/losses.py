@@ -23,7 +23,10 @@ def token_nats(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
 
 def lm_sums(logits_BxTxV: jax.Array, batch: dict) -> dict[str, jax.Array]:
     """Sums over the batch: nats of weighted targets, their count and their UTF-8 bytes."""
-    nats_BxT = token_nats(logits_BxTxV, batch["targets"])
+    return weighted_sums(token_nats(logits_BxTxV, batch["targets"]), batch)
+
+
+def weighted_sums(nats_BxT: jax.Array, batch: dict) -> dict[str, jax.Array]:
     weights_BxT = batch["weights"].astype(jnp.float32)
     return {
         "nats": jnp.sum(nats_BxT * weights_BxT),
@@ -54,9 +57,46 @@ class Objective:
     progress: tuple[str, str]  # (label, scalar) shown on the progress bar
 
 
+def chunked_token_nats(x_BxTxD: jax.Array, kernel_DxV: jax.Array, bias_V: jax.Array | None,
+                       targets_BxT: jax.Array, chunk: int) -> jax.Array:
+    """token_nats of the logits x @ kernel (+ bias) without materialising them: a scan over vocabulary chunks
+    keeps a running max and sum of exponentials in float32 (the log-sum-exp), and each chunk's logits are
+    recomputed in the backward pass (jax.checkpoint), so the memory is (B, T, chunk), not (B, T, V)."""
+    D, V = kernel_DxV.shape
+    if V % chunk:
+        raise ValueError(f"model.logits_chunk={chunk} does not divide model.vocab_size={V}")
+    kernel_CxDxK = kernel_DxV.astype(x_BxTxD.dtype).reshape(D, V // chunk, chunk).transpose(1, 0, 2)
+    bias_CxK = (jnp.zeros(V, jnp.float32) if bias_V is None else bias_V.astype(jnp.float32)).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def step(carry, chunk_params):
+        max_BxT, sum_BxT = carry
+        k_DxK, b_K = chunk_params
+        logits_BxTxK = jnp.einsum("btd,dk->btk", x_BxTxD, k_DxK, preferred_element_type=jnp.float32) + b_K
+        new_max_BxT = jnp.maximum(max_BxT, logits_BxTxK.max(-1))
+        sum_BxT = sum_BxT * jnp.exp(max_BxT - new_max_BxT) + jnp.exp(logits_BxTxK - new_max_BxT[..., None]).sum(-1)
+        return (new_max_BxT, sum_BxT), None
+
+    shape = targets_BxT.shape
+    (max_BxT, sum_BxT), _ = jax.lax.scan(step, (jnp.full(shape, -jnp.inf), jnp.zeros(shape)), (kernel_CxDxK, bias_CxK))
+    target_cols_BxTxD = jnp.take(kernel_DxV.T, targets_BxT, axis=0).astype(x_BxTxD.dtype)
+    target_logit_BxT = jnp.einsum("btd,btd->bt", x_BxTxD, target_cols_BxTxD, preferred_element_type=jnp.float32)
+    if bias_V is not None:
+        target_logit_BxT = target_logit_BxT + bias_V.astype(jnp.float32)[targets_BxT]
+    return max_BxT + jnp.log(sum_BxT) - target_logit_BxT
+
+
 def _lm_sums(model, params, batch: dict) -> dict:
-    logits_BxTxV = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-    return lm_sums(logits_BxTxV, batch)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    chunk = model.cfg.logits_chunk
+    if not chunk:
+        return lm_sums(model.apply({"params": params}, *args), batch)
+    x_BxTxD = model.apply({"params": params}, *args, return_hidden=True)
+    if model.cfg.tie_embeddings:
+        kernel_DxV, bias_V = params["embed"]["embedding"].T, None
+    else:
+        kernel_DxV, bias_V = params["lm_head"]["kernel"], params["lm_head"].get("bias")
+    return weighted_sums(chunked_token_nats(x_BxTxD, kernel_DxV, bias_V, batch["targets"], chunk), batch)
 
 
 def _lm_scalars(sums: dict, prefix: str) -> dict:

@@ -1,10 +1,16 @@
+import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from llm_jax import losses
+from llm_jax.config import llama
+from llm_jax.losses import NEXT_TOKEN
+from llm_jax.model import Transformer
 
 
 def test_bits_per_byte_golden_value():
@@ -28,3 +34,27 @@ def test_uniform_prediction_costs_log2_vocab_bits_per_token():
     rates = losses.compression(losses.lm_sums(logits, batch))
     np.testing.assert_allclose(rates["bits_per_token"], 8.0, rtol=1e-6)  # a byte-level uniform model: 8 bits
     np.testing.assert_allclose(rates["bits_per_byte"], 8.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [dict(tie_embeddings=False, use_bias=True), dict(tie_embeddings=True)],
+                         ids=["untied+bias", "tied"])
+def test_vocabulary_chunked_loss_equals_the_plain_one_in_value_and_gradient(shape):
+    cfg = llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, compute_dtype="float32",
+                **shape)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (3, 17)).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(16), (3, 1)),
+             "segment_ids": np.ones((3, 16), np.int32), "weights": (rng.random((3, 16)) < 0.8).astype(np.float32),
+             "target_bytes": rng.integers(1, 4, (3, 16)).astype(np.int32)}
+    params = nn.unbox(Transformer(cfg).init(jax.random.key(0), *(jnp.ones((1, 4), jnp.int32),) * 3))["params"]
+
+    def nats_and_grads(chunk):
+        model = Transformer(dataclasses.replace(cfg, logits_chunk=chunk))
+        return jax.value_and_grad(lambda p: NEXT_TOKEN.sums(model, p, batch)["nats"])(params)
+
+    plain, plain_grads = nats_and_grads(0)
+    chunked, chunked_grads = nats_and_grads(16)
+    np.testing.assert_allclose(chunked, plain, rtol=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(plain_grads):
+        other = dict(jax.tree_util.tree_leaves_with_path(chunked_grads))[path]
+        np.testing.assert_allclose(other, g, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

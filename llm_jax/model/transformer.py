@@ -43,7 +43,8 @@ def block_stack(cfg: ModelConfig, decode: bool):
 
 class Transformer(nn.Module):
     """tokens, positions, segment ids (B, T) -> next-token logits (B, T, V) in float32; with
-    cfg.head == "reward", one reward per sequence (B,) in float32 instead (see reward_head).
+    cfg.head == "reward", one reward per sequence (B,) in float32 instead (see reward_head); with
+    return_hidden, the final-norm hidden states (B, T, D) that the output layer would read.
 
     With decode=True the attention layers keep a KV cache (see attention.py); the parameters are the same.
     """
@@ -51,7 +52,7 @@ class Transformer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, return_hidden: bool = False):
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),
                          embedding_init=nn.with_logical_partitioning(
@@ -68,6 +69,8 @@ class Transformer(nn.Module):
         x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
         if cfg.head == "reward":
             return reward_head(cfg, x_BxTxD, segment_ids_BxT)
+        if return_hidden:  # the loss applies the output layer itself, in vocabulary chunks (losses.py)
+            return x_BxTxD
         if cfg.tie_embeddings:
             logits_BxTxV = embed.attend(x_BxTxD)
         else:
