@@ -19,6 +19,6 @@ setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.11,<3.12",
     ],
-    extras_require={"test": ["pytest>=9,<10"]},
+    extras_require={"test": ["pytest>=9,<10"], "torch": ["torch==2.13.0"]},
     entry_points={"console_scripts": ["llm-jax=llm_jax.cli:main"]},
 )

@@ -41,7 +41,9 @@ class ModelConfig:
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
-    attention_impl: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
+    # auto: einsum on CPU, else jax.nn.dot_product_attention's choice (cuDNN flash attention on GPUs where it
+    # runs, XLA otherwise); xla | cudnn: that implementation of jax.nn.dot_product_attention; einsum: written out
+    attention_impl: str = "auto"
     scan_layers: bool = True
     # >0: the loss computes the output layer and its log-softmax in vocabulary chunks of this size, never
     # holding (batch, length, vocab) logits in float32 (memory for big vocabularies); 0: plain logits
@@ -146,7 +148,7 @@ CHOICES = {
     "model.mlp": ("swiglu", "gelu"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16"),
-    "model.attention_impl": ("auto", "xla", "cudnn"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "einsum"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "model.head": ("lm", "reward"),

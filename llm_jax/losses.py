@@ -15,10 +15,33 @@ from llm_jax.data import pipeline
 LN2 = math.log(2.0)
 
 
+@jax.custom_vjp
 def token_nats(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    """-log p(target) in nats for every position, computed in float32."""
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    """-log p(target) in nats for every position, computed in float32: logsumexp(logits) - logits[target].
+
+    The gradient, softmax(logits) - onehot(target), is written out as one elementwise pass: autodiff of the
+    gather would build a zero (B, T, V) array and scatter into it, which costs as much as the matmul before it
+    on CPU.
+    """
+    return _token_nats_fwd(logits_BxTxV, targets_BxT)[0]
+
+
+def _token_nats_fwd(logits_BxTxV, targets_BxT):
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    return lse_BxT - target_BxT, (logits_BxTxV, targets_BxT, lse_BxT)
+
+
+def _token_nats_bwd(residuals, g_BxT):
+    logits_BxTxV, targets_BxT, lse_BxT = residuals
+    vocab_V = jnp.arange(logits_BxTxV.shape[-1], dtype=targets_BxT.dtype)
+    onehot_BxTxV = vocab_V == targets_BxT[..., None]
+    grad_BxTxV = (jnp.exp(logits_BxTxV - lse_BxT[..., None]) - onehot_BxTxV) * g_BxT[..., None]
+    return grad_BxTxV, None
+
+
+token_nats.defvjp(_token_nats_fwd, _token_nats_bwd)
 
 
 def lm_sums(logits_BxTxV: jax.Array, batch: dict) -> dict[str, jax.Array]:

@@ -44,7 +44,11 @@ class Dense(nn.Module):
         std = cfg.init_std if self.std is None else self.std
         shape = x.shape[-self.n_in:] + self.features
         kernel = self.param("kernel", kernel_init(std, *self.names), shape, param_dtype(cfg))
-        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in)
+        # One flat row axis: the kernel's gradient then contracts a single axis, a plain matrix product;
+        # contracting (batch, length) together is several times slower on XLA's CPU backend.
+        lead = x.shape[:-self.n_in]
+        rows = x.reshape(-1, *x.shape[len(lead):])
+        y = jnp.tensordot(rows.astype(dtype), kernel.astype(dtype), axes=self.n_in).reshape(*lead, *self.features)
         if cfg.use_bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[self.n_in:])
             y = y + self.param("bias", bias_init, self.features, param_dtype(cfg)).astype(dtype)
