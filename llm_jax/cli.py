@@ -140,6 +140,17 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from llm_jax.checkpoint import load_for_inference
+    from llm_jax.evaluate import evaluate_texts, format_report, read_texts, report
+    texts = [text for _, text in read_texts(args.text, args.jsonl, args.field)]
+    cfg, params, tokenizer = load_for_inference(Path(args.checkpoint), args.step)
+    context = args.context or cfg.data.seq_len
+    totals = evaluate_texts(cfg, params, tokenizer, texts, context, args.stride or max(1, context // 2))
+    print(format_report(report(totals, texts), args.json))
+    return 0
+
+
 def _cmd_sweep(args) -> int:
     from llm_jax.sweep import run_sweep
     options = {k: v for k, v in vars(args).items() if k in _LAUNCHER_OPTIONS and v is not None}
@@ -233,6 +244,16 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--output", help="write one JSON line of rewards per input line here (default: stdout)")
     score.add_argument("--batch-size", type=int, default=32)
     score.set_defaults(fn=_cmd_score)
+    ev = sub.add_parser("eval", help="bits per token / byte of a model on any text, beside gzip, bz2 and xz")
+    ev.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or an export")
+    ev.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
+    ev.add_argument("--text", nargs="*", default=[], metavar="FILE", help="text files (.gz read gunzipped)")
+    ev.add_argument("--jsonl", nargs="*", default=[], metavar="FILE", help="JSONL files: --field of every line")
+    ev.add_argument("--field", default="text", help="the JSONL field holding the text")
+    ev.add_argument("--context", type=int, help="window length in tokens (default: the checkpoint's data.seq_len)")
+    ev.add_argument("--stride", type=int, help="tokens between window starts (default: context / 2)")
+    ev.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ev.set_defaults(fn=_cmd_eval)
     bench = sub.add_parser("bench", help="time the train step, the data pipeline, decoding or checkpointing")
     bench.add_argument("what", choices=("train", "data", "generate", "checkpoint"))
     _experiment_args(bench)
