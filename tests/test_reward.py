@@ -216,10 +216,8 @@ def rm_train(mesh_cfg, devices=None, microbatches=1, steps=3):
 
 def test_reward_training_is_the_same_on_one_device_on_a_mesh_and_with_microbatches():
     reference = rm_train(MeshConfig(1, 1, 1), jax.devices()[:1])
-    for mesh_cfg, microbatches in ((MeshConfig(2, 2, 2), 1), (MeshConfig(1, 1, 1), 4)):
-        devices = None if mesh_cfg.data == 2 else jax.devices()[:1]
-        history = rm_train(mesh_cfg, devices, microbatches)
-        for key in ("train/loss_bits_per_pair", "train/accuracy", "train/margin", "optim/grad_norm"):
-            np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference], rtol=2e-5,
-                                       atol=1e-6, err_msg=f"{key} {mesh_cfg} x{microbatches}")
+    history = rm_train(MeshConfig(2, 2, 2), microbatches=2)  # both at once: 8 devices, 2 accumulated halves
+    for key in ("train/loss_bits_per_pair", "train/accuracy", "train/margin", "optim/grad_norm"):
+        np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference], rtol=2e-5, atol=1e-6,
+                                   err_msg=key)
     assert reference[-1]["train/loss_bits_per_pair"] != reference[0]["train/loss_bits_per_pair"]
