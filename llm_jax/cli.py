@@ -151,6 +151,22 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_compress(args) -> int:
+    from llm_jax.compress import compress_file
+    r = compress_file(Path(args.checkpoint), Path(args.input), Path(args.output), args.step, args.context)
+    print(f"{r['input_bytes']:,} bytes -> {r['output_bytes']:,} bytes ({r['bits_per_byte']:.3f} bits/byte; the model's "
+          f"cross-entropy is {r['model_bits_per_byte']:.3f} bits/byte, {r['header_bytes']} header bytes), "
+          f"{r['tokens']:,} tokens in {r['seconds']:.1f} s")
+    return 0
+
+
+def _cmd_decompress(args) -> int:
+    from llm_jax.compress import decompress_file
+    r = decompress_file(Path(args.checkpoint), Path(args.input), Path(args.output), args.step)
+    print(f"{r['input_bytes']:,} bytes -> {r['output_bytes']:,} bytes in {r['seconds']:.1f} s")
+    return 0
+
+
 def _cmd_sweep(args) -> int:
     from llm_jax.sweep import run_sweep
     options = {k: v for k, v in vars(args).items() if k in _LAUNCHER_OPTIONS and v is not None}
@@ -254,6 +270,16 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--stride", type=int, help="tokens between window starts (default: context / 2)")
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(fn=_cmd_eval)
+    for name, fn, what in (("compress", _cmd_compress, "compress a file losslessly with a model (arithmetic coding)"),
+                           ("decompress", _cmd_decompress, "restore a file made by `compress` (same checkpoint)")):
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or an export")
+        cmd.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
+        cmd.add_argument("input")
+        cmd.add_argument("output")
+        if name == "compress":
+            cmd.add_argument("--context", type=int, help="tokens per window (default: the checkpoint's data.seq_len)")
+        cmd.set_defaults(fn=fn)
     bench = sub.add_parser("bench", help="time the train step, the data pipeline, decoding or checkpointing")
     bench.add_argument("what", choices=("train", "data", "generate", "checkpoint"))
     _experiment_args(bench)
