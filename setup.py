@@ -19,6 +19,11 @@ setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.11,<3.12",
     ],
-    extras_require={"test": ["pytest>=9,<10"], "torch": ["torch==2.13.0"]},
+    extras_require={
+        "test": ["pytest>=9,<10"],
+        "torch": ["torch==2.13.0"],  # benchmarks/torch_reference.py
+        # Hugging Face checkpoints (llm_jax/hf.py) and the parity tests against transformers
+        "hf": ["safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24", "transformers>=5.23,<5.24", "torch==2.13.0"],
+    },
     entry_points={"console_scripts": ["llm-jax=llm_jax.cli:main"]},
 )

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 
 from llm_jax import optim, sharding
 from llm_jax.config import CheckpointConfig, Config, ConfigError, MeshConfig, from_dict, to_dict
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data.tokenizer import Tokenizer, from_bytes
 from llm_jax.model import Transformer
 from llm_jax.state import abstract_params, logical_specs
 
@@ -172,7 +172,7 @@ def check_compatible(saved: dict, cfg: Config, tokenizer) -> None:
                               "use the same model.* settings, or --fresh to start over")
     saved_tok = base64.b64decode(saved["tokenizer_model"])
     if saved_tok != tokenizer.serialized():
-        old = Tokenizer(saved_tok)
+        old = from_bytes(saved_tok)
         raise CheckpointError(f"the tokenizer differs from the checkpoint's (vocab size {tokenizer.vocab_size} now, "
                               f"{old.vocab_size} in the checkpoint); resume with the original data settings")
 
@@ -262,7 +262,7 @@ def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, obj
             state=ocp.args.StandardRestore(_inference_target(cfg))))["state"]
     finally:
         mngr.close()
-    return cfg, state.params, Tokenizer(base64.b64decode(saved["tokenizer_model"]))
+    return cfg, state.params, from_bytes(base64.b64decode(saved["tokenizer_model"]))
 
 
 def saved_eval(path: Path, step: int | None = None) -> dict[str, float]:

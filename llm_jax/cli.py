@@ -167,6 +167,22 @@ def _cmd_decompress(args) -> int:
     return 0
 
 
+def _cmd_import_hf(args) -> int:
+    from llm_jax.hf import import_hf
+    cfg = import_hf(Path(args.hf_dir), Path(args.out), Path(args.tokenizer) if args.tokenizer else None)
+    m = cfg.model
+    print(f"imported a {m.n_layers}-layer, {m.d_model}-wide model (vocab {m.vocab_size}) into {args.out}; use it with "
+          f"--checkpoint {args.out} or --set checkpoint.init_from={args.out}")
+    return 0
+
+
+def _cmd_export_hf(args) -> int:
+    from llm_jax.hf import export_hf
+    export_hf(Path(args.checkpoint), Path(args.out))
+    print(f"wrote a Hugging Face checkpoint to {args.out} (transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def _cmd_sweep(args) -> int:
     from llm_jax.sweep import run_sweep
     options = {k: v for k, v in vars(args).items() if k in _LAUNCHER_OPTIONS and v is not None}
@@ -280,6 +296,15 @@ def parser() -> argparse.ArgumentParser:
         if name == "compress":
             cmd.add_argument("--context", type=int, help="tokens per window (default: the checkpoint's data.seq_len)")
         cmd.set_defaults(fn=fn)
+    imp = sub.add_parser("import-hf", help="a local Hugging Face GPT-2 / Llama checkpoint (safetensors) -> export dir")
+    imp.add_argument("hf_dir", help="directory with config.json and *.safetensors (pickle files are refused)")
+    imp.add_argument("out", help="the llm_jax export directory to write (must not exist)")
+    imp.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in hf_dir)")
+    imp.set_defaults(fn=_cmd_import_hf)
+    exp = sub.add_parser("export-hf", help="an llm_jax export (or run) directory -> a Hugging Face checkpoint")
+    exp.add_argument("checkpoint", help="an `llm-jax export` or run directory")
+    exp.add_argument("out", help="directory to write config.json, model.safetensors and the tokenizer into")
+    exp.set_defaults(fn=_cmd_export_hf)
     bench = sub.add_parser("bench", help="time the train step, the data pipeline, decoding or checkpointing")
     bench.add_argument("what", choices=("train", "data", "generate", "checkpoint"))
     _experiment_args(bench)
@@ -307,13 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late so that a config error is reported without paying for JAX's import.
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.data.corpus import DataError
+    from llm_jax.hf import HFError
     from llm_jax.launch import LaunchError
     from llm_jax.loop import NONFINITE_EXIT, NonFiniteError, RunDirError
     from llm_jax.preemption import PREEMPTED_EXIT, Preempted
     from llm_jax.sharding import MeshError
     try:
         return args.fn(args)
-    except (ConfigError, DataError, MeshError, RunDirError, CheckpointError, LaunchError) as e:
+    except (ConfigError, DataError, MeshError, RunDirError, CheckpointError, LaunchError, HFError) as e:
         print(f"llm-jax: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

@@ -20,6 +20,7 @@ import collections
 import hashlib
 import io
 import itertools
+import json
 import re
 import warnings
 from pathlib import Path
@@ -54,8 +55,11 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"tokenizer model {path} does not exist")
+        data = path.read_bytes()
+        if path.suffix == ".json" or _is_json(data):  # a Hugging Face byte-level BPE (GPT-2) tokenizer.json
+            return ByteLevelBPETokenizer.from_json(data, path)
         try:
-            return cls(path.read_bytes())
+            return cls(data)
         except RuntimeError as e:
             raise DataError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
 
@@ -215,3 +219,132 @@ def _train(sentences: list[str], vocab_size: int, model_type: str) -> bytes:
                       stacklevel=3)
         return _train(sentences, int(fit[1]), model_type)
     return model.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- byte-level BPE
+
+def from_bytes(data: bytes):
+    """The tokenizer whose serialized() is `data`: a sentencepiece model, or a byte-level BPE tokenizer.json."""
+    return ByteLevelBPETokenizer.from_json(data) if _is_json(data) else Tokenizer(data)
+
+
+def _is_json(data: bytes) -> bool:
+    return data.lstrip()[:1] == b"{"  # a sentencepiece ModelProto starts with field 1's tag, 0x0A
+
+
+def gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's reversible byte <-> unicode table, as a character -> byte map: printable bytes stand for
+    themselves, the others (controls, space, ...) for the characters from U+0100 on, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return {c: b for b, c in chars.items()}
+
+
+class ByteLevelBPETokenizer:
+    """A Hugging Face byte-level BPE tokenizer.json (GPT-2's) behind the same interface as Tokenizer.
+
+    Needs the optional `tokenizers` package. Lossless (every text is bytes mapped to characters), and every
+    token's bytes are exact through the GPT-2 byte table. Added special tokens ("<|endoftext|>") decode to
+    no bytes and are never produced from text (typed in a text they encode as ordinary tokens). bos, eos
+    and pad are all "<|endoftext|>" (or the first added special token); there is no unk (unk_id is -1). The
+    chat tokens of SPECIAL_TOKENS map to their ids where the vocabulary has them, else to eos_id.
+    """
+
+    def __init__(self, data: bytes):
+        try:
+            import tokenizers
+        except ImportError:
+            raise DataError("a tokenizer.json needs the `tokenizers` package: pip install -e '.[hf]'") from None
+        self._data = data
+        spec = json.loads(data)
+        if (spec.get("model") or {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+            raise DataError("tokenizer.json: only byte-level BPE tokenizers (GPT-2's) are supported, this one has "
+                            f"model {(spec.get('model') or {}).get('type')!r} and decoder "
+                            f"{(spec.get('decoder') or {}).get('type')!r}")
+        self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        if hasattr(self._tok, "encode_special_tokens"):
+            self._tok.encode_special_tokens = True  # "<|endoftext|>" typed in a text stays text
+        special = {t["id"]: t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+        byte_of = gpt2_byte_decoder()
+        n = self._tok.get_vocab_size(with_added_tokens=True)
+        self._piece_bytes = []
+        for i in range(n):
+            token = self._tok.id_to_token(i)
+            if i in special or token is None:
+                self._piece_bytes.append(b"")
+                continue
+            try:
+                self._piece_bytes.append(bytes(byte_of[c] for c in token))
+            except KeyError:
+                raise DataError(f"tokenizer.json: token {i} ({token!r}) is not in the GPT-2 byte alphabet") from None
+        self._byte_lengths_V = np.array([len(b) for b in self._piece_bytes], np.int32)
+        self._byte_lengths_V.flags.writeable = False
+        eos = self._tok.token_to_id("<|endoftext|>")
+        self._eos = eos if eos is not None else (min(special) if special else -1)
+        self.sha256 = hashlib.sha256(data).hexdigest()
+
+    @classmethod
+    def from_json(cls, data: bytes, path: str | Path | None = None) -> ByteLevelBPETokenizer:
+        try:
+            return cls(data)
+        except DataError:
+            raise
+        except Exception as e:  # json's or tokenizers' parse errors
+            raise DataError(f"{path or 'tokenizer'}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
+
+    def __reduce__(self):
+        return ByteLevelBPETokenizer, (self._data,)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._piece_bytes)
+
+    @property
+    def unk_id(self) -> int:
+        return -1
+
+    @property
+    def pad_id(self) -> int:
+        return self._eos
+
+    @property
+    def bos_id(self) -> int:
+        return self._eos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        ids = {name: self._tok.token_to_id(name) for name in SPECIAL_TOKENS}
+        return {name: self._eos if i is None else i for name, i in ids.items()}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, without BOS or EOS."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return b"".join([self._piece_bytes[i] for i in ids])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def byte_lengths(self) -> np.ndarray:
+        """int32[vocab_size]: bytes each token decodes to (0 for special tokens)."""
+        return self._byte_lengths_V
+
+    def serialized(self) -> bytes:
+        return self._data
