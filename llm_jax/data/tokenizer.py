@@ -39,16 +39,49 @@ ENCODE_CHARS = 8192  # encode_batch cuts longer texts into pieces of about this 
 _WORD_START = re.compile("(?<![ \u2581]) ")  # U+2581 "▁" in a text also counts as whitespace
 
 
-class Tokenizer:
+class PieceTable:
+    """What every tokenizer here shares: its serialized model and the exact bytes of each piece, from which
+    decoding, per-token byte counts (bits per byte) and the identity (sha256) follow."""
+
+    def __init__(self, data: bytes, piece_bytes: list[bytes]):
+        self._data, self._piece_bytes = data, piece_bytes
+        self._byte_lengths_V = np.array([len(b) for b in piece_bytes], np.int32)
+        self._byte_lengths_V.flags.writeable = False
+        self.sha256 = hashlib.sha256(data).hexdigest()
+
+    def __reduce__(self):  # picklable (as its serialized model) for grain worker processes
+        return type(self), (self._data,)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, without BOS or EOS."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The exact bytes of ids: byte pieces stay raw bytes, so a UTF-8 character cut in two is not lost."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return b"".join([self._piece_bytes[i] for i in ids])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def byte_lengths(self) -> np.ndarray:
+        """int32[vocab_size]: UTF-8 bytes each piece decodes to (0 for pad/unk/bos/eos/specials)."""
+        return self._byte_lengths_V
+
+    def serialized(self) -> bytes:
+        return self._data
+
+
+class Tokenizer(PieceTable):
     """A sentencepiece model plus the exact bytes of every piece."""
 
     def __init__(self, proto: bytes):
-        self._proto = proto
         self._sp = spm.SentencePieceProcessor(model_proto=proto)
-        self._piece_bytes = [_piece_bytes(self._sp, i) for i in range(self._sp.vocab_size())]
-        self._byte_lengths_V = np.array([len(b) for b in self._piece_bytes], np.int32)
-        self._byte_lengths_V.flags.writeable = False
-        self.sha256 = hashlib.sha256(proto).hexdigest()
+        super().__init__(proto, [_piece_bytes(self._sp, i) for i in range(self._sp.vocab_size())])
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -62,9 +95,6 @@ class Tokenizer:
             return cls(data)
         except RuntimeError as e:
             raise DataError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
-
-    def __reduce__(self):  # picklable for grain worker processes
-        return Tokenizer, (self._proto,)
 
     @property
     def vocab_size(self) -> int:
@@ -90,10 +120,6 @@ class Tokenizer:
     def special_ids(self) -> dict[str, int]:
         return {name: self._sp.piece_to_id(name) for name in SPECIAL_TOKENS}
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text, without BOS or EOS."""
-        return self.encode_batch([text])[0]
-
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """encode() of each text, on all cores (sentencepiece's own thread pool).
 
@@ -105,21 +131,6 @@ class Tokenizer:
         ids = iter(self._sp.encode([p for ps in pieces for p in ps]))
         return [list(itertools.chain.from_iterable(itertools.islice(ids, len(ps)))) for ps in pieces]
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The exact bytes of ids: byte pieces stay raw bytes, so a UTF-8 character cut in two is not lost."""
-        if isinstance(ids, np.ndarray):
-            ids = ids.tolist()
-        return b"".join([self._piece_bytes[i] for i in ids])
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def byte_lengths(self) -> np.ndarray:
-        """int32[vocab_size]: UTF-8 bytes each piece decodes to (0 for pad/unk/bos/eos/specials)."""
-        return self._byte_lengths_V
-
-    def serialized(self) -> bytes:
-        return self._proto
 
 
 def _piece_bytes(sp: spm.SentencePieceProcessor, i: int) -> bytes:
@@ -247,7 +258,7 @@ def gpt2_byte_decoder() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
-class ByteLevelBPETokenizer:
+class ByteLevelBPETokenizer(PieceTable):
     """A Hugging Face byte-level BPE tokenizer.json (GPT-2's) behind the same interface as Tokenizer.
 
     Needs the optional `tokenizers` package. Lossless (every text is bytes mapped to characters), and every
@@ -262,7 +273,6 @@ class ByteLevelBPETokenizer:
             import tokenizers
         except ImportError:
             raise DataError("a tokenizer.json needs the `tokenizers` package: pip install -e '.[hf]'") from None
-        self._data = data
         spec = json.loads(data)
         if (spec.get("model") or {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
             raise DataError("tokenizer.json: only byte-level BPE tokenizers (GPT-2's) are supported, this one has "
@@ -273,22 +283,19 @@ class ByteLevelBPETokenizer:
             self._tok.encode_special_tokens = True  # "<|endoftext|>" typed in a text stays text
         special = {t["id"]: t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
         byte_of = gpt2_byte_decoder()
-        n = self._tok.get_vocab_size(with_added_tokens=True)
-        self._piece_bytes = []
-        for i in range(n):
+        piece_bytes = []
+        for i in range(self._tok.get_vocab_size(with_added_tokens=True)):
             token = self._tok.id_to_token(i)
             if i in special or token is None:
-                self._piece_bytes.append(b"")
+                piece_bytes.append(b"")
                 continue
             try:
-                self._piece_bytes.append(bytes(byte_of[c] for c in token))
+                piece_bytes.append(bytes(byte_of[c] for c in token))
             except KeyError:
                 raise DataError(f"tokenizer.json: token {i} ({token!r}) is not in the GPT-2 byte alphabet") from None
-        self._byte_lengths_V = np.array([len(b) for b in self._piece_bytes], np.int32)
-        self._byte_lengths_V.flags.writeable = False
+        super().__init__(data, piece_bytes)
         eos = self._tok.token_to_id("<|endoftext|>")
         self._eos = eos if eos is not None else (min(special) if special else -1)
-        self.sha256 = hashlib.sha256(data).hexdigest()
 
     @classmethod
     def from_json(cls, data: bytes, path: str | Path | None = None) -> ByteLevelBPETokenizer:
@@ -298,9 +305,6 @@ class ByteLevelBPETokenizer:
             raise
         except Exception as e:  # json's or tokenizers' parse errors
             raise DataError(f"{path or 'tokenizer'}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
-
-    def __reduce__(self):
-        return ByteLevelBPETokenizer, (self._data,)
 
     @property
     def vocab_size(self) -> int:
@@ -327,24 +331,5 @@ class ByteLevelBPETokenizer:
         ids = {name: self._tok.token_to_id(name) for name in SPECIAL_TOKENS}
         return {name: self._eos if i is None else i for name, i in ids.items()}
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text, without BOS or EOS."""
-        return self.encode_batch([text])[0]
-
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        if isinstance(ids, np.ndarray):
-            ids = ids.tolist()
-        return b"".join([self._piece_bytes[i] for i in ids])
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def byte_lengths(self) -> np.ndarray:
-        """int32[vocab_size]: bytes each token decodes to (0 for special tokens)."""
-        return self._byte_lengths_V
-
-    def serialized(self) -> bytes:
-        return self._data
