@@ -9,7 +9,7 @@ import codecs
 import sys
 from typing import TextIO
 
-from llm_jax.data.chat_template import render_prompt
+from llm_jax.data.chat_template import chat_tags, render_prompt
 from llm_jax.data.dialogue import Message
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.generate import Generator
@@ -35,7 +35,7 @@ class TextStream:
 
 
 def stop_ids(tokenizer: Tokenizer) -> set[int]:
-    return {tokenizer.eos_id, tokenizer.special_ids["<|end|>"]}
+    return {tokenizer.eos_id, *chat_tags(tokenizer)["end"]}
 
 
 def sample(generator: Generator, tokenizer: Tokenizer, prompt: str, max_tokens: int, seed: int,

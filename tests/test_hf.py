@@ -174,6 +174,16 @@ def test_gpt2_with_its_tokenizer_json_imports_and_exports(tmp_path):
     export_hf(tmp_path / "export", tmp_path / "back")
     assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     assert json.loads((tmp_path / "back" / "config.json").read_text())["eos_token_id"] == tok.eos_id
+    # SFT on the import: its tokenizer has no llm_jax chat tokens, so the tags are written as text.
+    from llm_jax.cli import main
+    dialogues = tmp_path / "chats.jsonl"
+    dialogues.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "the cat"},
+                                                          {"role": "assistant", "content": "sat on the mat"}]}) + "\n"
+                                 for _ in range(10)))
+    assert main(["train", "--config", "sft_tiny", "--run-dir", str(tmp_path / "sft"), "--set",
+                 f"data.sources=chat:{dialogues}", "--set", f"checkpoint.init_from={tmp_path / 'export'}",
+                 "--set", "data.seq_len=32", "--set", "train.steps=3", "--set", "train.eval_every=1000"]) == 0
+    assert json.loads((tmp_path / "sft" / "results.json").read_text())["eval/bits_per_byte"] > 0
 
 
 def test_bfloat16_weights_are_widened_and_the_cli_samples_and_evaluates(tmp_path, capsys):

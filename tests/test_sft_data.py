@@ -206,3 +206,24 @@ def test_masked_loss_equals_hand_sum():
     assert float(sums["nats"]) == pytest.approx(-sum(logp[r, t, v] for r, t, v in hand), rel=1e-5)
     assert float(sums["tokens"]) == 6
     assert float(sums["bytes"]) == sum(byte_lengths[v] for _, _, v in hand)
+
+
+def test_a_tokenizer_without_chat_tokens_gets_text_tags_and_eos(tmp_path):
+    """An imported model's sentencepiece (no reserved chat ids, no pad): tags become text, a turn ends with EOS."""
+    import sentencepiece as spm
+    from llm_jax.data.chat_template import chat_tags
+    from llm_jax.data.tokenizer import Tokenizer
+    model = tmp_path / "foreign"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 4), model_prefix=str(model), vocab_size=320,
+                                   model_type="bpe", byte_fallback=True, pad_id=-1, character_coverage=0.99,
+                                   minloglevel=2)
+    tok = Tokenizer.load(f"{model}.model")
+    tags = chat_tags(tok)
+    assert tags["end"] == (tok.eos_id,) and tok.decode(list(tags["user"])).strip() == "<|user|>"
+    ids, mask = render([Message(U, "Hi"), Message(A, "Paris.")], tok)
+    answer = list(tok.encode("Paris.")) + [tok.eos_id]
+    assert ids[mask].tolist() == answer  # exactly the answer and the EOS that ends it are trained
+    assert ids.tolist()[-len(answer) - len(tags["assistant"]):-len(answer)] == list(tags["assistant"])
+    prepared = prepare_sft(config(tmp_path, n_dialogues=20), tmp_path / "p", f"{model}.model")
+    batch = prepared.rows("train", SEQ_LEN)[0]
+    assert batch["weights"].sum() > 0 and (batch["inputs"] >= 0).all()

@@ -7,7 +7,9 @@ Each turn is its role tag, the content's ordinary tokens, then `<|end|>`:
     loss_mask:  0          0  0      0       0        0  0       0             1 1    1
 (with "Be brief." encoding to 2 tokens and "Hello!" to 2; the spaces only separate tokens, none is added). The tags are the tokenizer's reserved control ids
 (tokenizer.SPECIAL_TOKENS), inserted by id: text that spells "<|user|>" encodes as ordinary pieces, so
-user content cannot forge a turn. No BOS/EOS: a dialogue is delimited by its tags (packing keeps dialogues
+user content cannot forge a turn. A foreign tokenizer (an imported Hugging Face model) has no such ids: its
+tags are then the text "<|user|>\n" (etc.) encoded as ordinary tokens, and a turn ends with EOS (see
+chat_tags); everything below holds the same, except that such tags can be typed. No BOS/EOS: a dialogue is delimited by its tags (packing keeps dialogues
 apart with segment ids).
 
 Training: render() gives ids and loss_mask, True exactly on assistant content tokens and the assistant's
@@ -35,14 +37,15 @@ def render(dialogue: list[Message], tokenizer: Tokenizer,
     After a cut, `loss_mask.any()` says whether an assistant token survived; an example where it is False
     has nothing to learn and must be dropped (and counted) by the caller, not trained on as zero.
     """
-    tags = _tags(tokenizer)
+    tags = chat_tags(tokenizer)
     pieces, masks = [], []
     for message, content_ids in zip(dialogue, tokenizer.encode_batch([m.content for m in dialogue])):
         if message.role not in ROLES:
             raise ValueError(f"message role {message.role!r} is not one of {', '.join(ROLES)}")
-        turn = [tags[message.role], *content_ids, tags["end"]]
+        tag = tags[message.role]
+        turn = [*tag, *content_ids, *tags["end"]]
         pieces.append(turn)
-        masks.append([False] + [message.role == "assistant"] * (len(turn) - 1))
+        masks.append([False] * len(tag) + [message.role == "assistant"] * (len(turn) - len(tag)))
         if max_len is not None and sum(map(len, pieces)) >= max_len:
             break  # the rest would be cut anyway: don't build it
     ids = np.fromiter((i for p in pieces for i in p), np.int32)
@@ -63,17 +66,27 @@ def render_prompt(dialogue: list[Message], tokenizer: Tokenizer) -> np.ndarray:
     if problem:
         raise ValueError(f"render_prompt needs [system], user, assistant, ..., user turns: {problem}")
     ids, _ = render(dialogue, tokenizer)
-    return np.append(ids, np.int32(_tags(tokenizer)["assistant"])).astype(np.int32)
+    return np.append(ids, np.asarray(chat_tags(tokenizer)["assistant"], np.int32)).astype(np.int32)
 
 
-def _tags(tokenizer: Tokenizer) -> dict[str, int]:
-    # special_ids is keyed by the token text, "<|user|>" -> id; the template speaks in role names.
-    return {name[2:-2]: i for name, i in tokenizer.special_ids.items()}
+def chat_tags(tokenizer: Tokenizer) -> dict[str, tuple[int, ...]]:
+    """The ids of each role's tag and of the end of a turn ("end"), by role name.
+
+    A tokenizer trained by llm_jax reserves one control id per tag. One that lacks them (the chat tokens are
+    missing, collide, or fall back to unk/eos) gets text tags: "<|user|>\n" encoded as ordinary tokens, and EOS
+    as the end of a turn, so that SFT, reward models and chat still work on imported models.
+    """
+    special = tokenizer.special_ids  # keyed by the token text, "<|user|>" -> id
+    ids = list(special.values())
+    if len(set(ids)) == len(ids) and not {tokenizer.unk_id, tokenizer.eos_id} & set(ids):
+        return {name[2:-2]: (i,) for name, i in special.items()}
+    text = {name[2:-2]: tuple(tokenizer.encode(name + "\n")) for name in special if name != "<|end|>"}
+    return {**text, "end": (tokenizer.eos_id,)}
 
 
 def show(ids: np.ndarray, loss_mask: np.ndarray, tokenizer: Tokenizer) -> str:
     """The rendered text with every trained-on span in ⟦ ⟧, for checking a mask by eye."""
-    names = {i: name for name, i in tokenizer.special_ids.items()}
+    names = {ids[0]: f"<|{role}|>" for role, ids in chat_tags(tokenizer).items() if len(ids) == 1}
     out, run, open_span = [], [], False
 
     def flush():  # bytes are decoded per run, so characters split over byte tokens come out whole

@@ -41,7 +41,7 @@ import grain
 import numpy as np
 
 from llm_jax.config import Config, data_dir
-from llm_jax.data.chat_template import render_prompt
+from llm_jax.data.chat_template import chat_tags, render_prompt
 from llm_jax.data.corpus import DataError, glob_source
 from llm_jax.data.dialogue import Message, _msg, _records, dialogue_problem, hh_transcript, parse_messages
 from llm_jax.data.pipeline import batch_iterator, ordered_batches
@@ -215,14 +215,14 @@ def _render(prompt: tuple[Message, ...], answers: list[str], tokenizer: Tokenize
     """render_answers, and whether anything was cut."""
     prompt_ids = render_prompt(list(prompt), tokenizer)
     answer_ids = tokenizer.encode_batch(answers)
-    room = seq_len - 1  # <|end|> always stays: the reward is read there
+    end = np.asarray(chat_tags(tokenizer)["end"], np.int32)
+    room = seq_len - len(end)  # the end of the turn always stays: the reward is read there
     longest = max(map(len, answer_ids))
     # The answer replies to the latest turn, so the prompt loses its oldest tokens; it keeps half the room
     # (or all of it, if shorter) against a long answer, which then loses its end.
     keep = min(len(prompt_ids), max(room - longest, room // 2))
     head = prompt_ids[len(prompt_ids) - keep:]
-    end = np.int32(tokenizer.special_ids["<|end|>"])
-    sequences = [np.concatenate([head, np.asarray(ids[:room - keep], np.int32), [end]]) for ids in answer_ids]
+    sequences = [np.concatenate([head, np.asarray(ids[:room - keep], np.int32), end]) for ids in answer_ids]
     return sequences, len(prompt_ids) + longest > room
 
 

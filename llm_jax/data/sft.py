@@ -29,12 +29,12 @@ import grain
 import numpy as np
 
 from llm_jax.config import Config, data_dir
-from llm_jax.data.chat_template import render
+from llm_jax.data.chat_template import chat_tags, render
 from llm_jax.data.corpus import DataError
 from llm_jax.data.dialogue import DialogueStats, Message, iter_dialogues
 from llm_jax.data.pipeline import batch_iterator, ordered_batches, padding_row
 from llm_jax.data.prepare import NpyRows, PreparedDir, publish
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data.tokenizer import PieceTable, Tokenizer
 
 FORMAT = 1  # bump when the layout, the split or the packing changes: old directories then stop matching
 SPLIT_SEED = 0  # the train/eval split and the packing order; fixed so that every run sees the same split
@@ -158,16 +158,16 @@ def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | P
 
 
 def chat_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:
-    """The tokenizer (loaded if given as a path), checked to hold the chat tokens and to fit the model."""
-    if not isinstance(tokenizer, Tokenizer):
+    """The tokenizer (loaded if given as a path), checked to fit the model. One without llm_jax's reserved
+    chat tokens (an imported model's) gets text tags (chat_template.chat_tags), and is told so."""
+    if not isinstance(tokenizer, PieceTable):
         tokenizer = Tokenizer.load(Path(tokenizer).expanduser())
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than "
                         f"model.vocab_size={cfg.model.vocab_size}")
-    special = tokenizer.special_ids
-    if tokenizer.unk_id in special.values() or len(set(special.values())) != len(special):
-        raise DataError(f"the tokenizer lacks the chat tokens {', '.join(special)}; use a tokenizer trained "
-                        "by llm_jax (they are reserved at pretraining)")
+    if len(chat_tags(tokenizer)["user"]) > 1:
+        print("the tokenizer has no chat tokens of its own: role tags are written as text (<|user|> ...) and a "
+              "turn ends with EOS")
     return tokenizer
 
 

@@ -106,7 +106,9 @@ class Tokenizer(PieceTable):
 
     @property
     def pad_id(self) -> int:
-        return self._sp.pad_id()
+        # Foreign sentencepiece models (an imported Llama's) often define no pad: pad with EOS, never -1.
+        pad = self._sp.pad_id()
+        return pad if pad >= 0 else self.eos_id
 
     @property
     def bos_id(self) -> int:
