@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import RewardConfig
+from llm_jax.data import preference
 from llm_jax.losses import LN2, Objective
 
 PAIR_AXES = ("batch", None, "length")  # (pairs, chosen|rejected, tokens)
@@ -58,7 +59,7 @@ def objective(cfg: RewardConfig) -> Objective:
         margin_P = batch["margin"] if cfg.use_margins else jnp.zeros_like(batch["margin"])
         return pair_sums(r_chosen_P, r_rejected_P, margin_P, batch["valid"], cfg.center_coef)
 
-    axes = {"inputs": PAIR_AXES, "positions": PAIR_AXES, "segment_ids": PAIR_AXES, "margin": ("batch",),
-            "valid": ("batch",)}
+    # Every entry of data/preference.py's pair batches: the (pairs, 2, T) token rows, and per-pair scalars.
+    axes = {k: PAIR_AXES if k in ("inputs", "positions", "segment_ids") else ("batch",) for k in preference.KEYS}
     return Objective(batch_axes=axes, sums=sums, loss="loss", count="pairs", scalars=scalars,
                      progress=("acc", "train/accuracy"))
