@@ -16,6 +16,7 @@ MFU is NaN where the device's peak is unknown (CPU) unless train.peak_tflops giv
 from __future__ import annotations
 
 import importlib.util
+import resource
 import shutil
 import statistics
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llm_jax import checkpoint, metrics, optim, sharding, step
+from llm_jax import checkpoint, malloc, metrics, optim, sharding, step
 from llm_jax.config import REPO_ROOT, Config, ConfigError
 from llm_jax.losses import NEXT_TOKEN
 from llm_jax.model import Transformer
@@ -83,6 +84,7 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
     times = []
     if profile:
         jax.profiler.start_trace(profile)
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     try:
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -94,6 +96,7 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
         if real_data:
             batches.close()
             shutil.rmtree(prepared_dir, ignore_errors=True)
+    faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
     median = statistics.median(times)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
@@ -107,7 +110,8 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
             "mfu": metrics.mfu(tokens_per_sec, flops, jax.device_count(), peak),
             "peak_memory_gib": memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
             "compile_s": first - median, "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
-            "steps": steps, "real_data": real_data}
+            "steps": steps, "real_data": real_data, "page_faults_per_step": faults_per_step,
+            "malloc": malloc.mode}
 
 
 def _real_batches(cfg: Config):
@@ -132,6 +136,9 @@ def format_train(r: dict) -> str:
             ("model TFLOP/s", f"{r['model_tflops_per_sec']:.4g}"), ("MFU", fmt(r["mfu"], ".2%")),
             ("peak device memory", fmt(r["peak_memory_gib"], ".2f") + (" GiB" if r["peak_memory_gib"] else "")),
             ("compile time", f"{r['compile_s']:.1f} s"),
+            # Host memory first touched per step: high when buffers are mapped afresh each step (malloc.py).
+            ("host page faults / step", f"{r['page_faults_per_step']:,.0f}"),
+            ("host malloc", f"{r['malloc']} (llm_jax/malloc.py; LLM_JAX_MALLOC)"),
             ("data", "pipeline (--real-data)" if r["real_data"] else "synthetic")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + f"\n({r['steps']} timed steps)"
