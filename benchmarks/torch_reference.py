@@ -251,7 +251,7 @@ def tokens_per_sec(model_cfg, optim_cfg, batch_size: int, seq_len: int, steps: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    from llm_jax import malloc
+    from llm_jax import runtime
     from llm_jax.config import apply_overrides, load_experiment, validate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     m = cfg.model
     print(f"torch {torch.__version__} eager CPU, float32, {r['threads']} threads; {cfg.name}: "
           f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads}/{m.n_kv_heads} heads, d_ff {m.d_ff}, "
-          f"vocab {m.vocab_size}; batch {batch} x seq {seq}; malloc {malloc.mode} (llm_jax/malloc.py)")
+          f"vocab {m.vocab_size}; batch {batch} x seq {seq}; malloc {runtime.malloc_mode} (llm_jax/runtime.py)")
     print(f"params {r['params']:,}")
     print(f"tokens/s {r['tokens_per_sec']:,.0f}")
     print(f"median step time {r['step_time_s'] * 1e3:.1f} ms "

@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llm_jax import checkpoint, malloc, metrics, optim, sharding, step
+from llm_jax import checkpoint, metrics, optim, runtime, sharding, step
 from llm_jax.config import REPO_ROOT, Config, ConfigError
 from llm_jax.losses import NEXT_TOKEN
 from llm_jax.model import Transformer
@@ -111,7 +111,7 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
             "peak_memory_gib": memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
             "compile_s": first - median, "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
             "steps": steps, "real_data": real_data, "page_faults_per_step": faults_per_step,
-            "malloc": malloc.mode}
+            "malloc": runtime.malloc_mode}
 
 
 def _real_batches(cfg: Config):
@@ -136,9 +136,9 @@ def format_train(r: dict) -> str:
             ("model TFLOP/s", f"{r['model_tflops_per_sec']:.4g}"), ("MFU", fmt(r["mfu"], ".2%")),
             ("peak device memory", fmt(r["peak_memory_gib"], ".2f") + (" GiB" if r["peak_memory_gib"] else "")),
             ("compile time", f"{r['compile_s']:.1f} s"),
-            # Host memory first touched per step: high when buffers are mapped afresh each step (malloc.py).
+            # Host memory first touched per step: high when buffers are mapped afresh each step (runtime.py).
             ("host page faults / step", f"{r['page_faults_per_step']:,.0f}"),
-            ("host malloc", f"{r['malloc']} (llm_jax/malloc.py; LLM_JAX_MALLOC)"),
+            ("host malloc", f"{r['malloc']} (llm_jax/runtime.py; LLM_JAX_MALLOC)"),
             ("data", "pipeline (--real-data)" if r["real_data"] else "synthetic")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + f"\n({r['steps']} timed steps)"

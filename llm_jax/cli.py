@@ -121,7 +121,7 @@ def _cmd_bench(args) -> int:
         if args.compare_torch:
             ref = bench.torch_reference().tokens_per_sec(cfg.model, cfg.optim, cfg.train.batch_size,
                                                          cfg.data.seq_len, steps=args.steps, warmup=args.warmup)
-            # In this process, so under the same malloc settings as llm_jax (malloc.py).
+            # In this process, so under the same malloc settings as llm_jax (runtime.py).
             print(f"PyTorch eager reference (benchmarks/torch_reference.py, CPU, {ref['threads']} threads): "
                   f"{ref['tokens_per_sec']:,.0f} tokens/s, {ref['step_time_s'] * 1e3:.1f} ms/step, "
                   f"{ref['params']:,} parameters")
