@@ -8,7 +8,11 @@ M_MMAP_MAX says. So every step mapped its scratch space, page-faulted it in (the
 and unmapped it: ~80k page faults and 40% of `pretrain_tiny`'s step time on 2 cores. With one arena, no
 mmap and no trimming, the freed block stays in the heap and the next step reuses it. The price: memory the
 process frees is kept for reuse rather than returned to the OS (the resident size stays at its peak), and
-all threads share one malloc arena. LLM_JAX_MALLOC=system leaves malloc alone.
+all threads share one malloc arena, which makes XLA's multi-threaded compilation ~10-25% slower. A
+training run compiles once and steps thousands of times; LLM_JAX_MALLOC=system leaves malloc alone (the
+test suite, which is mostly compilation, does). glibc's THP tunable (GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
+read only at process start) is an alternative: 2 MB pages cut the faults ~300-fold but the kernel still
+zeroes every page, so the step is ~10% slower than with reuse.
 
 On GPUs, XLA flags (GPU_XLA_FLAGS), added to XLA_FLAGS unless it already sets them.
 

@@ -31,7 +31,7 @@ def bench_faults(**env):
 
 
 def test_scratch_memory_is_reused_across_steps_unless_turned_off():
-    mode, faults = bench_faults()
+    mode, faults = bench_faults(LLM_JAX_MALLOC="reuse")
     system_mode, system_faults = bench_faults(LLM_JAX_MALLOC="system")
     assert (mode, system_mode) == ("reuse", "system")
     # glibc's default maps the ~190 MB (~48k pages) anew every step. Reused, most steps touch no new page;
