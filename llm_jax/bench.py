@@ -71,15 +71,17 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
         fixed = sharding.global_batch(synthetic_batch(cfg), shardings)
         next_batch = lambda: fixed
 
+    t0 = time.perf_counter()
+    compiled = train_fn.lower(state, next_batch()).compile()
+    compile_s = time.perf_counter() - t0
+    plan = compiled.memory_analysis()
+
     def one_step(s):
-        s, m = train_fn(s, next_batch())
+        s, m = compiled(s, next_batch())
         jax.block_until_ready(m)
         return s
 
-    t0 = time.perf_counter()
-    state = one_step(state)
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
+    for _ in range(1 + warmup):
         state = one_step(state)
     times = []
     if profile:
@@ -109,9 +111,23 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
             "model_tflops_per_sec": tokens_per_sec * flops / 1e12,
             "mfu": metrics.mfu(tokens_per_sec, flops, jax.device_count(), peak),
             "peak_memory_gib": memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
-            "compile_s": first - median, "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
+            "compile_s": compile_s, "step_memory": _step_memory(plan), "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
             "steps": steps, "real_data": real_data, "page_faults_per_step": faults_per_step,
             "malloc": runtime.malloc_mode}
+
+
+def _step_memory(plan) -> dict | None:
+    """What XLA planned for one step on one device, in bytes: state and batch in, results out (less what the
+    donated state's buffers are reused for), scratch."""
+    if plan is None:
+        return None
+    inputs, temp = plan.argument_size_in_bytes, plan.temp_size_in_bytes
+    outputs = plan.output_size_in_bytes - plan.alias_size_in_bytes
+    return {"total": inputs + outputs + temp, "inputs": inputs, "outputs": outputs, "temp": temp}
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def _real_batches(cfg: Config):
@@ -135,6 +151,9 @@ def format_train(r: dict) -> str:
             ("tokens / s", f"{r['tokens_per_sec']:,.0f}"),
             ("model TFLOP/s", f"{r['model_tflops_per_sec']:.4g}"), ("MFU", fmt(r["mfu"], ".2%")),
             ("peak device memory", fmt(r["peak_memory_gib"], ".2f") + (" GiB" if r["peak_memory_gib"] else "")),
+            ("step memory (XLA plan)", "n/a" if not r["step_memory"] else
+             "{total} per device ({inputs} in, {outputs} out, {temp} scratch)".format(
+                 **{k: _size(v) for k, v in r["step_memory"].items()})),
             ("compile time", f"{r['compile_s']:.1f} s"),
             # Host memory first touched per step: high when buffers are mapped afresh each step (runtime.py).
             ("host page faults / step", f"{r['page_faults_per_step']:,.0f}"),

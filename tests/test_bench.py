@@ -26,7 +26,11 @@ def test_bench_train_figures_agree_with_each_other(capsys):
     # MFU = achieved model FLOP/s over the peak of all devices (5 GFLOP/s each, given)
     mfu, n_devices = float(rows["MFU"].rstrip("%")) / 100, number("devices")
     assert mfu > 0 and abs(mfu - number("model TFLOP/s") / (0.005 * n_devices)) / mfu < 0.01
-    assert rows["data"] == "synthetic" and number("compile time") >= 0
+    assert rows["data"] == "synthetic" and number("compile time") > 0
+    mib = [float(x) * {"MiB": 1, "GiB": 1024}[unit]
+           for x, unit in re.findall(r"([\d.]+) (MiB|GiB)", rows["step memory (XLA plan)"])]
+    total, inputs, outputs, scratch = mib
+    assert inputs > 0 and scratch > 0 and abs(total - (inputs + outputs + scratch)) < 0.2
 
 
 def test_bench_data_generate_and_checkpoint_report_positive_rates(tmp_path, capsys):
