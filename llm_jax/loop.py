@@ -1,6 +1,8 @@
 """The host training loop: build everything once, then dispatch steps, reading metrics one step behind.
 
-The device never waits for the host: step t is dispatched before step t-1's metrics are fetched.
+The device never waits for the host: step t is dispatched before step t-1's metrics are fetched, and
+batch t+1 is fetched and its host-to-device copy started while step t runs. The pipeline is never more
+than that one batch ahead, so the data position a checkpoint saves is exact.
 TensorBoard, the console and files in the run directory are written by process 0 only.
 
 A run directory with checkpoints is resumed from its latest readable one; SIGTERM/SIGINT save a
