@@ -9,6 +9,9 @@
   bench data        the pipeline alone: global tokens/s it delivers (host batches, no device)
   bench generate    decode tokens/s with the KV cache at batch 1 and 16 (greedy, random weights)
   bench checkpoint  how long a save holds up training (asynchronous: the device-to-host copy) and the whole write
+  bench memory      the largest global batch whose train step XLA plans to fit in a device's memory: the step is
+                    compiled for abstract arrays (nothing allocated, nothing run) at the configured batch, doubled
+                    or halved until the answer changes, then bisected
 
 Model TFLOP/s and MFU use metrics.flops_per_token and the peak table (the formula of TensorBoard's perf/mfu);
 MFU is NaN where the device's peak is unknown (CPU) unless train.peak_tflops gives one.
@@ -30,7 +33,7 @@ from llm_jax import checkpoint, metrics, optim, runtime, sharding, step
 from llm_jax.config import REPO_ROOT, Config, ConfigError
 from llm_jax.losses import NEXT_TOKEN
 from llm_jax.model import Transformer
-from llm_jax.state import create_state
+from llm_jax.state import check_fits, create_state, logical_specs
 
 TORCH_REFERENCE = REPO_ROOT / "benchmarks" / "torch_reference.py"
 
@@ -226,3 +229,71 @@ def bench_checkpoint(cfg: Config, saves: int = 3) -> dict:
             mngr.close()
     return {"held_s": statistics.median(held), "whole_s": statistics.median(whole),
             "bytes": checkpoint.estimated_bytes(state), "async": cfg.checkpoint.async_save}
+
+
+def bench_memory(cfg: Config, limit_gib: float | None = None, max_compiles: int = 8) -> dict:
+    """The largest global batch (a multiple of what the mesh and microbatches allow) whose step XLA plans
+    within `limit_gib` per device (default: the device's memory limit, or on CPU the host memory shared by
+    the local devices). Returns the plans compiled, {batch: bytes per device}, and the answer."""
+    if cfg.data.format != "text":
+        raise ConfigError("bench memory plans next-token pretraining (data.format=text)")
+    mesh = sharding.make_mesh(cfg.mesh)
+    model, optimizer = Transformer(cfg.model), optim.make_optimizer(cfg.optim, cfg.train.steps)
+    state_shardings = sharding.tree_shardings(check_fits(model, optimizer, mesh, cfg.data.seq_len), mesh)
+    _, abstract = logical_specs(model, optimizer, cfg.data.seq_len)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+    train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh,
+                                   state_shardings, NEXT_TOKEN)
+    batch_shardings = step.batch_shardings(mesh, NEXT_TOKEN, microbatched=True)
+    rows_per_device = int(np.prod([mesh.shape[a] for a in sharding.mesh_axes_for("batch")]))
+    granule = cfg.train.microbatches * int(np.lcm(rows_per_device, jax.process_count()))
+    limit = limit_gib * 2**30 if limit_gib else _device_memory_limit()
+
+    plans = {}
+
+    def fits(batch: int) -> bool:
+        M, T = cfg.train.microbatches, cfg.data.seq_len
+        example = {k: jax.ShapeDtypeStruct((M, batch // M, T), v.dtype, sharding=batch_shardings[k])
+                   for k, v in synthetic_batch(cfg).items()}
+        plans[batch] = _step_memory(train_fn.lower(state, example).compile().memory_analysis())["total"]
+        return plans[batch] <= limit
+
+    batch = max(granule, cfg.train.batch_size // granule * granule)
+    good, bad = (batch, None) if fits(batch) else (None, batch)
+    while good is not None and bad is None and len(plans) < max_compiles:  # double while it fits
+        if fits(good * 2):
+            good *= 2
+        else:
+            bad = good * 2
+    while good is None and bad > granule and len(plans) < max_compiles:  # halve until it fits
+        half = max(granule, bad // 2 // granule * granule)
+        if fits(half):
+            good = half
+        else:
+            bad = half
+    while good and bad and bad - good > granule and len(plans) < max_compiles:
+        mid = (good + bad) // 2 // granule * granule
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return {"plans": dict(sorted(plans.items())), "largest": good, "smallest_too_big": bad, "limit": limit,
+            "granule": granule}
+
+
+def _device_memory_limit() -> float:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return float(stats["bytes_limit"])
+    import os
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / jax.local_device_count()
+
+
+def format_memory(r: dict) -> str:
+    lines = [f"{'global batch':>12}  {'step memory per device (XLA plan)':>34}"]
+    lines += [f"{b:>12}  {_size(v):>34}{'' if v <= r['limit'] else '  (does not fit)'}" for b, v in r["plans"].items()]
+    if r["largest"] is None:
+        lines.append(f"no batch (multiple of {r['granule']}) fits in {_size(r['limit'])} per device")
+    else:
+        exact = r["smallest_too_big"] is not None and r["smallest_too_big"] - r["largest"] <= r["granule"]
+        lines.append(f"largest batch that fits: {r['largest']} ({_size(r['plans'][r['largest']])} of "
+                     f"{_size(r['limit'])} per device){'' if exact else ' (search stopped before the exact limit)'}")
+    return "\n".join(lines)
+

@@ -130,6 +130,9 @@ def _cmd_bench(args) -> int:
         r = bench.bench_data(cfg, args.steps)
         print(f"bench data {cfg.name}: {r['tokens_per_sec']:,.0f} tokens/s ({r['batch_ms']:.2f} ms per global batch "
               f"of {cfg.train.batch_size}×{cfg.data.seq_len}, {r['batches']} batches)")
+    elif args.what == "memory":
+        print(f"bench memory {cfg.name} (seq {cfg.data.seq_len}, {cfg.train.microbatches} microbatches)\n"
+              f"{bench.format_memory(bench.bench_memory(cfg, args.limit_gib))}")
     elif args.what == "generate":
         for batch, rate in bench.bench_generate(cfg).items():
             print(f"bench generate {cfg.name}: batch {batch:>2}: {rate:,.0f} tokens/s (KV cache, greedy)")
@@ -307,12 +310,14 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="directory to write config.json, model.safetensors and the tokenizer into")
     exp.set_defaults(fn=_cmd_export_hf)
     bench = sub.add_parser("bench", help="time the train step, the data pipeline, decoding or checkpointing")
-    bench.add_argument("what", choices=("train", "data", "generate", "checkpoint"))
+    bench.add_argument("what", choices=("train", "data", "generate", "checkpoint", "memory"))
     _experiment_args(bench)
     bench.add_argument("--steps", type=int, default=20, help="timed steps (data: batches)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps after the compiling one")
     bench.add_argument("--real-data", action="store_true", help="train: batches from the pipeline, not synthetic")
     bench.add_argument("--profile", metavar="DIR", help="train: write a jax.profiler trace of the timed steps")
+    bench.add_argument("--limit-gib", type=float,
+                       help="memory: per-device memory to fit in (default: the device's limit; CPU: host memory)")
     bench.add_argument("--compare-torch", action="store_true",
                        help="train: also time the PyTorch eager reference of the same model (pip install -e '.[torch]')")
     bench.set_defaults(fn=_cmd_bench)

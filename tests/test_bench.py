@@ -53,3 +53,22 @@ def test_bench_train_with_real_data_and_a_profile(tmp_path, capsys):
     rows, number = table(capsys.readouterr().out)
     assert rows["data"] == "pipeline (--real-data)" and number("tokens / s") > 0
     assert list((tmp_path / "prof").rglob("*.xplane.pb")), "no profiler trace written"
+
+
+def test_bench_memory_finds_the_largest_batch_whose_plan_fits(capsys):
+    from llm_jax import bench
+    from llm_jax.cli import _resolve, parser
+    cfg = _resolve(parser().parse_args(["bench", "memory", *TINY]))
+    one = bench.bench_memory(cfg, limit_gib=1e-9, max_compiles=1)  # batch 8 only (it cannot fit in 1 byte)
+    assert one["largest"] is None and list(one["plans"]) == [8]
+    limit_gib = 2.5 * one["plans"][8] / 2**30
+    assert main(["bench", "memory", *TINY, "--limit-gib", str(limit_gib)]) == 0
+    out = capsys.readouterr().out
+    rows = [(int(b), float(x) * {"MiB": 2**20, "GiB": 2**30}[u], bool(no))
+            for b, x, u, no in re.findall(r"^\s+(\d+)\s+([\d.]+) (MiB|GiB)(  \(does not fit\))?$", out, re.M)]
+    assert [b for b, _, _ in rows] == sorted(b for b, _, _ in rows) and len(rows) >= 3
+    assert all(a[1] < b[1] for a, b in zip(rows, rows[1:])), "memory must grow with the batch"
+    assert all(no == (size > limit_gib * 2**30) for _, size, no in rows)
+    largest = int(re.search(r"largest batch that fits: (\d+)", out).group(1))
+    # 8 fake devices shard the batch: the answer is a multiple of 8, and 8 more rows no longer fit.
+    assert largest % 8 == 0 and largest >= 16 and (largest + 8, True) in [(b, no) for b, _, no in rows]
