@@ -19,6 +19,7 @@ MFU is NaN where the device's peak is unknown (CPU) unless train.peak_tflops giv
 from __future__ import annotations
 
 import importlib.util
+import os
 import resource
 import shutil
 import statistics
@@ -282,7 +283,6 @@ def _device_memory_limit() -> float:
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return float(stats["bytes_limit"])
-    import os
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / jax.local_device_count()
 
 
