@@ -6,7 +6,8 @@ malloc on a worker thread and frees them when the execution ends. glibc serves a
 fresh mmap, and a worker thread's arena falls back to mmap for anything over its 64 MB heap whatever
 M_MMAP_MAX says. So every step mapped its scratch space, page-faulted it in (the kernel zeroing each page)
 and unmapped it: ~80k page faults and 40% of `pretrain_tiny`'s step time on 2 cores. With one arena, no
-mmap and no trimming, the freed block stays in the heap and the next step reuses it. The price: memory the
+mmap and no trimming, the freed block stays in the heap and the next step reuses it (mallopt takes the trim
+threshold as an int, so scratch over 2 GiB is still given back each step). The price: memory the
 process frees is kept for reuse rather than returned to the OS (the resident size stays at its peak), and
 all threads share one malloc arena, which makes XLA's multi-threaded compilation ~10-25% slower. A
 training run compiles once and steps thousands of times; LLM_JAX_MALLOC=system leaves malloc alone (the
