@@ -115,7 +115,8 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
             "model_tflops_per_sec": tokens_per_sec * flops / 1e12,
             "mfu": metrics.mfu(tokens_per_sec, flops, jax.device_count(), peak),
             "peak_memory_gib": memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
-            "compile_s": compile_s, "step_memory": _step_memory(plan), "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
+            "compile_s": compile_s, "step_memory": _step_memory(plan),
+            "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
             "steps": steps, "real_data": real_data, "page_faults_per_step": faults_per_step,
             "malloc": runtime.malloc_mode}
 
@@ -250,12 +251,13 @@ def bench_memory(cfg: Config, limit_gib: float | None = None, max_compiles: int 
     granule = cfg.train.microbatches * int(np.lcm(rows_per_device, jax.process_count()))
     limit = limit_gib * 2**30 if limit_gib else _device_memory_limit()
 
+    dtypes = {k: v.dtype for k, v in synthetic_batch(cfg).items()}
     plans = {}
 
     def fits(batch: int) -> bool:
         M, T = cfg.train.microbatches, cfg.data.seq_len
-        example = {k: jax.ShapeDtypeStruct((M, batch // M, T), v.dtype, sharding=batch_shardings[k])
-                   for k, v in synthetic_batch(cfg).items()}
+        example = {k: jax.ShapeDtypeStruct((M, batch // M, T), dtype, sharding=batch_shardings[k])
+                   for k, dtype in dtypes.items()}
         plans[batch] = _step_memory(train_fn.lower(state, example).compile().memory_analysis())["total"]
         return plans[batch] <= limit
 
@@ -296,4 +298,3 @@ def format_memory(r: dict) -> str:
         lines.append(f"largest batch that fits: {r['largest']} ({_size(r['plans'][r['largest']])} of "
                      f"{_size(r['limit'])} per device){'' if exact else ' (search stopped before the exact limit)'}")
     return "\n".join(lines)
-
