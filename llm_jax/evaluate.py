@@ -21,8 +21,7 @@ import numpy as np
 
 from llm_jax import compression, losses, sharding
 from llm_jax.config import ConfigError
-from llm_jax.data.corpus import DataError, read_text
-from llm_jax.data.dialogue import _jsonl
+from llm_jax.data.corpus import DataError, jsonl_records, read_text
 from llm_jax.model import Transformer
 
 
@@ -57,7 +56,7 @@ def read_texts(paths: list[str], jsonl: list[str], field: str) -> list[tuple[str
         path = Path(p)
         if not path.is_file():
             raise DataError(f"--jsonl {path}: no such file")
-        for lineno, record in _jsonl(path):
+        for lineno, record in jsonl_records(path):
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise DataError(f"{path}:{lineno}: no string field {field!r}")
             texts.append((f"{path}:{lineno}", record[field]))

@@ -1,7 +1,7 @@
 """Process-wide settings that must be made before JAX starts its backend: `import llm_jax` makes them.
 
 On CPU, glibc malloc settings that let XLA:CPU reuse its scratch memory from one step to the next.
-XLA:CPU allocates each execution's temporary buffers (333 MB for `pretrain_tiny`'s train step) with one
+XLA:CPU allocates each execution's temporary buffers (318 MiB for `pretrain_tiny`'s train step) with one
 malloc on a worker thread and frees them when the execution ends. glibc serves a block that large with a
 fresh mmap, and a worker thread's arena falls back to mmap for anything over its 64 MB heap whatever
 M_MMAP_MAX says. So every step mapped its scratch space, page-faulted it in (the kernel zeroing each page)

@@ -24,8 +24,8 @@ import numpy as np
 from llm_jax import sharding
 from llm_jax.checkpoint import load_for_inference, saved_eval
 from llm_jax.config import Config, ConfigError
-from llm_jax.data.corpus import DataError
-from llm_jax.data.dialogue import Message, _jsonl, dialogue_problem
+from llm_jax.data.corpus import DataError, jsonl_records
+from llm_jax.data.dialogue import Message, dialogue_problem
 from llm_jax.data.preference import Pair, parse_pair, prompt_messages, render_answers
 from llm_jax.model import Transformer
 
@@ -65,7 +65,7 @@ def read_items(path: Path) -> list[tuple[int, object]]:
     if not path.is_file():
         raise DataError(f"--input {path}: no such file")
     items = []
-    for lineno, record in _jsonl(path):
+    for lineno, record in jsonl_records(path):
         where = f"{path}:{lineno}"
         if isinstance(record, dict) and "response" in record:
             if not isinstance(record["response"], str):

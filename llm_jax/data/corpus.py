@@ -139,15 +139,32 @@ def _gutenberg_book(path: Path) -> Iterator[str]:
     yield text[start.end():end.start()].strip("\n")
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, record) of each non-blank line of a JSONL file; a malformed line is a DataError at file:line."""
     # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines would cut.
     for lineno, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
+
+def json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) of a JSON list ("file: record i") or of JSONL ("file:line")."""
+    text = read_text(path)
+    if text.lstrip().startswith("["):
         try:
-            record = json.loads(line)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        yield from ((f"{path}: record {i}", record) for i, record in enumerate(data))
+    else:
+        yield from ((f"{path}:{lineno}", record) for lineno, record in jsonl_records(path))
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    for lineno, record in jsonl_records(path):
         if not isinstance(record, dict) or field not in record:
             raise DataError(f"{path}:{lineno}: no field {field!r} in this record")
         if not isinstance(record[field], str):

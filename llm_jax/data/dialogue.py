@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
-from llm_jax.data.corpus import DataError, glob_source, read_json, read_text
+from llm_jax.data.corpus import DataError, glob_source, json_records, jsonl_records, read_json
 
 ROLES = ("system", "user", "assistant")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
@@ -91,31 +90,8 @@ def _msg(role: str, content, where: str) -> Message:
     return Message(role, content.strip())
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines would cut.
-    for lineno, line in enumerate(read_text(path).split("\n"), 1):
-        if line.strip():
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-
-
-def _records(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, record) of a JSON list ("file: record i") or of JSONL ("file:line")."""
-    text = read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        yield from ((f"{path}: record {i}", record) for i, record in enumerate(data))
-    else:
-        yield from ((f"{path}:{lineno}", record) for lineno, record in _jsonl(path))
-
-
 def alpaca(path: Path) -> Iterator[list[Message]]:
-    for where, record in _records(Path(path)):
+    for where, record in json_records(Path(path)):
         if not isinstance(record, dict) or "instruction" not in record or "output" not in record:
             raise DataError(f"{where}: not an Alpaca record (needs 'instruction' and 'output')")
         prompt = _msg("user", record["instruction"], where).content
@@ -130,7 +106,7 @@ def alpaca(path: Path) -> Iterator[list[Message]]:
 
 
 def chat_jsonl(path: Path) -> Iterator[list[Message]]:
-    for lineno, record in _jsonl(Path(path)):
+    for lineno, record in jsonl_records(Path(path)):
         where = f"{path}:{lineno}"
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list):
@@ -159,7 +135,7 @@ def hh_transcript(text: str) -> list[Message]:
 
 
 def hh_rlhf(path: Path) -> Iterator[list[Message]]:
-    for lineno, record in _jsonl(Path(path)):
+    for lineno, record in jsonl_records(Path(path)):
         if not isinstance(record, dict) or not isinstance(record.get("chosen"), str):
             raise DataError(f"{path}:{lineno}: no string field 'chosen' in this record")
         try:
@@ -191,7 +167,7 @@ def moss(path_or_dir: Path) -> Iterator[list[Message]]:
 def oasst(path: Path) -> Iterator[list[Message]]:
     """Best-ranked path of each oasst1 tree: at every turn the reply of lowest rank (unranked last)."""
     roots, children = [], collections.defaultdict(list)
-    for lineno, m in _jsonl(Path(path)):
+    for lineno, m in jsonl_records(Path(path)):
         where = f"{path}:{lineno}"
         if not isinstance(m, dict) or not {"message_id", "parent_id", "role", "text"} <= m.keys():
             raise DataError(f"{where}: not an oasst1 message (needs message_id, parent_id, role, text)")

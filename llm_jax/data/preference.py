@@ -42,8 +42,8 @@ import numpy as np
 
 from llm_jax.config import Config, data_dir
 from llm_jax.data.chat_template import chat_tags, render_prompt
-from llm_jax.data.corpus import DataError, glob_source
-from llm_jax.data.dialogue import Message, _msg, _records, dialogue_problem, hh_transcript, parse_messages
+from llm_jax.data.corpus import DataError, glob_source, json_records
+from llm_jax.data.dialogue import Message, _msg, dialogue_problem, hh_transcript, parse_messages
 from llm_jax.data.pipeline import batch_iterator, ordered_batches
 from llm_jax.data.prepare import NpyRows, PreparedDir
 from llm_jax.data.sft import publish_chat_data
@@ -171,12 +171,12 @@ def _resolve(source: str, data_dir: Path) -> tuple[Loader, list[Path]]:
 
 
 def pair_records(path: Path) -> Iterator[list[Pair | str]]:
-    for where, record in _records(Path(path)):
+    for where, record in json_records(Path(path)):
         yield [parse_pair(record, where)]
 
 
 def qa_feedback(path: Path) -> Iterator[list[Pair | str]]:
-    for where, record in _records(Path(path)):
+    for where, record in json_records(Path(path)):
         if not isinstance(record, dict) or not set(QA_FIELDS) <= record.keys():
             raise DataError(f"{where}: not a qa-feedback record (needs {', '.join(QA_FIELDS)})")
         labels = record["preference"]
