@@ -22,8 +22,8 @@ setup(
     extras_require={
         "test": ["pytest>=9,<10"],
         "torch": ["torch==2.13.0"],  # benchmarks/torch_reference.py
-        # Hugging Face checkpoints (llm_jax/hf.py) and the parity tests against transformers
+        # Hugging Face checkpoints (llm_jax/interop/)  and the parity tests against transformers
         "hf": ["safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24", "transformers>=5.23,<5.24", "torch==2.13.0"],
     },
-    entry_points={"console_scripts": ["llm-jax=llm_jax.cli:main"]},
+    entry_points={"console_scripts": ["llm-jax=llm_jax.cli.main:main"]},
 )

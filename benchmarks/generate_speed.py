@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from llm_jax.config import load_experiment
-from llm_jax.generate import Generator, Sampling
+from llm_jax.experiment import load_experiment
+from llm_jax.inference.generate import Generator, Sampling
 from llm_jax.model import Transformer
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args()
     if args.checkpoint:
-        from llm_jax.checkpoint import load_for_inference
+        from llm_jax.train.export import load_for_inference
         cfg, params, _ = load_for_inference(args.checkpoint)
         model_cfg = cfg.model
     else:

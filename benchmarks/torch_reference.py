@@ -54,7 +54,7 @@ def default_threads() -> int:
 
 def _check_supported(cfg) -> None:
     wanted = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "tie_embeddings": False,
-              "use_bias": False, "head": "lm"}
+              "use_bias": False}
     wrong = {k: getattr(cfg, k) for k, v in wanted.items() if getattr(cfg, k) != v}
     if wrong:
         raise ValueError(f"the torch reference implements the Llama architecture ({wanted}); got {wrong}")
@@ -252,7 +252,7 @@ def tokens_per_sec(model_cfg, optim_cfg, batch_size: int, seq_len: int, steps: i
 
 def main(argv: list[str] | None = None) -> None:
     from llm_jax import runtime
-    from llm_jax.config import apply_overrides, load_experiment, validate
+    from llm_jax.experiment import apply_overrides, load_experiment, resolve
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="pretrain_tiny", help="experiment name under experiments/ or a path")
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=0, help="default: the config's data.seq_len")
     p.add_argument("--threads", type=int, default=0, help=f"default: all cores ({default_threads()})")
     args = p.parse_args(argv)
-    cfg = validate(apply_overrides(load_experiment(args.config), args.set))
+    cfg = resolve(apply_overrides(load_experiment(args.config), args.set))
     batch, seq = args.batch_size or cfg.train.batch_size, args.seq_len or cfg.data.seq_len
     r = tokens_per_sec(cfg.model, cfg.optim, batch, seq, steps=args.steps, warmup=args.warmup,
                        threads=args.threads or None, seed=cfg.train.seed)

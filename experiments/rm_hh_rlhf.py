@@ -1,20 +1,21 @@
 """A pairwise reward model on Anthropic hh-rlhf (harmless-base): which of two replies people found less harmful.
 
-Starts from an export of a pretrained or SFT run (the trunk is kept, the reward head starts at zero):
+Starts from an export of a pretrained or SFT run, whose model it takes (the trunk is kept, the reward head
+starts at zero):
     llm-jax train --config rm_hh_rlhf --set checkpoint.init_from=runs/sft-export
-A fixed-seed 10% of the hh-rlhf pairs (split by record, data/preference.py) is held out for eval. To also
+A fixed-seed 10% of the hh-rlhf pairs (split by record, data/chat/preference.py) is held out for eval. To also
 train on the qa-feedback comparisons (each of its sources holds out its own 10%, so the hh eval pairs stay
 the same):
     --set data.sources=hh:pref_hh_rlhf/*.jsonl.gz,qa_feedback:pref_qa_feedback/*.json.gz
 """
-from llm_jax.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_jax.config import CheckpointConfig, Config, DataConfig, OptimConfig, TrainConfig
 
 
 def config() -> Config:
     return Config(
         name="rm_hh_rlhf",
-        model=ModelConfig(head="reward"),  # replaced by the export's model; the head stays
-        data=DataConfig(format="preference", sources=("hh:pref_hh_rlhf/*.jsonl.gz",), seq_len=256,
+        task="reward",
+        data=DataConfig(sources=("hh:pref_hh_rlhf/*.jsonl.gz",), seq_len=256,
                         eval_fraction=0.1),
         # Reward models overfit their comparisons within about an epoch (InstructGPT trains one): ~1,700
         # train pairs / 16 = 107 steps.

@@ -10,7 +10,8 @@ from llm_jax.config import CheckpointConfig, Config, DataConfig, OptimConfig, Tr
 def config() -> Config:
     return Config(
         name="sft_alpaca",
-        data=DataConfig(format="dialogue", sources=("alpaca:sft_alpaca_en/*.json.gz",), seq_len=256,
+        task="sft",
+        data=DataConfig(sources=("alpaca:sft_alpaca_en/*.json.gz",), seq_len=256,
                         eval_fraction=0.02),
         # A lower peak than pretraining: the point is to keep what was learnt and add the answering habit.
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=50, weight_decay=0.0),

@@ -8,7 +8,8 @@ from llm_jax.config import CheckpointConfig, Config, DataConfig, OptimConfig, Tr
 def config() -> Config:
     return Config(
         name="sft_chinese",
-        data=DataConfig(format="dialogue", sources=("alpaca:sft_zh_qa_hikariming/*.json",
+        task="sft",
+        data=DataConfig(sources=("alpaca:sft_zh_qa_hikariming/*.json",
                                                      "moss_zh:sft_moss003_zh_en/**/*.json"),
                         seq_len=512, eval_fraction=0.03),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=50, weight_decay=0.0),

@@ -1,5 +1,5 @@
 import sys
 
-from llm_jax.cli import main
+from llm_jax.cli.main import main
 
 sys.exit(main())

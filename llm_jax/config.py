@@ -1,24 +1,18 @@
-"""Typed experiment configuration: frozen dataclasses, dotted `a.b=v` overrides, validation.
+"""Typed configuration: frozen dataclasses with their defaults, the llama()/gpt2() presets, validation of
+what can be checked without devices or data, and the JSON form saved with every run and checkpoint.
 
-An experiment is a Python file under `experiments/` defining `config() -> Config`, usually a short
-`dataclasses.replace` diff from these defaults. Every field can be overridden from the command line
-(`--set model.n_layers=4`); unknown keys are errors that name the closest existing key.
+Experiment files, `--set` overrides and init_from are resolved into a Config by experiment.py.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import importlib.util
 import json
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A bad experiment file, override or field value; the message is one line naming the key."""
+from llm_jax.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -49,9 +43,8 @@ class ModelConfig:
     # holding (batch, length, vocab) logits in float32 (memory for big vocabularies); 0: plain logits
     logits_chunk: int = 0
     remat: str = "none"  # none | full | dots | dots_no_batch
-    # lm: next-token logits; reward: one scalar per sequence, read at its last real token (a reward model)
-    head: str = "lm"
-    reward_init_std: float = 0.0  # init of the reward head's kernel (0: zeros, so every pair starts at 1 bit)
+    # The reward head's kernel init, where the task has one (0: zeros, so every pair starts at 1 bit).
+    reward_init_std: float = 0.0
 
     @property
     def resolved_head_dim(self) -> int:
@@ -68,11 +61,8 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # text: documents for next-token pretraining (sources as in data/corpus.py); dialogue: SFT on
-    # conversations, loss on assistant tokens only (sources as in data/dialogue.py); preference: chosen vs
-    # rejected answers for a reward model (sources as in data/preference.py).
-    format: str = "text"
-    # Each source is "kind:pattern" (pattern relative to data_dir unless absolute).
+    # Each source is "kind:pattern" (pattern relative to data_dir unless absolute); the kinds are the task's:
+    # documents (data/corpus.py), dialogues (data/chat/dialogue.py) or preference pairs (data/chat/pairs.py).
     sources: tuple[str, ...] = ("python_stdlib",)
     data_dir: str = ""  # empty: $LLM_JAX_DATA, else ../shared/data beside the repository
     seq_len: int = 256
@@ -81,7 +71,7 @@ class DataConfig:
     tokenizer: str = ""  # an existing sentencepiece .model; empty: train one on the corpus
     tokenizer_type: str = "bpe"  # bpe | unigram
     tokenizer_train_bytes: int = 8_000_000  # corpus sample the tokenizer is trained on
-    prepared: str = ""  # a directory from `llm-jax prepare`; empty: prepare into RUN_DIR/data
+    prepared: str = ""  # a directory from `llm-jax prepare` (any task); empty: prepare into RUN_DIR/data
     num_workers: int = 0  # grain worker processes (0: in the main process)
 
 
@@ -133,6 +123,9 @@ class RewardConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "default"
+    # The training algorithm (tasks/): pretrain (next-token prediction on documents), sft (on dialogues, loss
+    # on the answers), reward (a pairwise reward model on preference pairs).
+    task: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -151,8 +144,6 @@ CHOICES = {
     "model.attention_impl": ("auto", "xla", "cudnn", "einsum"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.tokenizer_type": ("bpe", "unigram"),
-    "model.head": ("lm", "reward"),
-    "data.format": ("text", "dialogue", "preference"),
     "train.nonfinite": ("skip", "stop"),
 }
 
@@ -171,69 +162,8 @@ def gpt2(**overrides) -> ModelConfig:
     return dataclasses.replace(base, **merged)
 
 
-# ---------------------------------------------------------------------------------------------- overrides
-
-def flat_keys(cfg: Config) -> dict[str, type]:
-    """Every overridable dotted key with its annotated type."""
-    keys = {}
-    for section in dataclasses.fields(cfg):
-        value = getattr(cfg, section.name)
-        if dataclasses.is_dataclass(value):
-            hints = typing.get_type_hints(type(value))
-            for f in dataclasses.fields(value):
-                keys[f"{section.name}.{f.name}"] = hints[f.name]
-        else:
-            keys[section.name] = typing.get_type_hints(type(cfg))[section.name]
-    return keys
-
-
-def _parse(key: str, text: str, typ):
-    try:
-        if typ is bool:
-            if text.lower() in ("true", "1", "yes"):
-                return True
-            if text.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError("expected true or false")
-        if typ is int:
-            return int(text.replace("_", ""))
-        if typ is float:
-            return float(text)
-        if typ is str:
-            return text
-        if typing.get_origin(typ) is tuple:
-            if text.startswith(("(", "[")):
-                items = ast.literal_eval(text)
-            else:
-                items = [t for t in text.split(",") if t]
-            return tuple(str(i) for i in items)
-    except (ValueError, SyntaxError) as e:
-        raise ConfigError(f"--set {key}={text}: cannot parse as {getattr(typ, '__name__', typ)} ({e})") from None
-    raise ConfigError(f"--set {key}: unsupported field type {typ}")
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    keys = flat_keys(cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.n_layers=4)")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if key not in keys:
-            close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
-        value = _parse(key, text.strip(), keys[key])
-        if "." in key:
-            section, name = key.split(".", 1)
-            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
-        else:
-            cfg = dataclasses.replace(cfg, **{key: value})
-    return cfg
-
-
 def validate(cfg: Config) -> Config:
-    """Checks what can be checked without devices or data; mesh divisibility lives in sharding.py."""
+    """Checks what can be checked without devices or data; mesh divisibility lives in parallel/sharding.py."""
     flat = to_dict(cfg)
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -267,9 +197,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"checkpoint.every={cfg.checkpoint.every}, checkpoint.keep={cfg.checkpoint.keep}, "
                           f"checkpoint.keep_period={cfg.checkpoint.keep_period}: need every >= 0, keep >= 1, "
                           "keep_period >= 0")
-    if (cfg.data.format == "preference") != (m.head == "reward"):
-        raise ConfigError(f"data.format={cfg.data.format!r} with model.head={m.head!r}: a reward model "
-                          "(model.head=reward) trains on preference data (data.format=preference) and only on it")
     if cfg.reward.center_coef < 0 or m.reward_init_std < 0:
         raise ConfigError(f"reward.center_coef={cfg.reward.center_coef} and model.reward_init_std="
                           f"{m.reward_init_std} must not be negative")
@@ -278,11 +205,25 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+# Model fields of the output head: fine-tuning an export into another task (a language model into a reward
+# model) keeps the export's trunk and takes these from the new config.
+HEAD_FIELDS = ("reward_init_std",)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Configs saved before `task` replaced the data section's `format` and the model's `head` (run directories,
+# exports, imports) still load.
+_LEGACY_TASKS = {"text": "pretrain", "dialogue": "sft", "preference": "reward"}
+
+
 def from_dict(d: dict) -> Config:
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    if "format" in d.get("data", {}):
+        d.setdefault("task", _LEGACY_TASKS.get(d["data"].pop("format"), "?"))
+        d.get("model", {}).pop("head", None)
     sections = {f.name: f for f in dataclasses.fields(Config)}
     kwargs = {}
     for name, value in d.items():
@@ -301,29 +242,7 @@ def to_json(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
-# ---------------------------------------------------------------------------------------------- experiments
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS_DIR = REPO_ROOT / "experiments"
-
-
-def load_experiment(path_or_name: str) -> Config:
-    """Loads `config()` from an experiment file, given as a path or as a name under experiments/."""
-    path = Path(path_or_name)
-    if not path.suffix:
-        path = EXPERIMENTS_DIR / f"{path_or_name}.py"
-    if not path.is_file():
-        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
-        raise ConfigError(f"experiment file {str(path)!r} not found (known: {', '.join(known)})")
-    spec = importlib.util.spec_from_file_location(f"llm_jax_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "config"):
-        raise ConfigError(f"experiment file {str(path)!r} defines no config() function")
-    cfg = module.config()
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"{str(path)}: config() returned {type(cfg).__name__}, not llm_jax.config.Config")
-    return cfg
 
 
 def data_dir(cfg: Config) -> Path:

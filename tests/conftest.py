@@ -1,8 +1,108 @@
-"""8 fake CPU devices for every test: set before JAX is imported anywhere."""
+"""What every test shares: 8 fake CPU devices, a compilation cache, the tiny corpus and the tiny run.
+
+The environment is set before JAX is imported anywhere, and subprocesses (`python -m llm_jax ...`) inherit
+it. Tests marked `slow` spawn processes or train for more than a few seconds: `pytest -m "not slow"` leaves
+them out.
+"""
 import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The suite compiles hundreds of tiny programs and runs each a few times: XLA's least optimised code
+# generation compiles them ~20% faster. Every comparison in the suite is between programs compiled alike.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite is mostly compilation, which one malloc arena slows by ~25% (many compile threads); it only makes
 # steps faster. tests/test_runtime.py turns it on where it is tested.
 os.environ.setdefault("LLM_JAX_MALLOC", "system")
+# Many tests compile the same few programs (the tiny model's steps): a persistent compilation cache holds
+# the same executables, so the same numbers, and saves most of the compile time. One per session.
+_CACHE = tempfile.mkdtemp(prefix="llm_jax_tests_jax_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# The tiny model: every dimension divides by 2 (tensor parallelism) and fits a 320-piece tokenizer.
+TINY_MODEL = ("model.vocab_size=320", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+              "model.n_kv_heads=2", "model.d_ff=64")
+# The tiny pretraining run on `corpus`, beside TINY_MODEL: seconds on 2 cores, and the loss visibly falls.
+TINY_RUN = ("data.seq_len=32", "train.batch_size=8", "train.steps=60", "train.eval_every=20", "train.log_every=5",
+            "optim.warmup_steps=5", "optim.learning_rate=1e-2", "data.max_bytes=0", "train.eval_batches=0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: spawns processes or trains for more than a few seconds")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+def set_flags(items) -> list[str]:
+    return [flag for item in items for flag in ("--set", item)]
+
+
+def write_corpus(root: Path, n_files: int = 6, seed: int = 0) -> Path:
+    """A small learnable language: sentences from a toy grammar, a little Chinese and code."""
+    rng = random.Random(seed)
+    nouns, verbs = ["cat", "dog", "bird", "fish", "mouse"], ["sees", "chases", "likes", "eats"]
+    for i in range(n_files):
+        lines = [f"the {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)}." for _ in range(300)]
+        lines += ["猫看见了狗。", "def f(x):\n    return x + 1\n"]
+        (root / f"doc{i}.txt").write_text("\n".join(lines), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The toy corpus, shared read-only by every test."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(corpus) -> tuple[str, ...]:
+    """`--set` items of the tiny pretraining run on the toy corpus (later items override earlier ones)."""
+    return (f"data.sources=text:{corpus}/*.txt", *TINY_MODEL, *TINY_RUN)
+
+
+@pytest.fixture(scope="session")
+def train_args(tiny_overrides):
+    """train_args(run_dir, *overrides, config=..., flags=...): the argv of `llm-jax train` for the tiny run."""
+    def make(run_dir, *extra: str, config: str = "pretrain_tiny", flags=()) -> list[str]:
+        return ["train", "--config", config, "--run-dir", str(run_dir), *flags,
+                *set_flags((*tiny_overrides, *extra))]
+    return make
+
+
+@pytest.fixture(scope="session")
+def scalars():
+    """scalars(run_dir) -> ({tag: [(step, value), ...]}, the EventAccumulator) of a run's TensorBoard files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def read(run_dir):
+        acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
+    return read
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, train_args) -> Path:
+    """An `llm-jax export` of the tiny run trained 20 steps: the start of SFT, reward and generation tests."""
+    from llm_jax.cli.main import main
+    root = tmp_path_factory.mktemp("tiny_export")
+    assert main(train_args(root / "run", "train.steps=20", "train.eval_every=1000")) == 0
+    assert main(["export", "--run-dir", str(root / "run"), "--out", str(root / "export")]) == 0
+    return root / "export"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> tuple[str, ...]:
+    """`--set` items of the tiny model alone."""
+    return TINY_MODEL

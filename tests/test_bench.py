@@ -1,9 +1,9 @@
 """`llm-jax bench`: the printed figures are parsed and must be consistent with each other."""
 import re
 
-from test_train import make_corpus
+import pytest
 
-from llm_jax.cli import main
+from llm_jax.cli.main import main, parser
 
 TINY = ["--config", "pretrain_tiny", "--set", "model.vocab_size=320", "--set", "model.d_model=32",
         "--set", "model.n_layers=2", "--set", "model.d_ff=64", "--set", "data.seq_len=32",
@@ -16,6 +16,7 @@ def table(text):
     return rows, number
 
 
+@pytest.mark.slow
 def test_bench_train_figures_agree_with_each_other(capsys):
     assert main(["bench", "train", *TINY, "--steps", "4", "--warmup", "1", "--set", "train.peak_tflops=0.005"]) == 0
     rows, number = table(capsys.readouterr().out)
@@ -33,8 +34,19 @@ def test_bench_train_figures_agree_with_each_other(capsys):
     assert inputs > 0 and scratch > 0 and abs(total - (inputs + outputs + scratch)) < 0.2
 
 
-def test_bench_data_generate_and_checkpoint_report_positive_rates(tmp_path, capsys):
-    corpus = make_corpus(tmp_path)
+@pytest.mark.slow
+def test_bench_train_runs_any_task(capsys):
+    """A reward model on synthetic pairs: no data, no tokenizer, and tokens count both answers of a pair."""
+    assert main(["bench", "train", "--config", "rm_tiny", "--set", "model.n_layers=1", "--set", "data.seq_len=16",
+                 "--set", "train.batch_size=8", "--steps", "2", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("bench train rm_tiny\n")
+    rows, number = table(out)
+    assert rows["data"] == "synthetic" and number("tokens / step") == 8 * 2 * 16 and number("tokens / s") > 0
+
+
+@pytest.mark.slow
+def test_bench_data_generate_and_checkpoint_report_positive_rates(corpus, capsys):
     data = ["--set", f"data.sources=text:{corpus}/*.txt"]
     assert main(["bench", "data", *TINY, *data, "--steps", "5"]) == 0
     assert float(re.search(r": ([\d,]+) tokens/s", capsys.readouterr().out).group(1).replace(",", "")) > 0
@@ -46,8 +58,8 @@ def test_bench_data_generate_and_checkpoint_report_positive_rates(tmp_path, caps
     assert 0 <= held <= whole
 
 
-def test_bench_train_with_real_data_and_a_profile(tmp_path, capsys):
-    corpus = make_corpus(tmp_path)
+@pytest.mark.slow
+def test_bench_train_with_real_data_and_a_profile(tmp_path, corpus, capsys):
     assert main(["bench", "train", *TINY, "--set", f"data.sources=text:{corpus}/*.txt", "--real-data",
                  "--steps", "3", "--warmup", "1", "--profile", str(tmp_path / "prof")]) == 0
     rows, number = table(capsys.readouterr().out)
@@ -55,11 +67,12 @@ def test_bench_train_with_real_data_and_a_profile(tmp_path, capsys):
     assert list((tmp_path / "prof").rglob("*.xplane.pb")), "no profiler trace written"
 
 
+@pytest.mark.slow
 def test_bench_memory_finds_the_largest_batch_whose_plan_fits(capsys):
-    from llm_jax import bench
-    from llm_jax.cli import _resolve, parser
-    cfg = _resolve(parser().parse_args(["bench", "memory", *TINY]))
-    one = bench.bench_memory(cfg, limit_gib=1e-9, max_compiles=1)  # batch 8 only (it cannot fit in 1 byte)
+    from llm_jax.bench.memory import bench_memory
+    from llm_jax.cli.args import resolve
+    cfg = resolve(parser().parse_args(["bench", "memory", *TINY]))
+    one = bench_memory(cfg, limit_gib=1e-9, max_compiles=1)  # batch 8 only (it cannot fit in 1 byte)
     assert one["largest"] is None and list(one["plans"]) == [8]
     limit_gib = 2.5 * one["plans"][8] / 2**30
     assert main(["bench", "memory", *TINY, "--limit-gib", str(limit_gib)]) == 0

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import make_corpus
 
-from llm_jax import checkpoint, loop
-from llm_jax.cli import main
-from llm_jax.config import apply_overrides, load_experiment
+from llm_jax.cli.main import main
+from llm_jax.experiment import apply_overrides, load_experiment
+from llm_jax.train import checkpoint, loop
 
 REPO = Path(__file__).resolve().parent.parent
 LOSS, GRAD_NORM = "train/loss_bits_per_token", "optim/grad_norm"
@@ -32,20 +30,18 @@ VOCAB = 320
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def overrides(corpus, *extra):
-    """test_train's tiny run as `--set` items; every dimension divides by 2 (tensor) and the batch by 4."""
-    return [f"data.sources=text:{corpus}/*.txt", f"model.vocab_size={VOCAB}", "model.d_model=32",
-            "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64", "data.seq_len=32",
-            "train.batch_size=8", f"train.steps={2 * E}", "train.eval_every=1000", "train.log_every=5",
-            "optim.warmup_steps=5", "optim.learning_rate=1e-2", "data.max_bytes=0", "train.eval_batches=0",
-            f"checkpoint.every={E}", "checkpoint.keep=5", *extra]
+# The conftest's tiny run, 2E steps, checkpointed every E.
+RUN = (f"train.steps={2 * E}", "train.eval_every=1000", f"checkpoint.every={E}", "checkpoint.keep=5")
 
 
-def train_argv(run_dir, corpus, *extra, flags=()):
-    argv = ["train", "--config", "pretrain_tiny", "--run-dir", str(run_dir), *flags]
-    for item in overrides(corpus, *extra):
-        argv += ["--set", item]
-    return argv
+@pytest.fixture(scope="module")
+def overrides(tiny_overrides):
+    return lambda *extra: [*tiny_overrides, *RUN, *extra]
+
+
+@pytest.fixture(scope="module")
+def train_argv(train_args):
+    return lambda run_dir, *extra, flags=(): train_args(run_dir, *RUN, *extra, flags=flags)
 
 
 def events(run_dir, tag=LOSS):
@@ -85,35 +81,11 @@ def lines_with(text, word):
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
-CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
-                 "jax_persistent_cache_min_entry_size_bytes": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Every run here compiles the same few programs: a persistent compilation cache (the same executables,
-    so the same numbers) saves most of each run's time. Subprocesses get it through the environment."""
-    options = {**CACHE_OPTIONS, "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache"))}
-    saved = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # re-read the options even if something compiled before this module
-    yield {name.upper(): str(value) for name, value in options.items()}
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def finished(corpus, tmp_path_factory):
+def finished(train_argv, tmp_path_factory):
     """A completed in-process run of 2E steps with checkpoints at E and 2E; tests that change it copy it."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    assert main(train_argv(run, corpus)) == 0
+    assert main(train_argv(run)) == 0
     assert committed(run) == [E, 2 * E]
     return run
 
@@ -171,8 +143,8 @@ class Runs:
 
 
 @pytest.fixture
-def runs(tmp_path, compile_cache):
-    r = Runs(tmp_path, {**os.environ, **compile_cache})
+def runs(tmp_path):
+    r = Runs(tmp_path, dict(os.environ))
     yield r
     r.close()
 
@@ -184,14 +156,15 @@ LONG = ("model.d_model=64", "model.d_ff=128", f"train.steps={TOTAL}")
 
 # ---------------------------------------------------------------------------------------------- resume
 
-def test_resume_continues_the_curve_with_the_same_losses(finished, corpus, tmp_path):
+@pytest.mark.slow
+def test_resume_continues_the_curve_with_the_same_losses(finished, tmp_path, train_argv):
     """Checkpoint 2E lost (as if killed after E): the resumed run retrains E+1..2E, each step once in TB."""
     run = copy_run(finished, tmp_path / "run")
     original = {tag: by_step(events(run, tag)) for tag in (LOSS, GRAD_NORM)}
     shutil.rmtree(run / "checkpoints" / str(2 * E))
     (run / "results.json").unlink()
     t0 = time.time()
-    assert main(train_argv(run, corpus)) == 0
+    assert main(train_argv(run)) == 0
     assert (run / "results.json").exists() and committed(run) == [E, 2 * E]
     for tag in (LOSS, GRAD_NORM):
         assert_each_step_once(run, 2 * E, tag)
@@ -202,10 +175,11 @@ def test_resume_continues_the_curve_with_the_same_losses(finished, corpus, tmp_p
         assert new == {s: v for s, v in original[tag].items() if s > E}, tag
 
 
-def test_sigkill_then_restart_is_bit_identical_to_an_uninterrupted_run(corpus, tmp_path, runs):
+@pytest.mark.slow
+def test_sigkill_then_restart_is_bit_identical_to_an_uninterrupted_run(tmp_path, runs, train_argv):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
-    reference = runs.start("whole", train_argv(whole, corpus, *LONG))
-    proc = runs.start("killed", train_argv(killed, corpus, *LONG))
+    reference = runs.start("whole", train_argv(whole, *LONG))
+    proc = runs.start("killed", train_argv(killed, *LONG))
     runs.wait_for_checkpoint(proc, killed, E)
     assert proc.poll() is None, "the run finished before it could be killed: make it longer"
     proc.send_signal(signal.SIGKILL)
@@ -214,7 +188,7 @@ def test_sigkill_then_restart_is_bit_identical_to_an_uninterrupted_run(corpus, t
     assert E <= resumed_from < TOTAL and not (killed / "results.json").exists()
 
     t_restart = time.time()
-    rc, restart = runs.run("restart", train_argv(killed, corpus, *LONG))
+    rc, restart = runs.run("restart", train_argv(killed, *LONG))
     assert rc == 0, runs.stderr(restart)[-2000:]
     assert runs.wait(reference, 240) == 0, runs.stderr(reference)[-2000:]
     for tag in (LOSS, GRAD_NORM):
@@ -228,10 +202,11 @@ def test_sigkill_then_restart_is_bit_identical_to_an_uninterrupted_run(corpus, t
         assert_each_step_once(killed, TOTAL, tag)
 
 
-def test_elastic_resume_on_another_mesh(corpus, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_elastic_resume_on_another_mesh(tmp_path, monkeypatch, overrides):
     base = load_experiment("pretrain_tiny")
     run = tmp_path / "run"
-    cfg8 = apply_overrides(base, overrides(corpus, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+    cfg8 = apply_overrides(base, overrides("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
     loop.train(cfg8, run)
     original = by_step(events(run))
     shutil.rmtree(run / "checkpoints" / str(2 * E))  # as if killed after checkpoint E
@@ -248,7 +223,7 @@ def test_elastic_resume_on_another_mesh(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "restore_latest", spy)
     devices4 = jax.devices()[:4]
     # FSDP over 4: parameters really are re-split, not just replicated onto fewer devices.
-    cfg4 = apply_overrides(base, overrides(corpus, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1"))
+    cfg4 = apply_overrides(base, overrides("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1"))
     t0 = time.time()
     loop.train(cfg4, run, devices=devices4)
 
@@ -269,10 +244,11 @@ def test_elastic_resume_on_another_mesh(corpus, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- run directory
 
-def test_fresh_deletes_the_run_and_starts_over(finished, corpus, tmp_path):
+@pytest.mark.slow
+def test_fresh_deletes_the_run_and_starts_over(finished, tmp_path, train_argv):
     run = copy_run(finished, tmp_path / "run")
     t0 = time.time()
-    assert main(train_argv(run, corpus, flags=["--fresh"])) == 0
+    assert main(train_argv(run, flags=["--fresh"])) == 0
     assert committed(run) == [E, 2 * E]
     assert_each_step_once(run, 2 * E)
     assert all(e.wall_time >= t0 for e in events(run))
@@ -280,63 +256,64 @@ def test_fresh_deletes_the_run_and_starts_over(finished, corpus, tmp_path):
     assert not old, old[:3]
 
 
-def test_run_without_checkpoint_needs_fresh(corpus, tmp_path, capsys):
+def test_run_without_checkpoint_needs_fresh(tmp_path, capsys, train_argv):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     before = snapshot(run)
-    assert main(train_argv(run, corpus)) == 2
+    assert main(train_argv(run)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("llm-jax: error:") and "\n" not in err and "--fresh" in err, err
     assert snapshot(run) == before and sorted(p.name for p in run.iterdir()) == ["config.json"]
-    assert main(train_argv(run, corpus, "train.steps=2", flags=["--fresh"])) == 0
+    assert main(train_argv(run, "train.steps=2", flags=["--fresh"])) == 0
     assert committed(run) == [2]
 
 
-def test_keep_last_and_every_period_and_always_the_end(corpus, tmp_path):
+@pytest.mark.slow
+def test_keep_last_and_every_period_and_always_the_end(tmp_path, train_argv):
     run = tmp_path / "run"  # synchronous saves here; every other test uses the default, asynchronous
-    assert main(train_argv(run, corpus, "train.steps=13", "checkpoint.every=2", "checkpoint.keep=2",
+    assert main(train_argv(run, "train.steps=13", "checkpoint.every=2", "checkpoint.keep=2",
                            "checkpoint.keep_period=4", "checkpoint.async_save=false")) == 0
     # the last two (12, 13: the end is always saved) and every 4th step
     assert committed(run) == [4, 8, 12, 13]
 
 
-def test_changed_model_is_refused_and_checkpoints_untouched(finished, corpus, capsys):
+def test_changed_model_is_refused_and_checkpoints_untouched(finished, capsys, train_argv):
     before = snapshot(finished / "checkpoints"), (finished / "config.json").read_bytes()
-    assert main(train_argv(finished, corpus, "model.n_layers=3")) == 2
+    assert main(train_argv(finished, "model.n_layers=3")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("llm-jax: error:") and "\n" not in err and "model.n_layers" in err, err
     assert (snapshot(finished / "checkpoints"), (finished / "config.json").read_bytes()) == before
 
 
-def test_other_tokenizer_is_refused_and_checkpoints_untouched(finished, corpus, tmp_path, capsys):
+def test_other_tokenizer_is_refused_and_checkpoints_untouched(finished, tmp_path, capsys, train_argv, overrides):
     other = tmp_path / "other_data"  # the same corpus, tokenized by a unigram model instead of BPE
     assert main(["prepare", "--config", "pretrain_tiny", "--out", str(other)]
-                + [a for item in overrides(corpus, "data.tokenizer_type=unigram") for a in ("--set", item)]) == 0
+                + [a for item in overrides("data.tokenizer_type=unigram") for a in ("--set", item)]) == 0
     capsys.readouterr()
     before = snapshot(finished / "checkpoints")
-    assert main(train_argv(finished, corpus, f"data.prepared={other}")) == 2
+    assert main(train_argv(finished, f"data.prepared={other}")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("llm-jax: error:") and "\n" not in err and "tokenizer differs" in err, err
     assert snapshot(finished / "checkpoints") == before
 
 
-def test_too_little_disk_space_fails_before_training(corpus, tmp_path, capsys, monkeypatch):
+def test_too_little_disk_space_fails_before_training(tmp_path, capsys, monkeypatch, train_argv):
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
     run = tmp_path / "run"
-    assert main(train_argv(run, corpus)) == 2
+    assert main(train_argv(run)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("llm-jax: error:") and "not enough free space" in err and str(run) in err, err
     assert not run.exists()  # a run that never started leaves nothing behind
 
 
 @pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
-def test_unwritable_run_dir_is_exit_2_before_training(corpus, tmp_path, capsys, where):
+def test_unwritable_run_dir_is_exit_2_before_training(tmp_path, capsys, where, train_argv):
     afile = tmp_path / "afile"
     afile.write_text("not a directory")
     run = afile / "run" if where == "under_a_file" else afile
-    assert main(train_argv(run, corpus)) == 2
+    assert main(train_argv(run)) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert err.startswith("llm-jax: error:") and "\n" not in err and str(run) in err, err
@@ -346,10 +323,11 @@ def test_unwritable_run_dir_is_exit_2_before_training(corpus, tmp_path, capsys, 
 
 # ---------------------------------------------------------------------------------------------- signals
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_preemption_checkpoints_and_exits_75(corpus, tmp_path, runs, sig):
+def test_preemption_checkpoints_and_exits_75(tmp_path, runs, sig, train_argv):
     run = tmp_path / "run"
-    argv = train_argv(run, corpus, *LONG)
+    argv = train_argv(run, *LONG)
     proc = runs.start("preempted", argv)
     runs.wait_for_checkpoint(proc, run, E)
     assert proc.poll() is None, "the run finished before the signal: make it longer"
@@ -376,7 +354,8 @@ def _array_data_files(step_dir):
     return files or [max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)]
 
 
-def test_unreadable_checkpoint_is_moved_aside_and_the_previous_one_used(finished, corpus, tmp_path, capsys):
+@pytest.mark.slow
+def test_unreadable_checkpoint_is_moved_aside_and_the_previous_one_used(finished, tmp_path, capsys, train_argv):
     run = copy_run(finished, tmp_path / "run")
     step_dir = run / "checkpoints" / str(2 * E)
     truncated = {}
@@ -385,7 +364,7 @@ def test_unreadable_checkpoint_is_moved_aside_and_the_previous_one_used(finished
         os.truncate(path, path.stat().st_size // 2)
     before = snapshot(run / "checkpoints" / str(E))
     t0 = time.time()
-    assert main(train_argv(run, corpus, f"train.steps={3 * E}")) == 0
+    assert main(train_argv(run, f"train.steps={3 * E}")) == 0
     unreadable = lines_with(capsys.readouterr().err, "unreadable")
     assert len(unreadable) == 1 and str(2 * E) in unreadable[0], unreadable
     moved = run / "corrupt_checkpoints" / str(2 * E)
@@ -399,9 +378,10 @@ def test_unreadable_checkpoint_is_moved_aside_and_the_previous_one_used(finished
 
 # ---------------------------------------------------------------------------------------------- non-finite
 
-def test_nonfinite_stop_exits_3_without_a_checkpoint_after_it(corpus, tmp_path, capsys):
+@pytest.mark.slow
+def test_nonfinite_stop_exits_3_without_a_checkpoint_after_it(tmp_path, capsys, train_argv):
     run = tmp_path / "run"
-    assert main(train_argv(run, corpus, "train.nonfinite=stop", "optim.learning_rate=1e30",
+    assert main(train_argv(run, "train.nonfinite=stop", "optim.learning_rate=1e30",
                            "checkpoint.every=1")) == 3
     assert len(lines_with(capsys.readouterr().err, "non-finite")) == 1
     evs = events(run)
@@ -412,9 +392,10 @@ def test_nonfinite_stop_exits_3_without_a_checkpoint_after_it(corpus, tmp_path, 
     assert not (run / "results.json").exists()
 
 
-def test_nonfinite_skip_completes_and_counts_skipped_steps(corpus, tmp_path):
+@pytest.mark.slow
+def test_nonfinite_skip_completes_and_counts_skipped_steps(tmp_path, train_argv):
     run = tmp_path / "run"
-    assert main(train_argv(run, corpus, "train.nonfinite=skip", "optim.learning_rate=1e30")) == 0
+    assert main(train_argv(run, "train.nonfinite=skip", "optim.learning_rate=1e30")) == 0
     skipped = events(run, "optim/skipped_steps")
     assert skipped and skipped[-1].value > 0
     assert (run / "results.json").exists()
@@ -422,7 +403,8 @@ def test_nonfinite_skip_completes_and_counts_skipped_steps(corpus, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- export
 
-def test_export_then_init_from_starts_from_the_trained_params(finished, corpus, tmp_path):
+@pytest.mark.slow
+def test_export_then_init_from_starts_from_the_trained_params(finished, tmp_path, train_argv):
     out = tmp_path / "export"
     assert main(["export", "--run-dir", str(finished), "--out", str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "tokenizer.model").is_file()
@@ -433,7 +415,7 @@ def test_export_then_init_from_starts_from_the_trained_params(finished, corpus, 
     assert (tmp_path / "export_e" / "config.json").is_file()
 
     run = tmp_path / "run"
-    assert main(train_argv(run, corpus, f"checkpoint.init_from={out}", "train.steps=2")) == 0
+    assert main(train_argv(run, f"checkpoint.init_from={out}", "train.steps=2")) == 0
     fresh_first = events(finished)[0].value
     first = events(run)[0].value
     assert first < fresh_first - 3 and first < math.log2(VOCAB) / 2, (first, fresh_first)

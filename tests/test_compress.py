@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from llm_jax import compress
-from llm_jax.checkpoint import CheckpointError
-from llm_jax.compress import (HEADER_SIZE, Decoder, Encoder, compress_bytes, compress_with_stats,
-                              decode_symbol, decompress_bytes, quantise, to_tokens)
 from llm_jax.config import llama
-from llm_jax.data.corpus import DataError
 from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.errors import CheckpointError, DataError
+from llm_jax.inference import codec
+from llm_jax.inference.arithmetic import Decoder, Encoder, decode_symbol, quantise
+from llm_jax.inference.codec import HEADER_SIZE, compress_bytes, compress_with_stats, decompress_bytes, to_tokens
+from llm_jax.inference.runner import ModelRunner
 from llm_jax.model import Transformer
 
 ENGLISH = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
@@ -116,13 +116,14 @@ def test_files_round_trip_and_a_failed_decompression_writes_nothing(tok, model, 
     cfg, params = model
     loaded = {"params": params}
     checkpoint = SimpleNamespace(model=cfg, data=SimpleNamespace(seq_len=CONTEXT))
-    monkeypatch.setattr(compress, "load_for_inference", lambda path, step=None: (checkpoint, loaded["params"], tok))
+    monkeypatch.setattr(ModelRunner, "load",
+                        lambda path, step=None: (checkpoint, ModelRunner(cfg, loaded["params"]), tok))
     (tmp_path / "in.txt").write_bytes(CODE.encode())
-    stats = compress.compress_file("ckpt", tmp_path / "in.txt", tmp_path / "in.llmz")
+    stats = codec.compress_file("ckpt", tmp_path / "in.txt", tmp_path / "in.llmz")
     assert stats["context"] == CONTEXT and stats["output_bytes"] == (tmp_path / "in.llmz").stat().st_size
-    compress.decompress_file("ckpt", tmp_path / "in.llmz", tmp_path / "out.txt")
+    codec.decompress_file("ckpt", tmp_path / "in.llmz", tmp_path / "out.txt")
     assert (tmp_path / "out.txt").read_bytes() == CODE.encode()
     loaded["params"] = params_for(cfg, seed=2)
     with pytest.raises(CheckpointError, match="different checkpoint"):
-        compress.decompress_file("ckpt", tmp_path / "in.llmz", tmp_path / "again.txt")
+        codec.decompress_file("ckpt", tmp_path / "in.llmz", tmp_path / "again.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.llmz", "in.txt", "out.txt"]

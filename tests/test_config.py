@@ -2,8 +2,10 @@ import dataclasses
 
 import pytest
 
-from llm_jax.config import (EXPERIMENTS_DIR, Config, ConfigError, apply_overrides, from_dict, gpt2, llama,
-                            load_experiment, to_dict, validate)
+from llm_jax import tasks
+from llm_jax.config import Config, from_dict, gpt2, llama, to_dict, validate
+from llm_jax.errors import ConfigError
+from llm_jax.experiment import EXPERIMENTS_DIR, apply_overrides, load_experiment
 
 
 def test_overrides_parse_by_field_type():
@@ -68,6 +70,8 @@ def test_presets_differ_where_they_should():
 def test_every_experiment_loads_and_validates(path):
     cfg = validate(load_experiment(str(path)))
     assert cfg.name == path.stem
+    # Its sources are its task's kind (a fine-tuning experiment takes its tokenizer from init_from).
+    tasks.make(apply_overrides(cfg, ["data.tokenizer=tokenizer.model"]))
     for key in ("train.steps", "train.eval_every", "model.n_layers", "model.d_model", "mesh.data", "mesh.fsdp",
                 "mesh.tensor", "data.seq_len"):
         apply_overrides(cfg, [f"{key}=2"])  # the keys tools rely on exist under these names
@@ -83,3 +87,12 @@ def test_dict_round_trip():
     cfg = apply_overrides(Config(), ["data.sources=text:a,text:b", "model.n_layers=3"])
     assert from_dict(to_dict(cfg)) == cfg
     assert dataclasses.asdict(from_dict(to_dict(cfg))) == to_dict(cfg)
+
+
+def test_configs_saved_before_the_task_key_still_load():
+    """Run directories and exports written when data.format and model.head chose the kind of run."""
+    for fmt, head, task in (("text", "lm", "pretrain"), ("dialogue", "lm", "sft"), ("preference", "reward", "reward")):
+        old = to_dict(Config())
+        del old["task"]
+        old["data"]["format"], old["model"]["head"] = fmt, head
+        assert from_dict(old) == dataclasses.replace(Config(), task=task)

@@ -8,11 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_jax.config import Config, DataConfig, ModelConfig
+from llm_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 from llm_jax.data import corpus, pipeline, prepare as prepare_module
-from llm_jax.data.corpus import DataError, iter_documents
-from llm_jax.data.prepare import Prepared, TokenArray, prepare
+from llm_jax.data.batches import TokenBatch, positions_from_segments
+from llm_jax.data.corpus import iter_documents
+from llm_jax.data.prepare import Prepared, prepare
+from llm_jax.data.shards import TokenArray
 from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.errors import DataError
+from llm_jax.tasks.pretrain import Pretrain
 
 EOS = 3
 T = 16  # seq_len of the pipeline tests
@@ -126,22 +130,33 @@ def test_packing_segments_positions_and_weights():
     windows = pipeline.PackedWindows(stream, 6, np.arange(20, dtype=np.int32), EOS)
     assert len(windows) == 2
     w0, w1 = windows[0], windows[1]
-    np.testing.assert_array_equal(w0["inputs"], [10, 11, EOS, 12, 13, 14])
-    np.testing.assert_array_equal(w0["targets"], [11, EOS, 12, 13, 14, EOS])
-    np.testing.assert_array_equal(w0["segment_ids"], [1, 1, 1, 2, 2, 2])
-    np.testing.assert_array_equal(w0["positions"], [0, 1, 2, 0, 1, 2])
-    np.testing.assert_array_equal(w1["inputs"], [EOS, 15, EOS, 16, 17, 18])
-    np.testing.assert_array_equal(w1["segment_ids"], [1, 2, 2, 3, 3, 3])
-    np.testing.assert_array_equal(w1["positions"], [0, 0, 1, 0, 1, 2])
-    np.testing.assert_array_equal(w1["target_bytes"], [15, EOS, 16, 17, 18, 19])
-    assert all(w["weights"].dtype == np.float32 and w["weights"].sum() == 6 for w in (w0, w1))
-    assert all(v.dtype in (np.int32, np.float32) and v.shape == (6,) for v in w0.values())
+    np.testing.assert_array_equal(w0.inputs, [10, 11, EOS, 12, 13, 14])
+    np.testing.assert_array_equal(w0.targets, [11, EOS, 12, 13, 14, EOS])
+    np.testing.assert_array_equal(w0.segment_ids, [1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(w0.positions, [0, 1, 2, 0, 1, 2])
+    np.testing.assert_array_equal(w1.inputs, [EOS, 15, EOS, 16, 17, 18])
+    np.testing.assert_array_equal(w1.segment_ids, [1, 2, 2, 3, 3, 3])
+    np.testing.assert_array_equal(w1.positions, [0, 0, 1, 0, 1, 2])
+    np.testing.assert_array_equal(w1.target_bytes, [15, EOS, 16, 17, 18, 19])
+    assert all(w.weights.dtype == np.float32 and w.weights.sum() == 6 for w in (w0, w1))
+    assert all(v.dtype in (np.int32, np.float32) and v.shape == (6,) for v in w0)
+
+
+def test_positions_count_from_zero_in_every_segment_and_are_zero_on_padding():
+    segments = np.array([[1, 1, 2, 2, 2, 3],    # packed documents
+                         [0, 0, 1, 1, 1, 1],    # left padding (generation)
+                         [1, 1, 1, 0, 0, 0]])   # right padding (eval, reward pairs)
+    np.testing.assert_array_equal(positions_from_segments(segments),
+                                  [[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 2, 3], [0, 1, 2, 0, 0, 0]])
+    stacked = positions_from_segments(np.stack([segments, segments[::-1]]))  # any leading axes, e.g. (P, 2, T)
+    np.testing.assert_array_equal(stacked[1], positions_from_segments(segments[::-1]))
+    assert stacked.dtype == np.int32
 
 
 def test_windows_cover_every_target_once():
     stream = np.arange(1, 103)
     windows = pipeline.PackedWindows(stream, 10, np.ones(200, np.int32), EOS)
-    targets = np.concatenate([windows[i]["targets"] for i in range(len(windows))])
+    targets = np.concatenate([windows[i].targets for i in range(len(windows))])
     np.testing.assert_array_equal(targets, stream[1:len(windows) * 10 + 1])
     assert len(stream) - 1 - len(targets) < 10  # only the tail shorter than a window is dropped
 
@@ -226,46 +241,58 @@ def test_token_array_spans_shards(prepared, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ batches
 
+def train_source(prepared, batch_size, microbatches, seed, process_index=0, process_count=1, num_workers=0):
+    """The pretraining task's batch source over `prepared` (the loop's way in)."""
+    cfg = Config(data=DataConfig(seq_len=T, num_workers=num_workers),
+                 train=TrainConfig(batch_size=batch_size, microbatches=microbatches, seed=seed))
+    return Pretrain(cfg).train_source(prepared, process_index, process_count)
+
+
+def eval_batches(prepared, seq_len, batch_size, process_index, process_count, max_batches=0):
+    cfg = Config(data=DataConfig(seq_len=seq_len), train=TrainConfig(batch_size=batch_size))
+    return Pretrain(cfg).eval_batches(prepared, process_index, process_count, max_batches)
+
+
 def _rows(batch) -> np.ndarray:
-    return batch["inputs"].reshape(-1, T)
+    return batch.inputs.reshape(-1, T)
 
 
 def test_train_batches_shard_across_processes(prepared):
-    single = pipeline.train_iterator(prepared, T, 8, 2, seed=1, process_index=0, process_count=1)
-    shards = [pipeline.train_iterator(prepared, T, 8, 2, seed=1, process_index=p, process_count=2)
+    single = train_source(prepared, 8, 2, seed=1, process_index=0, process_count=1)
+    shards = [train_source(prepared, 8, 2, seed=1, process_index=p, process_count=2)
               for p in range(2)]
     for _ in range(3):
-        global_rows = _rows(next(single))
-        local = [next(it) for it in shards]
-        assert all(b[k].shape == (2, 2, T) for b in local for k in pipeline.KEYS)
+        global_rows = _rows(single.next_batch())
+        local = [it.next_batch() for it in shards]
+        assert all(v.shape == (2, 2, T) for b in local for v in b)
         for p in range(2):
             np.testing.assert_array_equal(_rows(local[p]), global_rows[p::2])
 
 
 def test_train_batches_deterministic_resumable_and_reshuffled_each_epoch(prepared):
     n = len(pipeline.PackedWindows(prepared.train_tokens(), T, prepared.tokenizer.byte_lengths(), EOS))
-    it = pipeline.train_iterator(prepared, T, 1, 1, seed=3, process_index=0, process_count=1)
-    rows = [_rows(next(it))[0] for _ in range(2 * n)]
+    it = train_source(prepared, 1, 1, seed=3, process_index=0, process_count=1)
+    rows = [_rows(it.next_batch())[0] for _ in range(2 * n)]
     epoch0, epoch1 = np.stack(rows[:n]), np.stack(rows[n:])
     assert sorted(map(bytes, epoch0)) == sorted(map(bytes, epoch1))  # each epoch holds every window once
     assert not np.array_equal(epoch0, epoch1)
-    again = pipeline.train_iterator(prepared, T, 1, 1, seed=3, process_index=0, process_count=1)
-    np.testing.assert_array_equal(_rows(next(again))[0], rows[0])
-    other = pipeline.train_iterator(prepared, T, 1, 1, seed=4, process_index=0, process_count=1)
-    assert not np.array_equal(np.stack([_rows(next(other))[0] for _ in range(8)]), epoch0[:8])
+    again = train_source(prepared, 1, 1, seed=3, process_index=0, process_count=1)
+    np.testing.assert_array_equal(_rows(again.next_batch())[0], rows[0])
+    other = train_source(prepared, 1, 1, seed=4, process_index=0, process_count=1)
+    assert not np.array_equal(np.stack([_rows(other.next_batch())[0] for _ in range(8)]), epoch0[:8])
     state = again.get_state()
-    resumed = pipeline.train_iterator(prepared, T, 1, 1, seed=3, process_index=0, process_count=1)
+    resumed = train_source(prepared, 1, 1, seed=3, process_index=0, process_count=1)
     resumed.set_state(state)
-    np.testing.assert_array_equal(_rows(next(resumed))[0], rows[1])
+    np.testing.assert_array_equal(_rows(resumed.next_batch())[0], rows[1])
 
 
 def test_worker_processes_give_the_same_batches(prepared):
-    plain = pipeline.train_iterator(prepared, T, 4, 1, seed=0, process_index=0, process_count=1)
-    workers = pipeline.train_iterator(prepared, T, 4, 1, seed=0, process_index=0, process_count=1, num_workers=2)
+    plain = train_source(prepared, 4, 1, seed=0, process_index=0, process_count=1)
+    workers = train_source(prepared, 4, 1, seed=0, process_index=0, process_count=1, num_workers=2)
     try:
         for _ in range(4):
-            expected, got = next(plain), next(workers)
-            assert all(np.array_equal(np.asarray(got[k]), expected[k]) for k in pipeline.KEYS)
+            expected, got = plain.next_batch(), workers.next_batch()
+            assert all(np.array_equal(np.asarray(g), e) for g, e in zip(got, expected))
             del got
     finally:
         workers.close()
@@ -273,38 +300,38 @@ def test_worker_processes_give_the_same_batches(prepared):
 
 def test_batch_size_errors_name_the_key(prepared):
     with pytest.raises(DataError, match=r"train.batch_size=6 is not divisible by the 4 processes"):
-        pipeline.train_iterator(prepared, T, 6, 1, 0, 0, 4)
+        train_source(prepared, 6, 1, 0, 0, 4)
     with pytest.raises(DataError, match=r"train.batch_size=8 .* train.microbatches=3"):
-        pipeline.train_iterator(prepared, T, 8, 3, 0, 0, 1)
+        train_source(prepared, 8, 3, 0, 0, 1)
 
 
 def test_eval_batches_in_order_padded_and_split_across_processes(prepared):
     windows = pipeline.PackedWindows(prepared.eval_tokens(), T, prepared.tokenizer.byte_lengths(), EOS)
-    whole = pipeline.eval_batches(prepared, T, 6, 0, 1)
+    whole = eval_batches(prepared, T, 6, 0, 1)
     assert len(whole) == -(-len(windows) // 6) and len(windows) % 6  # the last batch is padded
-    rows = np.concatenate([b["inputs"] for b in whole])
-    np.testing.assert_array_equal(rows[:len(windows)], [windows[i]["inputs"] for i in range(len(windows))])
+    rows = np.concatenate([b.inputs for b in whole])
+    np.testing.assert_array_equal(rows[:len(windows)], [windows[i].inputs for i in range(len(windows))])
     last = whole[-1]
-    pad = last["weights"].sum(axis=1) == 0
+    pad = last.weights.sum(axis=1) == 0
     assert pad.sum() == len(whole) * 6 - len(windows)
-    assert (last["segment_ids"][pad] == 0).all() and (last["target_bytes"][pad] == 0).all()
-    assert (last["inputs"][pad] == prepared.tokenizer.pad_id).all()
-    halves = [pipeline.eval_batches(prepared, T, 6, p, 2, max_batches=2) for p in range(2)]
-    assert len(halves[0]) == 2 and halves[0][0]["inputs"].shape == (3, T)
+    assert (last.segment_ids[pad] == 0).all() and (last.target_bytes[pad] == 0).all()
+    assert (last.inputs[pad] == prepared.tokenizer.pad_id).all()
+    halves = [eval_batches(prepared, T, 6, p, 2, max_batches=2) for p in range(2)]
+    assert len(halves[0]) == 2 and halves[0][0].inputs.shape == (3, T)
     for p in range(2):
-        np.testing.assert_array_equal(halves[p][1]["targets"], whole[1]["targets"][p::2])
+        np.testing.assert_array_equal(halves[p][1].targets, whole[1].targets[p::2])
 
 
 def test_eval_text_matches_target_bytes(prepared):
-    batches = pipeline.eval_batches(prepared, T, 4, 0, 1)
+    batches = eval_batches(prepared, T, 4, 0, 1)
     for n_batches in (1, 3):
         text = pipeline.eval_text(prepared, T, 4 * n_batches)
-        assert len(text) == sum(int(b["target_bytes"].sum()) for b in batches[:n_batches])
+        assert len(text) == sum(int(b.target_bytes.sum()) for b in batches[:n_batches])
     everything = pipeline.eval_text(prepared, T, 10**9)
-    assert len(everything) == sum(int(b["target_bytes"].sum()) for b in batches)
+    assert len(everything) == sum(int(b.target_bytes.sum()) for b in batches)
     assert everything.decode("utf-8", errors="replace").strip()
 
 
 def test_eval_split_too_small_is_an_error(prepared):
     with pytest.raises(DataError, match=r"eval split .* fewer than one window of data.seq_len\+1=100001"):
-        pipeline.eval_batches(prepared, 100_000, 4, 0, 1)
+        eval_batches(prepared, 100_000, 4, 0, 1)

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from llm_jax.data.chat_template import render, render_prompt, show, targets_and_weights
-from llm_jax.data.corpus import DataError
-from llm_jax.data.dialogue import (DialogueStats, Message, alpaca, chat_jsonl, dialogue_problem, hh_rlhf,
+from llm_jax.data.chat.template import render, render_prompt, show, targets_and_weights
+from llm_jax.errors import DataError
+from llm_jax.data.chat.dialogue import (DialogueStats, Message, alpaca, chat_jsonl, dialogue_problem, hh_rlhf,
                                    hh_transcript, iter_dialogues, moss, oasst)
 from llm_jax.data.tokenizer import train_tokenizer
 
@@ -254,7 +254,7 @@ def test_show_marks_exactly_the_trained_spans(tok):
 
 
 def test_moss_zh_keeps_conversations_that_open_in_chinese(tmp_path):
-    from llm_jax.data.dialogue import is_chinese, moss_zh
+    from llm_jax.data.chat.dialogue import is_chinese, moss_zh
     write(tmp_path / "zh.json", moss_record(("你好，请介绍一下北京", "北京是中国的首都。")))
     write(tmp_path / "en.json", moss_record(("Tell me about Paris", "Paris is in France.")))
     assert [d[0].content for d in moss_zh(tmp_path)] == ["你好，请介绍一下北京"]

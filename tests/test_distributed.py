@@ -9,22 +9,17 @@ import subprocess
 
 import numpy as np
 import pytest
-from test_train import make_corpus, scalars
 
-from llm_jax.launch import free_port, local_command, multiprocess_commands
+from llm_jax.launch.local import free_port, local_command, multiprocess_commands
 
 STEPS = 6
 MESHES = os.environ.get("LLM_JAX_TEST_MP_MESHES", "1x4x1").split(",")
 
 
-def train_args(corpus, run_dir, mesh):
+def mesh_overrides(mesh):
     data, fsdp, tensor = mesh.split("x")
-    return ["train", "--config", "pretrain_tiny", "--run-dir", str(run_dir), "--set", f"data.sources=text:{corpus}/*.txt",
-            "--set", f"mesh.data={data}", "--set", f"mesh.fsdp={fsdp}", "--set", f"mesh.tensor={tensor}",
-            "--set", "model.vocab_size=320", "--set", "model.d_model=32", "--set", "model.n_layers=2",
-            "--set", "model.d_ff=64", "--set", "data.seq_len=32", "--set", "train.batch_size=8",
-            "--set", f"train.steps={STEPS}", "--set", "train.eval_every=3", "--set", "train.log_every=1",
-            "--set", "data.max_bytes=0", "--set", "train.eval_batches=0", "--set", "checkpoint.every=3"]
+    return (f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", f"train.steps={STEPS}",
+            "train.eval_every=3", "train.log_every=1", "checkpoint.every=3")
 
 
 def start(argv, env_additions):
@@ -39,15 +34,13 @@ def finish(procs):
     return outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
-def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, mesh):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    make_corpus(corpus)
+def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, mesh, train_args, scalars):
     one, two = tmp_path / "one", tmp_path / "two"
     single_env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [start(local_command(train_args(corpus, one, mesh)), single_env)]
-    procs += [start(argv, env) for env, argv in multiprocess_commands(train_args(corpus, two, mesh), 2, 2,
+    procs = [start(local_command(train_args(one, *mesh_overrides(mesh))), single_env)]
+    procs += [start(argv, env) for env, argv in multiprocess_commands(train_args(two, *mesh_overrides(mesh)), 2, 2,
                                                                       free_port())]
     _, lead, follower = finish(procs)
     assert "4 × cpu (2 process)" in lead and "held-out split" in lead

@@ -9,29 +9,39 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import linen as nn
 
-from llm_jax import compression
-from llm_jax.cli import main
+from llm_jax.cli.main import main
 from llm_jax.config import Config, DataConfig, llama, to_json
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
-from llm_jax.evaluate import windows
+from llm_jax.evaluation import baselines
+from llm_jax.evaluation.text import _batch, objective, windows
+from llm_jax.inference.runner import ModelRunner
 from llm_jax.model import Transformer
 
 TEXT = "The cat sees the dog. 猫看见了狗。\ndef f(x):\n    return x + 1\n"
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """An `llm-jax export`-shaped directory of a tiny random model and a tokenizer trained here."""
-    out = tmp_path_factory.mktemp("export")
+def write_export(out, cfg, params):
+    """An `llm-jax export`-shaped directory of `params` with a tokenizer trained here."""
+    out.mkdir(exist_ok=True)
     train_tokenizer([TEXT * 20, "the dog likes the fish.\n" * 50], out / "tokenizer", vocab_size=320)
-    cfg = Config(model=llama(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                             compute_dtype="float32", init_std=0.5),
-                 data=DataConfig(seq_len=64))
-    dummy = jnp.ones((1, 4), jnp.int32)
-    params = nn.unbox(Transformer(cfg.model).init(jax.random.key(3), dummy, dummy, dummy))["params"]
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save((out / "params").absolute(), params)
     (out / "config.json").write_text(to_json(cfg))
+    return out
+
+
+def tiny_config(**model):
+    return Config(model=llama(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                              compute_dtype="float32", init_std=0.5, **model), data=DataConfig(seq_len=64))
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A tiny random model's export."""
+    cfg = tiny_config()
+    dummy = jnp.ones((1, 4), jnp.int32)
+    params = nn.unbox(Transformer(cfg.model).init(jax.random.key(3), dummy, dummy, dummy))["params"]
+    out = write_export(tmp_path_factory.mktemp("export"), cfg, params)
     return out, cfg, params, Tokenizer.load(out / "tokenizer.model")
 
 
@@ -56,7 +66,7 @@ def test_eval_bits_per_byte_equals_a_hand_computation(export, tmp_path, capsys):
     assert r["tokens"] == n_tokens and r["bytes"] == len(TEXT.encode())
     assert r["bits_per_byte"] == pytest.approx(expected, rel=1e-4)
     assert r["tokens_per_byte"] == pytest.approx(n_tokens / len(TEXT.encode()))
-    assert r["baselines_bits_per_byte"] == pytest.approx(compression.baselines(TEXT.encode()))
+    assert r["baselines_bits_per_byte"] == pytest.approx(baselines.bits_per_byte(TEXT.encode()))
     # The same text as a JSONL field, and as a table.
     (tmp_path / "a.jsonl").write_text(json.dumps({"body": TEXT}) + "\n")
     assert main(["eval", "--checkpoint", str(out), "--jsonl", str(tmp_path / "a.jsonl"), "--field", "body"]) == 0
@@ -82,3 +92,35 @@ def test_long_text_in_windows_and_bad_input(export, tmp_path, capsys):
     assert r["bytes"] == len((TEXT * 6).encode()) and 0 < r["bits_per_byte"] < 20
     assert main(["eval", "--checkpoint", str(out), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def float32_avals(jaxpr):
+    """The float32 shapes of every value a jaxpr computes, inside scans, remat and custom_vjp calls too."""
+    for eqn in jaxpr.eqns:
+        yield from (v.aval.shape for v in eqn.outvars if getattr(v.aval, "dtype", None) == jnp.float32)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    yield from float32_avals(getattr(sub, "jaxpr", sub))
+
+
+def test_eval_with_logits_chunk_equals_eval_without_and_never_builds_whole_logits(export, tmp_path, capsys):
+    out, cfg, params, tok = export
+    chunked_cfg = tiny_config(logits_chunk=64)
+    chunked = write_export(tmp_path / "chunked", chunked_cfg, params)  # the same params, another config
+    (tmp_path / "a.txt").write_text(TEXT * 3, encoding="utf-8")
+    results = []
+    for checkpoint in (out, chunked):
+        assert main(["eval", "--checkpoint", str(checkpoint), "--text", str(tmp_path / "a.txt"), "--json",
+                     "--context", "16"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["tokens"] == results[1]["tokens"] and results[0]["bytes"] == results[1]["bytes"]
+    assert results[1]["bits_per_byte"] == pytest.approx(results[0]["bits_per_byte"], rel=1e-5)
+
+    B, T, V = 4, 16, 320
+    batch = _batch(windows(tok.encode(TEXT), tok.eos_id, T, T // 2), B, T, tok.byte_lengths(), tok.pad_id)
+    shapes = {name: set(float32_avals(jax.make_jaxpr(objective(c, ModelRunner(c.model, params)))(params, batch).jaxpr))
+              for name, c in (("plain", cfg), ("chunked", chunked_cfg))}
+    assert (B, T, V) in shapes["plain"]  # the check can fail: without chunks the logits are whole
+    assert not [s for s in shapes["chunked"] if s[-1:] == (V,) and len(s) == 3], shapes["chunked"]
+    assert (B, T, 64) in shapes["chunked"]

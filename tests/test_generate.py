@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from llm_jax.cli.main import main
 from llm_jax.config import llama
-from llm_jax.generate import Generator, Sampling, filter_logits, left_pad
+from llm_jax.inference.generate import Generator, Sampling, filter_logits, left_pad
 from llm_jax.model import Transformer
 
 VOCAB = 61
@@ -17,13 +18,14 @@ def tiny(**kw):
                            compute_dtype="float32"), **kw})
 
 
-def params_for(cfg):
+def params_for(cfg, seed=0):
     dummy = jnp.zeros((1, 8), jnp.int32)
-    return nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), dummy, dummy, jnp.ones_like(dummy)))["params"]
+    return nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(seed), dummy, dummy, jnp.ones_like(dummy)))["params"]
 
 
-@pytest.mark.parametrize("scan", [True, False])
-@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("scan, padding", [(True, "left"), (False, "right"),
+                                           pytest.param(False, "left", marks=pytest.mark.slow),
+                                           pytest.param(True, "right", marks=pytest.mark.slow)])
 def test_kv_cache_decoding_equals_the_full_forward_pass(scan, padding):
     cfg = tiny(scan_layers=scan)
     params = params_for(cfg)
@@ -42,7 +44,7 @@ def test_kv_cache_decoding_equals_the_full_forward_pass(scan, padding):
     gen = Generator(cfg, params)
     decode = jax.jit(lambda p, c, t, pos, seg: gen.model.apply({"params": p, "cache": c}, t, pos, seg,
                                                                mutable=["cache"]))
-    cache = gen.empty_cache(2, T)
+    cache = gen.runner.empty_cache(2, T)
     logits, state = decode(params, cache, tokens[:, :prefill], positions[:, :prefill], segments[:, :prefill])
     stepped = [logits]
     cache = state["cache"]
@@ -55,6 +57,7 @@ def test_kv_cache_decoding_equals_the_full_forward_pass(scan, padding):
     np.testing.assert_allclose(stepped[real], np.asarray(full)[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_batched_prompts_of_different_lengths_decode_like_each_alone():
     cfg = tiny()
     gen = Generator(cfg, params_for(cfg), Sampling(temperature=0))
@@ -64,6 +67,7 @@ def test_batched_prompts_of_different_lengths_decode_like_each_alone():
     assert together == alone and all(len(o) == 6 for o in together)
 
 
+@pytest.mark.slow
 def test_greedy_is_deterministic_and_sampling_repeats_under_a_seed():
     cfg = tiny()
     params = params_for(cfg)
@@ -108,18 +112,20 @@ def test_left_pad_positions_and_segments():
     assert lengths.tolist() == [3, 1]
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    from test_train import tiny_args
-    from llm_jax.cli import main
-    tmp = tmp_path_factory.mktemp("gen")
-    assert main(tiny_args(tmp, "--set", "train.steps=30", "--set", "train.eval_every=1000")) == 0
-    return tmp / "run"
+def test_decoding_with_other_params_needs_no_new_generator():
+    """What a policy being trained needs: the same jitted steps, the params given at each call."""
+    cfg = tiny()
+    params, other = params_for(cfg), params_for(cfg, seed=1)
+    shared = Generator(cfg, params, Sampling(temperature=0))
+    prompts = [[5, 9, 11], [8, 4]]
+    assert shared.generate(prompts, 6, params=other) == Generator(cfg, other, Sampling(temperature=0)).generate(
+        prompts, 6)
+    assert shared.generate(prompts, 6) != shared.generate(prompts, 6, params=other)
 
 
-def test_sample_cli_streams_a_continuation(trained_run, capsys):
-    from llm_jax.cli import main
-    argv = ["sample", "--checkpoint", str(trained_run), "--prompt", "the cat", "--max-tokens", "12",
+@pytest.mark.slow
+def test_sample_cli_streams_a_continuation(tiny_export, capsys):
+    argv = ["sample", "--checkpoint", str(tiny_export), "--prompt", "the cat", "--max-tokens", "12",
             "--temperature", "0"]
     assert main(argv) == 0
     first = capsys.readouterr().out
@@ -127,11 +133,11 @@ def test_sample_cli_streams_a_continuation(trained_run, capsys):
     assert main(argv) == 0 and capsys.readouterr().out == first  # greedy: the same text again
 
 
-def test_chat_cli_answers_through_stdin(trained_run, capsys, monkeypatch):
+@pytest.mark.slow
+def test_chat_cli_answers_through_stdin(tiny_export, capsys, monkeypatch):
     import io
-    from llm_jax.cli import main
     monkeypatch.setattr("sys.stdin", io.StringIO("the dog sees\nand then?\n\n"))
-    assert main(["chat", "--checkpoint", str(trained_run), "--max-tokens", "8", "--temperature", "0"]) == 0
+    assert main(["chat", "--checkpoint", str(tiny_export), "--max-tokens", "8", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     assert out.count("you> ") == 3 and out.count("model> ") == 2
     answers = [part.split("\n")[0] for part in out.split("model> ")[1:]]
@@ -139,14 +145,13 @@ def test_chat_cli_answers_through_stdin(trained_run, capsys, monkeypatch):
 
 
 def test_sample_cli_names_a_bad_checkpoint_dir(tmp_path, capsys):
-    from llm_jax.cli import main
     assert main(["sample", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
     assert "neither a run directory with checkpoints" in capsys.readouterr().err
 
 
 def test_chat_survives_an_empty_answer():
     import io
-    from llm_jax.chat import chat
+    from llm_jax.inference.chat import chat
 
     class Silent:  # a generator that answers with the end-of-turn token straight away
         def generate(self, prompts, max_new_tokens, **kw):
@@ -162,8 +167,9 @@ def test_chat_survives_an_empty_answer():
     assert out.getvalue().count("(no answer)") == 2 and dialogue == []
 
 
+@pytest.mark.slow
 def test_generation_on_a_mesh_matches_one_device():
-    from llm_jax import sharding
+    from llm_jax.parallel import sharding
     from llm_jax.config import MeshConfig
     cfg = tiny(vocab_size=64, n_heads=4, n_kv_heads=2)
     params = params_for(cfg)

@@ -1,5 +1,5 @@
-"""Hugging Face import/export (llm_jax.hf): logits parity with transformers on tiny random GPT-2 and Llama models,
-the round trip back to transformers, refusals, and the byte-level BPE (GPT-2) tokenizer."""
+"""Hugging Face import/export (llm_jax.interop.hf): logits parity with transformers on tiny random GPT-2 and
+Llama models, the round trip back to transformers, refusals, and the byte-level BPE (GPT-2) tokenizer."""
 import json
 
 import numpy as np
@@ -12,11 +12,12 @@ torch = pytest.importorskip("torch", reason="the Hugging Face parity tests need 
 import jax.numpy as jnp  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
-from llm_jax.checkpoint import load_for_inference  # noqa: E402
 from llm_jax.config import gpt2, llama  # noqa: E402
-from llm_jax.data.tokenizer import ByteLevelBPETokenizer, Tokenizer  # noqa: E402
-from llm_jax.hf import HFError, _family, export_hf, import_hf  # noqa: E402
+from llm_jax.data.byte_bpe import ByteLevelBPETokenizer  # noqa: E402
+from llm_jax.data.tokenizer import Tokenizer  # noqa: E402
+from llm_jax.interop.hf import HFError, _family, export_hf, import_hf  # noqa: E402
 from llm_jax.model import Transformer  # noqa: E402
+from llm_jax.train.export import load_for_inference  # noqa: E402
 
 TEXT = ["the cat sat on the mat and the dog ate the hat", "a bat and a rat ran to the mat at dawn",
         "hello world, this is a tiny corpus for a tiny tokenizer"] * 20
@@ -74,6 +75,7 @@ def jax_logits(cfg, params, tokens):
 CASES = [("gpt2", True, False), ("llama", False, False), ("llama", True, False), ("llama", False, True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,tied,scan", CASES, ids=["gpt2", "llama-untied", "llama-tied", "llama-scanned"])
 def test_import_matches_transformers_and_export_round_trips(tmp_path, kind, tied, scan):
     model = tiny_hf(kind, tied)
@@ -131,10 +133,11 @@ def test_pickle_weights_unsupported_models_and_configs_are_refused(tmp_path):
             import_hf(hf_dir, tmp_path / "out")
 
     assert _family(llama()) == "llama" and _family(gpt2()) == "gpt2"
-    for model, words in ((llama(head="reward"), "head"), (llama(use_bias=True), "neither"),
-                         (gpt2(tie_embeddings=False), "output bias"), (gpt2(n_kv_heads=2), "grouped")):
+    for model, task, words in ((llama(), "reward", "head"), (llama(use_bias=True), "pretrain", "neither"),
+                               (gpt2(tie_embeddings=False), "pretrain", "output bias"),
+                               (gpt2(n_kv_heads=2), "pretrain", "grouped")):
         with pytest.raises(HFError, match=words):
-            _family(model)
+            _family(model, task)
 
 
 def test_byte_level_bpe_tokenizer_is_exact_in_bytes(tmp_path):
@@ -159,6 +162,7 @@ def test_byte_level_bpe_tokenizer_is_exact_in_bytes(tmp_path):
     assert pickle.loads(pickle.dumps(tok)).encode(MIXED) == tok.encode(MIXED)
 
 
+@pytest.mark.slow
 def test_gpt2_with_its_tokenizer_json_imports_and_exports(tmp_path):
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=300, n_positions=32)
@@ -175,7 +179,7 @@ def test_gpt2_with_its_tokenizer_json_imports_and_exports(tmp_path):
     assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     assert json.loads((tmp_path / "back" / "config.json").read_text())["eos_token_id"] == tok.eos_id
     # SFT on the import: its tokenizer has no llm_jax chat tokens, so the tags are written as text.
-    from llm_jax.cli import main
+    from llm_jax.cli.main import main
     dialogues = tmp_path / "chats.jsonl"
     dialogues.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "the cat"},
                                                           {"role": "assistant", "content": "sat on the mat"}]}) + "\n"
@@ -186,8 +190,9 @@ def test_gpt2_with_its_tokenizer_json_imports_and_exports(tmp_path):
     assert json.loads((tmp_path / "sft" / "results.json").read_text())["eval/bits_per_byte"] > 0
 
 
+@pytest.mark.slow
 def test_bfloat16_weights_are_widened_and_the_cli_samples_and_evaluates(tmp_path, capsys):
-    from llm_jax.cli import main
+    from llm_jax.cli.main import main
     model = tiny_hf("llama", False).to(torch.bfloat16)
     hf_dir = tmp_path / "hf"
     model.save_pretrained(hf_dir, safe_serialization=True)

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from llm_jax.launch import main, multiprocess_commands, run_local, slurm_script, tpu_commands
+from llm_jax.errors import PREEMPTED_EXIT
+from llm_jax.launch.local import _stop, _supervise, multiprocess_commands, run_local
+from llm_jax.launch.main import main
+from llm_jax.launch.slurm import slurm_script
+from llm_jax.launch.tpu import tpu_commands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,18 +204,15 @@ def test_run_local_returns_the_exit_status(capsys):
 
 
 def test_a_failure_ends_the_other_processes_but_a_preemption_does_not():
-    from llm_jax import launch
-    from llm_jax.preemption import PREEMPTED_EXIT
-
     def exits(status, after_s):
         return subprocess.Popen([sys.executable, "-c", f"import sys, time; time.sleep({after_s}); sys.exit({status})"])
 
     preempted = [exits(PREEMPTED_EXIT, 0), exits(0, 0.5)]
-    assert launch._supervise(preempted) == (None, PREEMPTED_EXIT)
+    assert _supervise(preempted) == (None, PREEMPTED_EXIT)
     assert preempted[1].returncode == 0  # left to finish its part of the checkpoint
     failed = [exits(0, 30), exits(3, 0)]
     try:
-        assert launch._supervise(failed) == (1, 3)
+        assert _supervise(failed) == (1, 3)
     finally:
-        launch._stop(failed)
+        _stop(failed)
     assert failed[0].returncode < 0  # ended by SIGTERM, not left to wait 30 s

@@ -9,8 +9,11 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.summary.writer import event_file_writer
 from tensorboard.util import tensor_util
 
-from llm_jax import compression, metrics
-from llm_jax.config import ModelConfig
+from llm_jax.config import Config, ModelConfig, TrainConfig
+from llm_jax.evaluation import baselines
+from llm_jax.tasks.pretrain import Pretrain
+from llm_jax.tasks.reward import RewardModel
+from llm_jax.train import events, metrics
 
 
 def _read(logdir):
@@ -20,7 +23,7 @@ def _read(logdir):
 
 
 def test_writer_round_trip(tmp_path):
-    writer = metrics.Writer(tmp_path, enabled=True)
+    writer = events.Writer(tmp_path, enabled=True)
     writer.scalars(10, {"train/loss_bits_per_token": 3.5, "perf/mfu": float("nan")})
     writer.scalars(20, {"train/loss_bits_per_token": np.float32(2.25)})
     writer.text("config", "| key | value |\n|---|---|\n| model.n_layers | 4 |")
@@ -38,7 +41,7 @@ def test_writer_round_trip(tmp_path):
 
 def test_disabled_writer_writes_nothing(tmp_path):
     logdir = tmp_path / "tb"
-    writer = metrics.Writer(logdir, enabled=False)
+    writer = events.Writer(logdir, enabled=False)
     writer.scalars(1, {"train/loss": 1.0})
     writer.text("config", "hello")
     writer.flush()
@@ -48,7 +51,7 @@ def test_disabled_writer_writes_nothing(tmp_path):
 
 def _train(logdir, steps, offset, resume_step=None, config=False):
     """A run that logs loss = offset + step, as a killed or resumed training job would."""
-    writer = metrics.Writer(logdir, enabled=True, resume_step=resume_step)
+    writer = events.Writer(logdir, enabled=True, resume_step=resume_step)
     if config:
         writer.text("config", "hello")
     for step in steps:
@@ -134,7 +137,7 @@ def test_no_resume_step_appends_as_before(tmp_path):
 def test_disabled_writer_with_resume_step_touches_nothing(tmp_path):
     _train(tmp_path, range(1, 11), offset=0)
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
-    writer = metrics.Writer(tmp_path, enabled=False, resume_step=3)
+    writer = events.Writer(tmp_path, enabled=False, resume_step=3)
     writer.scalars(4, {"train/loss": 1.0})
     writer.close()
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
@@ -158,6 +161,17 @@ def test_flops_per_token_gelu_tied():
     assert metrics.flops_per_token(model, seq_len=6) == 6 * n + attention == 17088
     untied = dataclasses.replace(model, tie_embeddings=False)
     assert metrics.flops_per_token(untied, seq_len=6) == 17088  # the output matmul runs either way
+
+
+def test_a_task_counts_its_own_tokens_and_flops():
+    """A pair is two sequences, and a reward model reads one hidden state per sequence: no unembedding."""
+    model = ModelConfig(vocab_size=50, d_model=8, n_layers=3, n_heads=2, n_kv_heads=2, d_ff=32, mlp="gelu",
+                        tie_embeddings=True)
+    cfg = Config(model=model, train=TrainConfig(batch_size=4))
+    lm, rm = Pretrain(cfg), RewardModel(dataclasses.replace(cfg, task="reward"))
+    assert lm.tokens_per_step == 4 * cfg.data.seq_len and rm.tokens_per_step == 2 * 4 * cfg.data.seq_len
+    assert lm.flops_per_token == metrics.flops_per_token(model, cfg.data.seq_len)
+    assert lm.flops_per_token - rm.flops_per_token == 6 * 50 * 8
 
 
 def test_param_count():
@@ -190,17 +204,17 @@ def test_mfu():
 
 def test_baselines():
     repetitive = b"the quick brown fox jumps over the lazy dog. " * 400
-    low = compression.baselines(repetitive)
+    low = baselines.bits_per_byte(repetitive)
     assert set(low) == {"gzip", "bz2", "xz"}
     assert all(0 < v < 1 for v in low.values())
-    high = compression.baselines(os.urandom(1 << 14))
+    high = baselines.bits_per_byte(os.urandom(1 << 14))
     assert all(v > 7 for v in high.values())
     with pytest.raises(ValueError):
-        compression.baselines(b"")
+        baselines.bits_per_byte(b"")
 
 
 def test_format_comparison():
-    table = compression.format_comparison(1.5, {"gzip": 3.0, "bz2": 2.4, "xz": 2.25})
+    table = baselines.format_comparison(1.5, {"gzip": 3.0, "bz2": 2.4, "xz": 2.25})
     lines = table.splitlines()
     assert len(lines) == 5 and len({len(line) for line in lines}) == 1
     assert "xz -9e" in table and "2.00x" in table and "1.50x" in table

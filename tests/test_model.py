@@ -44,7 +44,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [n if n == "llama" else pytest.param(n, marks=pytest.mark.slow) for n in CONFIGS])
 def test_causality_changing_a_future_token_never_changes_earlier_logits(name):
     tokens, positions, segments = inputs()
     model, params = init_apply(CONFIGS[name], tokens, positions, segments)
@@ -87,6 +87,7 @@ def test_scan_over_layers_equals_unrolled_layers():
                                scanned.apply({"params": params}, tokens, positions, segments), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_results():
     tokens, positions, segments = inputs()
     plain, params = init_apply(tiny(), tokens, positions, segments)
@@ -99,6 +100,7 @@ def test_remat_changes_memory_not_results():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads(plain), grads(remat))
 
 
+@pytest.mark.slow
 def test_parameter_layout_and_logical_names():
     tokens, positions, segments = inputs()
     boxed = Transformer(tiny(n_kv_heads=1)).init(jax.random.key(0), tokens, positions, segments)["params"]
@@ -128,6 +130,7 @@ def test_bf16_compute_keeps_float32_params_and_logits():
     np.testing.assert_allclose(logits, ref, atol=0.05)  # bf16 rounding only
 
 
+@pytest.mark.slow
 def test_attention_implementations_agree_in_logits_and_gradients():
     """einsum (the CPU default) against jax.nn.dot_product_attention's XLA path, on packed documents with
     padding and grouped KV heads; cuDNN is compared the same way where a GPU runs this test."""

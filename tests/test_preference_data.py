@@ -6,13 +6,15 @@ import re
 import numpy as np
 import pytest
 
-from llm_jax.config import Config, DataConfig
-from llm_jax.data.chat_template import render_prompt
-from llm_jax.data.corpus import DataError
-from llm_jax.data.dialogue import Message
-from llm_jax.data.preference import (KEYS, Pair, PairStats, eval_batches, iter_pair_groups, parse_pair,
-                                     prepare_preference, render_answers, render_pair, train_iterator)
+from llm_jax.config import Config, DataConfig, TrainConfig
+from llm_jax.data.batches import stack
+from llm_jax.data.chat.dialogue import Message
+from llm_jax.data.chat.pairs import Pair, PairStats, iter_pair_groups, parse_pair
+from llm_jax.data.chat.preference import prepare_preference, render_answers, render_pair
+from llm_jax.data.chat.template import render_prompt
 from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.errors import DataError
+from llm_jax.tasks.reward import RewardModel
 
 U, A, S = "user", "assistant", "system"
 CORPUS = ["What is the answer to question one? The answer is two. I do not know. Hello, how are you today?\n" * 8,
@@ -183,9 +185,9 @@ def pair_record(k):
 def config(tmp_path, sources=("pairs:pairs.jsonl",), n_pairs=40, n_questions=10):
     write_jsonl(tmp_path / "pairs.jsonl", [pair_record(k) for k in range(n_pairs)])
     (tmp_path / "qa.json").write_text(json.dumps([qa_record(k, [1, 2, 1, 0, 2, 1]) for k in range(n_questions)]))
-    data = DataConfig(format="preference", sources=sources, data_dir=str(tmp_path), seq_len=SEQ_LEN,
+    data = DataConfig(sources=sources, data_dir=str(tmp_path), seq_len=SEQ_LEN,
                       eval_fraction=0.2)
-    return dataclasses.replace(Config(), data=data)
+    return Config(task="reward", data=data)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +198,13 @@ def prepared(tmp_path_factory, tok):
 
 def all_rows(prepared, split):
     rows = prepared.rows(split, SEQ_LEN)
-    return {k: np.stack([rows[i][k] for i in range(len(rows))]) for k in KEYS}
+    return stack([rows[i] for i in range(len(rows))])
+
+
+def task(batch_size, microbatches=1):
+    """The reward-model task with this batch shape: its batch source and eval batches are the loop's way in."""
+    return RewardModel(Config(task="reward", data=DataConfig(seq_len=SEQ_LEN),
+                              train=TrainConfig(batch_size=batch_size, microbatches=microbatches)))
 
 
 def test_rows_hold_the_rendered_pairs(prepared, tok):
@@ -211,16 +219,16 @@ def test_rows_hold_the_rendered_pairs(prepared, tok):
     for split in ("train", "eval"):
         rows = all_rows(prepared, split)
         n = splits[split]["pairs"]
-        assert {k: (v.shape, v.dtype) for k, v in rows.items()} == {
+        assert {k: (v.shape, v.dtype) for k, v in rows._asdict().items()} == {
             "inputs": ((n, 2, SEQ_LEN), np.int32), "positions": ((n, 2, SEQ_LEN), np.int32),
             "segment_ids": ((n, 2, SEQ_LEN), np.int32), "margin": ((n,), np.float32), "valid": ((n,), np.float32)}
-        real = rows["segment_ids"] == 1
+        real = rows.segment_ids == 1
         lengths = real.sum(-1)
         assert (real == (np.arange(SEQ_LEN) < lengths[..., None])).all()  # right-padded
-        assert (rows["inputs"][~real] == tok.pad_id).all() and not rows["positions"][~real].any()
-        assert (rows["positions"] == np.where(real, np.arange(SEQ_LEN), 0)).all()
-        assert (rows["valid"] == 1).all() and lengths.sum() == splits[split]["tokens"]
-        for inputs, length, margin in zip(rows["inputs"], lengths, rows["margin"]):
+        assert (rows.inputs[~real] == tok.pad_id).all() and not rows.positions[~real].any()
+        assert (rows.positions == np.where(real, np.arange(SEQ_LEN), 0)).all()
+        assert (rows.valid == 1).all() and lengths.sum() == splits[split]["tokens"]
+        for inputs, length, margin in zip(rows.inputs, lengths, rows.margin):
             key = tuple(inputs[0, :length[0]].tolist() + inputs[1, :length[1]].tolist())
             assert expected[key] == margin
             seen.append(key)
@@ -234,10 +242,10 @@ def test_a_source_split_does_not_move_when_sources_are_added(tmp_path, tok):
     for split in ("train", "eval"):
         n = one.meta["splits"][split]["pairs"]
         assert both.meta["splits"][split]["sources"]["pairs:pairs.jsonl"] == n
-        np.testing.assert_array_equal(all_rows(both, split)["inputs"][:n], all_rows(one, split)["inputs"])
+        np.testing.assert_array_equal(all_rows(both, split).inputs[:n], all_rows(one, split).inputs)
     questions = {}  # a question's 5 labelled pairs all land in one split
     for split in ("train", "eval"):
-        for inputs in all_rows(both, split)["inputs"]:
+        for inputs in all_rows(both, split).inputs:
             match = re.search(r"Question (\d+)\?", tok.decode(inputs[0]))
             if match:
                 questions.setdefault(match[1], set()).add(split)
@@ -265,14 +273,13 @@ def test_no_usable_pair_is_an_error(tmp_path, tok):
 
 def test_batches(prepared, tok):
     n_eval = prepared.meta["splits"]["eval"]["pairs"]  # 8: the last of 3 batches of 3 has one padding pair
-    batches = eval_batches(prepared, SEQ_LEN, 3, 0, 1)
-    assert len(batches) == 3 and batches[0]["inputs"].shape == (3, 2, SEQ_LEN) and batches[0]["margin"].shape == (3,)
-    assert sum(b["valid"].sum() for b in batches) == n_eval and batches[-1]["valid"].tolist() == [1, 1, 0]
-    pad = {k: v[-1] for k, v in batches[-1].items()}
-    assert (pad["inputs"] == tok.pad_id).all() and not pad["segment_ids"].any() and pad["margin"] == 0
-    it = train_iterator(prepared, SEQ_LEN, 4, 2, seed=0, process_index=0, process_count=1)
-    batch = next(it)
-    assert {k: v.shape for k, v in batch.items()} == {
+    batches = task(3).eval_batches(prepared, 0, 1, 0)
+    assert len(batches) == 3 and batches[0].inputs.shape == (3, 2, SEQ_LEN) and batches[0].margin.shape == (3,)
+    assert sum(b.valid.sum() for b in batches) == n_eval and batches[-1].valid.tolist() == [1, 1, 0]
+    pad = type(batches[-1])(*(v[-1] for v in batches[-1]))
+    assert (pad.inputs == tok.pad_id).all() and not pad.segment_ids.any() and pad.margin == 0
+    batch = task(4, 2).train_source(prepared, 0, 1).next_batch()
+    assert {k: v.shape for k, v in batch._asdict().items()} == {
         "inputs": (2, 2, 2, SEQ_LEN), "positions": (2, 2, 2, SEQ_LEN), "segment_ids": (2, 2, 2, SEQ_LEN),
         "margin": (2, 2), "valid": (2, 2)}
-    assert (batch["valid"] == 1).all()
+    assert (batch.valid == 1).all()

@@ -11,28 +11,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import linen as nn
-from test_train import scalars
 
-from llm_jax import optim, sharding, step
-from llm_jax.checkpoint import load_params
-from llm_jax.cli import main
-from llm_jax.config import (Config, ConfigError, MeshConfig, RewardConfig, apply_overrides, llama, load_experiment,
-                            to_json, validate)
+from llm_jax import tasks
+from llm_jax.cli.main import main
+from llm_jax.config import Config, MeshConfig, RewardConfig, llama, to_json, validate
+from llm_jax.data.batches import PairBatch, positions_from_segments
 from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.errors import ConfigError
+from llm_jax.experiment import apply_overrides, load_experiment
 from llm_jax.model import Transformer
-from llm_jax.reward import objective as reward_objective, pair_sums, scalars as reward_scalars
-from llm_jax.state import create_state
+from llm_jax.parallel import sharding
+from llm_jax.tasks.reward import RewardModel, pair_sums, scalars as reward_scalars
+from llm_jax.train import optim, step
+from llm_jax.train.export import load_params
+from llm_jax.train.state import create_state
 
 
 def reward_model(**overrides):
     shape = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
-    return llama(**{**shape, **overrides}, head="reward", reward_init_std=0.5, compute_dtype="float32")
+    return llama(**{**shape, **overrides}, reward_init_std=0.5, compute_dtype="float32")
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("position", ["rope", pytest.param("learned", marks=pytest.mark.slow)])
 def test_reward_reads_the_last_real_token_whatever_the_padding(position):
     cfg = reward_model(position=position, max_seq_len=32)
-    model = Transformer(cfg)
+    model = Transformer(cfg, head="reward")
     lengths = [3, 7, 5]
     rng = np.random.default_rng(0)
     seqs = [rng.integers(8, 64, n).astype(np.int32) for n in lengths]
@@ -125,7 +128,9 @@ def tokenizer_path(tmp_path_factory):
     return f"{path}.model"
 
 
-def test_a_tiny_reward_model_learns_a_planted_preference_and_scores_new_pairs(tmp_path, tokenizer_path, capsys):
+@pytest.mark.slow
+def test_a_tiny_reward_model_learns_a_planted_preference_and_scores_new_pairs(tmp_path, tokenizer_path, capsys,
+                                                                             scalars):
     write_jsonl(tmp_path / "pairs.jsonl", planted_pairs(400, seed=0))
     run = tmp_path / "rm"
     assert main(["train", "--config", "rm_tiny", "--run-dir", str(run), "--set", f"data.data_dir={tmp_path}",
@@ -165,8 +170,7 @@ def test_a_tiny_reward_model_learns_a_planted_preference_and_scores_new_pairs(tm
 
 def test_a_language_model_export_initialises_the_reward_model_trunk(tmp_path, tokenizer_path):
     cfg = validate(load_experiment("rm_tiny"))
-    lm_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="lm"),
-                                 data=dataclasses.replace(cfg.data, format="text"))
+    lm_cfg = dataclasses.replace(cfg, task="pretrain", data=dataclasses.replace(cfg.data, sources=("python_stdlib",)))
     lm_params = nn.unbox(Transformer(lm_cfg.model).init(jax.random.key(7), *(jnp.ones((1, 8), jnp.int32),) * 3))
     export = tmp_path / "export"
     export.mkdir()
@@ -174,7 +178,8 @@ def test_a_language_model_export_initialises_the_reward_model_trunk(tmp_path, to
         ckpt.save((export / "params").absolute(), lm_params["params"])
     (export / "config.json").write_text(to_json(lm_cfg))
     mesh = sharding.make_mesh(MeshConfig(1, -1, 1))
-    state, _ = create_state(Transformer(cfg.model), optim.make_optimizer(cfg.optim, 10), mesh, 64, jax.random.key(0))
+    state, _ = create_state(Transformer(cfg.model, head="reward"), optim.make_optimizer(cfg.optim, 10), mesh, 64,
+                            jax.random.key(0))
     params, fresh = load_params(export, cfg, state.params)
     assert fresh == ["reward_head"] and "lm_head" not in params
     np.testing.assert_array_equal(params["embed"]["embedding"], lm_params["params"]["embed"]["embedding"])
@@ -185,35 +190,43 @@ def test_a_language_model_export_initialises_the_reward_model_trunk(tmp_path, to
 
 
 def test_a_reward_model_needs_preference_data_and_the_reverse():
+    """One key chooses objective and data together: a reward objective on documents cannot be written."""
     cfg = load_experiment("rm_tiny")
-    with pytest.raises(ConfigError, match="model.head=reward"):
-        validate(apply_overrides(cfg, ["data.format=dialogue"]))
-    with pytest.raises(ConfigError, match="model.head=reward"):
-        validate(apply_overrides(Config(), ["data.format=preference"]))
+    with pytest.raises(ConfigError, match="task=reward reads hh, pairs, qa_feedback sources, not 'text'"):
+        tasks.make(apply_overrides(cfg, ["data.sources=text:docs/*.txt", "data.tokenizer=t.model"]))
+    with pytest.raises(ConfigError, match="task=pretrain reads .* sources, not 'pairs'"):
+        tasks.make(apply_overrides(Config(), ["data.sources=pairs:pairs.jsonl"]))
+    with pytest.raises(ConfigError, match="task='dpo' is not one of pretrain, sft, reward"):
+        tasks.make(apply_overrides(cfg, ["task=dpo"]))
+    for key in ("data.format=preference", "model.head=reward"):  # the two keys `task` replaced
+        with pytest.raises(ConfigError, match="unknown config key"):
+            apply_overrides(cfg, [key])
 
 
 def rm_train(mesh_cfg, devices=None, microbatches=1, steps=3):
     """A few reward-model steps on random pairs of ragged lengths (a few padding pairs among them)."""
     cfg = reward_model(n_heads=8, n_kv_heads=4, head_dim=8)
     mesh = sharding.make_mesh(mesh_cfg, devices)
-    model, ocfg = Transformer(cfg), dataclasses.replace(Config().optim, learning_rate=1e-2, warmup_steps=1)
+    model = Transformer(cfg, head="reward")
+    ocfg = dataclasses.replace(Config().optim, learning_rate=1e-2, warmup_steps=1)
     optimizer = optim.make_optimizer(ocfg, steps)
-    task = reward_objective(RewardConfig(center_coef=0.01))
+    task = RewardModel(Config(task="reward", reward=RewardConfig(center_coef=0.01)))
     state, shardings = create_state(model, optimizer, mesh, 16, jax.random.key(0))
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, task)
     rng, history = np.random.default_rng(0), []
     for _ in range(steps):
         lengths = rng.integers(3, 17, (8, 2))
         segment_ids = (np.arange(16)[None, None] < lengths[..., None]).astype(np.int32)
-        batch = {"inputs": rng.integers(8, 64, (8, 2, 16)).astype(np.int32) * segment_ids,
-                 "positions": np.arange(16, dtype=np.int32)[None, None] * segment_ids, "segment_ids": segment_ids,
-                 "margin": rng.random(8).astype(np.float32), "valid": (rng.random(8) < 0.8).astype(np.float32)}
-        batch = {k: v.reshape(microbatches, 8 // microbatches, *v.shape[1:]) for k, v in batch.items()}
+        batch = PairBatch(inputs=rng.integers(8, 64, (8, 2, 16)).astype(np.int32) * segment_ids,
+                          positions=positions_from_segments(segment_ids), segment_ids=segment_ids,
+                          margin=rng.random(8).astype(np.float32), valid=(rng.random(8) < 0.8).astype(np.float32))
+        batch = PairBatch(*(v.reshape(microbatches, 8 // microbatches, *v.shape[1:]) for v in batch))
         state, metrics = train_fn(state, sharding.global_batch(batch, step.batch_shardings(mesh, task, True)))
         history.append({k: float(v) for k, v in metrics.items()})
     return history
 
 
+@pytest.mark.slow
 def test_reward_training_is_the_same_on_one_device_on_a_mesh_and_with_microbatches():
     reference = rm_train(MeshConfig(1, 1, 1), jax.devices()[:1])
     history = rm_train(MeshConfig(2, 2, 2), microbatches=2)  # both at once: 8 devices, 2 accumulated halves

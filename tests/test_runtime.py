@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from llm_jax import runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +32,7 @@ def bench_faults(**env):
     return re.search(r"^host malloc\s+(\w+)", out, re.M).group(1), faults
 
 
+@pytest.mark.slow
 def test_scratch_memory_is_reused_across_steps_unless_turned_off():
     mode, faults = bench_faults(LLM_JAX_MALLOC="reuse")
     system_mode, system_faults = bench_faults(LLM_JAX_MALLOC="system")
@@ -51,6 +54,7 @@ def test_backend_is_read_without_starting_jax_and_bad_values_are_ignored(monkeyp
     assert "ignoring LLM_JAX_MALLOC='jemalloc'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gpu_xla_flags_keep_the_users_values_and_parse_in_this_jaxlib():
     flags = runtime.with_gpu_flags("--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/tmp/x")
     assert flags.split().count("--xla_gpu_enable_latency_hiding_scheduler=false") == 1

@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.config import Config, DataConfig
-from llm_jax.data.chat_template import render
-from llm_jax.data.dialogue import Message
-from llm_jax.data.pipeline import KEYS
-from llm_jax.data.sft import (eval_batches, pack, prepare_sft, row_arrays, row_batch,
-                              train_iterator)
+from llm_jax.config import Config, DataConfig, TrainConfig
+from llm_jax.data.batches import TokenBatch, stack
+from llm_jax.data.chat.dialogue import Message
+from llm_jax.data.chat.sft import pack, prepare_sft, row_arrays, row_batch
+from llm_jax.data.chat.template import render
 from llm_jax.data.tokenizer import train_tokenizer
-from llm_jax.losses import lm_sums
+from llm_jax.tasks.losses import token_nats, weighted_sums
+from llm_jax.tasks.sft import SFT
 
 U, A, S = "user", "assistant", "system"
 CORPUS = ["What is the capital of France? The capital of France is Paris. Hello, how are you?\n" * 8,
@@ -55,13 +55,14 @@ def test_hand_checked_row():
     assert pack([4, 5], 10) == [[0, 1]]
     row = row_arrays([a, b], 10, pad_id=0, dtype=np.uint16)
     batch = row_batch(row["tokens"], row["segments"], row["mask"], np.arange(100, dtype=np.int32))
-    np.testing.assert_array_equal(batch["inputs"], [10, 11, 12, 13, 20, 21, 22, 23, 24])
-    np.testing.assert_array_equal(batch["targets"], [11, 12, 13, 20, 21, 22, 23, 24, 0])
-    np.testing.assert_array_equal(batch["segment_ids"], [1, 1, 1, 1, 2, 2, 2, 2, 2])
-    np.testing.assert_array_equal(batch["positions"], [0, 1, 2, 3, 0, 1, 2, 3, 4])
-    np.testing.assert_array_equal(batch["weights"], [0, 1, 1, 0, 0, 0, 1, 1, 0])
-    np.testing.assert_array_equal(batch["target_bytes"], [11, 12, 13, 20, 21, 22, 23, 24, 0])
-    assert {k: v.dtype for k, v in batch.items()} == {k: np.float32 if k == "weights" else np.int32 for k in KEYS}
+    np.testing.assert_array_equal(batch.inputs, [10, 11, 12, 13, 20, 21, 22, 23, 24])
+    np.testing.assert_array_equal(batch.targets, [11, 12, 13, 20, 21, 22, 23, 24, 0])
+    np.testing.assert_array_equal(batch.segment_ids, [1, 1, 1, 1, 2, 2, 2, 2, 2])
+    np.testing.assert_array_equal(batch.positions, [0, 1, 2, 3, 0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(batch.weights, [0, 1, 1, 0, 0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(batch.target_bytes, [11, 12, 13, 20, 21, 22, 23, 24, 0])
+    assert {k: v.dtype for k, v in batch._asdict().items()} == {
+        k: np.float32 if k == "weights" else np.int32 for k in TokenBatch._fields}
 
 
 def test_next_example_first_token_is_never_a_target():
@@ -69,8 +70,8 @@ def test_next_example_first_token_is_never_a_target():
     a, b = (np.array([5, 6]), np.array([0, 1], bool)), (np.array([7, 8, 9]), np.array([1, 1, 1], bool))
     row = row_arrays([a, b], 7, pad_id=0, dtype=np.uint16)
     batch = row_batch(row["tokens"], row["segments"], row["mask"], np.ones(10, np.int32))
-    np.testing.assert_array_equal(batch["weights"], [1, 0, 1, 1, 0, 0])
-    np.testing.assert_array_equal(batch["positions"], [0, 1, 0, 1, 2, 0])
+    np.testing.assert_array_equal(batch.weights, [1, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(batch.positions, [0, 1, 0, 1, 2, 0])
 
 
 def test_best_fit_packing_is_whole_and_tight():
@@ -86,7 +87,7 @@ def test_best_fit_packing_is_whole_and_tight():
 
 def _segments(batch):
     """(row, start, end) of every example in a (B, T) batch."""
-    for r, seg in enumerate(batch["segment_ids"]):
+    for r, seg in enumerate(batch.segment_ids):
         for s in set(seg.tolist()) - {0}:
             where = np.flatnonzero(seg == s)
             yield r, where[0], where[-1] + 1
@@ -94,7 +95,13 @@ def _segments(batch):
 
 def all_rows(prepared, split):
     rows = prepared.rows(split, SEQ_LEN)
-    return {k: np.stack([rows[i][k] for i in range(len(rows))]) for k in KEYS}
+    return stack([rows[i] for i in range(len(rows))])
+
+
+def task(batch_size, microbatches=1, seed=0):
+    """The SFT task with this batch shape: its batch source and eval batches are the loop's way in."""
+    return SFT(Config(task="sft", data=DataConfig(seq_len=SEQ_LEN),
+                      train=TrainConfig(batch_size=batch_size, microbatches=microbatches, seed=seed)))
 
 
 def test_weights_are_exactly_the_assistant_targets(prepared, tok):
@@ -106,27 +113,27 @@ def test_weights_are_exactly_the_assistant_targets(prepared, tok):
     n_examples, n_full = 0, 0
     for batch in (all_rows(prepared, "train"), all_rows(prepared, "eval")):
         for r, start, stop in _segments(batch):
-            inputs = batch["inputs"][r, start:stop].tolist()
-            full = tuple(inputs + [int(batch["targets"][r, stop - 1])])
+            inputs = batch.inputs[r, start:stop].tolist()
+            full = tuple(inputs + [int(batch.targets[r, stop - 1])])
             if stop == SEQ_LEN and full in rendered:  # the example fills the row: its last token is a target
                 expected, n_full = rendered[full][1:], n_full + 1
             else:  # the last input's target is the next example's first token or padding: never weighted
                 expected = np.append(rendered[tuple(inputs)][1:], False)
-            np.testing.assert_array_equal(batch["weights"][r, start:stop], expected)
-            np.testing.assert_array_equal(batch["positions"][r, start:stop], np.arange(stop - start))
+            np.testing.assert_array_equal(batch.weights[r, start:stop], expected)
+            np.testing.assert_array_equal(batch.positions[r, start:stop], np.arange(stop - start))
             n_examples += 1
-        padding = batch["segment_ids"] == 0
-        assert not batch["weights"][padding].any() and not batch["positions"][padding].any()
-        assert (batch["inputs"][padding] == tok.pad_id).all()
+        padding = batch.segment_ids == 0
+        assert not batch.weights[padding].any() and not batch.positions[padding].any()
+        assert (batch.inputs[padding] == tok.pad_id).all()
         # weighted targets: assistant content and <|end|>, never a role tag; the first content token after
         # every <|assistant|> is weighted
-        weighted = batch["targets"][batch["weights"] == 1]
+        weighted = batch.targets[batch.weights == 1]
         assert assistant not in weighted and end in weighted
-        assert (batch["weights"][batch["inputs"] == assistant] == 1).all()
+        assert (batch.weights[batch.inputs == assistant] == 1).all()
     splits = prepared.meta["splits"]
     assert n_examples == splits["train"]["examples"] + splits["eval"]["examples"]
-    assert n_full and all_rows(prepared, "train")["segment_ids"].max() >= 2  # both boundary kinds were seen
-    assert all_rows(prepared, "train")["weights"].sum() == splits["train"]["assistant_tokens"]
+    assert n_full and all_rows(prepared, "train").segment_ids.max() >= 2  # both boundary kinds were seen
+    assert all_rows(prepared, "train").weights.sum() == splits["train"]["assistant_tokens"]
 
 
 def test_multi_turn_weights_by_hand(tok):
@@ -134,11 +141,11 @@ def test_multi_turn_weights_by_hand(tok):
     ids, mask = render(d, tok)
     row = row_arrays([(ids, mask)], len(ids) + 3, tok.pad_id, np.uint16)
     batch = row_batch(row["tokens"], row["segments"], row["mask"], tok.byte_lengths())
-    weighted = batch["targets"][batch["weights"] == 1]
+    weighted = batch.targets[batch.weights == 1]
     end = tok.special_ids["<|end|>"]
     assert weighted.tolist() == [*tok.encode("Hello"), end, *tok.encode("Yes"), end]
     assert tok.decode(weighted) == "HelloYes"  # specials decode to nothing
-    assert batch["target_bytes"][batch["weights"] == 1].sum() == len(b"HelloYes")
+    assert batch.target_bytes[batch.weights == 1].sum() == len(b"HelloYes")
 
 
 def test_truncated_away_examples_are_dropped_and_counted(tmp_path, tok):
@@ -166,27 +173,27 @@ def test_prepare_is_reused_and_skips_are_counted(tmp_path, tok, capsys):
 
 
 def test_two_processes_make_the_global_batch(prepared):
-    whole = train_iterator(prepared, SEQ_LEN, 8, 2, seed=3, process_index=0, process_count=1)
-    parts = [train_iterator(prepared, SEQ_LEN, 8, 2, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+    whole = task(8, 2, seed=3).train_source(prepared, 0, 1)
+    parts = [task(8, 2, seed=3).train_source(prepared, p, 2) for p in (0, 1)]
     for _ in range(3):
-        batch = next(whole)
-        assert batch["inputs"].shape == (2, 4, SEQ_LEN)
-        local = [next(p) for p in parts]
-        assert local[0]["inputs"].shape == (2, 2, SEQ_LEN)
-        for k in KEYS:
+        batch = whole.next_batch()
+        assert batch.inputs.shape == (2, 4, SEQ_LEN)
+        local = [p.next_batch() for p in parts]
+        assert local[0].inputs.shape == (2, 2, SEQ_LEN)
+        for k in range(len(TokenBatch._fields)):
             flat = lambda b: sorted(map(bytes, b[k].reshape(-1, SEQ_LEN)))  # noqa: E731 rows as sets
             assert flat(batch) == sorted(flat(local[0]) + flat(local[1]))
-    evals = [eval_batches(prepared, SEQ_LEN, 4, p, 2) for p in (0, 1)]
-    full = eval_batches(prepared, SEQ_LEN, 4, 0, 1)
+    evals = [task(4).eval_batches(prepared, p, 2, 0) for p in (0, 1)]
+    full = task(4).eval_batches(prepared, 0, 1, 0)
     for b, (e0, e1) in enumerate(zip(*evals)):
-        np.testing.assert_array_equal(full[b]["inputs"][0::2], e0["inputs"])
-        np.testing.assert_array_equal(full[b]["inputs"][1::2], e1["inputs"])
+        np.testing.assert_array_equal(full[b].inputs[0::2], e0.inputs)
+        np.testing.assert_array_equal(full[b].inputs[1::2], e1.inputs)
 
 
 def test_deterministic_by_seed(prepared):
     def first(seed):
-        it = train_iterator(prepared, SEQ_LEN, 4, 1, seed=seed, process_index=0, process_count=1)
-        return [next(it)["inputs"] for _ in range(3)]
+        source = task(4, seed=seed).train_source(prepared, 0, 1)
+        return [source.next_batch().inputs for _ in range(3)]
     np.testing.assert_array_equal(first(1), first(1))
     assert not np.array_equal(first(1), first(2))
 
@@ -196,10 +203,9 @@ def test_masked_loss_equals_hand_sum():
     b = (np.array([20, 21, 22, 23, 24]), np.array([0, 0, 0, 1, 1], bool))
     byte_lengths = np.arange(32, dtype=np.int32) % 3
     rows = [row_arrays(r, 10, pad_id=0, dtype=np.uint16) for r in ([a, b], [b])]
-    batch = {k: np.stack([row_batch(r["tokens"], r["segments"], r["mask"], byte_lengths)[k] for r in rows])
-             for k in KEYS}
+    batch = stack([row_batch(r["tokens"], r["segments"], r["mask"], byte_lengths) for r in rows])
     logits = np.random.default_rng(0).normal(size=(2, 9, 32)).astype(np.float32)
-    sums = lm_sums(jnp.asarray(logits), {k: jnp.asarray(v) for k, v in batch.items()})
+    sums = weighted_sums(token_nats(jnp.asarray(logits), jnp.asarray(batch.targets)), batch)
     # assistant targets by hand: row 0 targets 12, 13 (positions 1, 2) and 23, 24 (6, 7); row 1: 23, 24 (2, 3)
     hand = [(0, 1, 12), (0, 2, 13), (0, 6, 23), (0, 7, 24), (1, 2, 23), (1, 3, 24)]
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -211,7 +217,7 @@ def test_masked_loss_equals_hand_sum():
 def test_a_tokenizer_without_chat_tokens_gets_text_tags_and_eos(tmp_path):
     """An imported model's sentencepiece (no reserved chat ids, no pad): tags become text, a turn ends with EOS."""
     import sentencepiece as spm
-    from llm_jax.data.chat_template import chat_tags
+    from llm_jax.data.chat.template import chat_tags
     from llm_jax.data.tokenizer import Tokenizer
     model = tmp_path / "foreign"
     spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 4), model_prefix=str(model), vocab_size=320,
@@ -226,4 +232,4 @@ def test_a_tokenizer_without_chat_tokens_gets_text_tags_and_eos(tmp_path):
     assert ids.tolist()[-len(answer) - len(tags["assistant"]):-len(answer)] == list(tags["assistant"])
     prepared = prepare_sft(config(tmp_path, n_dialogues=20), tmp_path / "p", f"{model}.model")
     batch = prepared.rows("train", SEQ_LEN)[0]
-    assert batch["weights"].sum() > 0 and (batch["inputs"] >= 0).all()
+    assert batch.weights.sum() > 0 and (batch.inputs >= 0).all()

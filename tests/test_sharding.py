@@ -9,12 +9,17 @@ import jax
 import numpy as np
 import pytest
 
-from llm_jax import optim, sharding, step
-from llm_jax.config import MeshConfig, OptimConfig, llama
-from llm_jax.losses import NEXT_TOKEN
+from llm_jax.config import Config, MeshConfig, OptimConfig, llama
+from llm_jax.data.batches import TokenBatch, positions_from_segments, split_microbatches
+from llm_jax.errors import MeshError
 from llm_jax.model import Transformer
-from llm_jax.sharding import MeshError, make_mesh, mesh_shape
-from llm_jax.state import create_state
+from llm_jax.parallel import sharding
+from llm_jax.parallel.sharding import make_mesh, mesh_shape
+from llm_jax.tasks.pretrain import Pretrain
+from llm_jax.train import optim, step
+from llm_jax.train.state import create_state
+
+TASK = Pretrain(Config())
 
 MESHES = [tuple(int(n) for n in m.split("x"))
           for m in os.environ.get("LLM_JAX_TEST_MESHES", "8x1x1,2x2x2,1x4x2").split(",")]
@@ -28,14 +33,11 @@ def packed_batches(n_steps, microbatches=1, seed=0):
     for _ in range(n_steps):
         tokens = rng.integers(4, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
         segments = np.cumsum(rng.random((BATCH, SEQ)) < 0.1, axis=1).astype(np.int32) + 1
-        starts = np.concatenate([np.ones((BATCH, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
-        idx = np.arange(SEQ)[None].repeat(BATCH, 0)
-        positions = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
         weights = (rng.random((BATCH, SEQ)) < 0.9).astype(np.float32)
-        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments,
-                 "positions": positions.astype(np.int32), "weights": weights,
-                 "target_bytes": rng.integers(0, 4, (BATCH, SEQ)).astype(np.int32)}
-        out.append({k: v.reshape(microbatches, BATCH // microbatches, SEQ) for k, v in batch.items()})
+        batch = TokenBatch(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=segments,
+                           positions=positions_from_segments(segments), weights=weights,
+                           target_bytes=rng.integers(0, 4, (BATCH, SEQ)).astype(np.int32))
+        out.append(split_microbatches(microbatches, batch))
     return out
 
 
@@ -48,8 +50,8 @@ def run(mesh_cfg, devices=None, microbatches=1, steps=STEPS):
     ocfg = OptimConfig(learning_rate=1e-2, warmup_steps=1)
     optimizer = optim.make_optimizer(ocfg, steps)
     state, shardings = create_state(model, optimizer, mesh, SEQ, jax.random.key(0))
-    train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, NEXT_TOKEN)
-    batch_shardings = step.batch_shardings(mesh, NEXT_TOKEN, microbatched=True)
+    train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, TASK)
+    batch_shardings = step.batch_shardings(mesh, TASK, microbatched=True)
     history = []
     for batch in packed_batches(steps, microbatches):
         state, metrics = train_fn(state, sharding.global_batch(batch, batch_shardings))
@@ -62,7 +64,9 @@ def single_device():
     return run(MeshConfig(1, 1, 1), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+# 2x2x2 splits every axis at once: the fast subset runs it alone.
+@pytest.mark.parametrize("shape", [s if s == (2, 2, 2) else pytest.param(s, marks=pytest.mark.slow) for s in MESHES],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_same_losses_on_one_device_and_on_a_mesh(single_device, shape):
     reference, ref_state = single_device
     history, state = run(MeshConfig(*shape))
@@ -73,6 +77,7 @@ def test_same_losses_on_one_device_and_on_a_mesh(single_device, shape):
     assert len(kernel.sharding.device_set) == 8
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(single_device):
     reference, _ = single_device
     accumulated, _ = run(MeshConfig(1, 1, 1), jax.devices()[:1], microbatches=4)
@@ -98,7 +103,7 @@ def test_bad_mesh_is_a_clear_error(mesh_cfg, message):
 
 
 def test_dimension_the_mesh_cannot_split_fails_before_compiling():
-    from llm_jax.state import check_fits
+    from llm_jax.train.state import check_fits
     cfg = llama(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
     mesh = make_mesh(MeshConfig(1, 2, 4))
     optimizer = optim.make_optimizer(OptimConfig(), 10)

@@ -7,26 +7,30 @@ from tensorboard import context
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment, list_session_groups
-from test_train import make_corpus
 
-from llm_jax.cli import main
-from llm_jax.config import ConfigError, apply_overrides, load_experiment
-from llm_jax.metrics import flops_per_token
-from llm_jax.report import write_report
-from llm_jax.sweep import _labels, run_sweep
+from llm_jax.cli.main import main
+from llm_jax.errors import ConfigError
+from llm_jax.experiment import apply_overrides, load_experiment
+from llm_jax.sweep.plan import _labels
+from llm_jax.sweep.report import write_report
+from llm_jax.sweep.run import run_sweep
+from llm_jax.train.metrics import flops_per_token
 
 TINY = ("model.vocab_size=320", "model.d_model=32", "model.d_ff=64", "data.seq_len=32", "train.batch_size=8",
         "train.steps=12", "train.eval_every=6", "train.log_every=3", "optim.warmup_steps=3",
         "train.eval_batches=2", "checkpoint.every=6", "data.max_bytes=0")
 
 
-def write_sweep(tmp_path, grid='{"model.n_layers": (1, 2)}', points="()"):
-    corpus = make_corpus(tmp_path)
-    overrides = (f"data.sources=text:{corpus}/*.txt",) + TINY
-    path = tmp_path / "tiny_sweep.py"
-    path.write_text("from llm_jax.sweep import Sweep\n\n\ndef sweep():\n"
-                    f"    return Sweep(base='pretrain_tiny', grid={grid}, points={points}, overrides={overrides!r})\n")
-    return path
+@pytest.fixture
+def write_sweep(tmp_path, corpus):
+    """write_sweep(grid, points) -> a sweep file of the tiny run on the toy corpus."""
+    def write(grid='{"model.n_layers": (1, 2)}', points="()"):
+        overrides = (f"data.sources=text:{corpus}/*.txt",) + TINY
+        path = tmp_path / "tiny_sweep.py"
+        path.write_text("from llm_jax.sweep.plan import Sweep\n\n\ndef sweep():\n"
+                        f"    return Sweep(base='pretrain_tiny', grid={grid}, points={points}, overrides={overrides!r})\n")
+        return path
+    return write
 
 
 def report_table(sweep_dir):
@@ -51,9 +55,10 @@ def hparams_dashboard(logdir):
     return experiment, groups
 
 
-def test_sweep_runs_skips_resumes_and_reports(tmp_path, capfd, monkeypatch):
+@pytest.mark.slow
+def test_sweep_runs_skips_resumes_and_reports(tmp_path, capfd, monkeypatch, write_sweep):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # the runs' own processes
-    path, sweep_dir = write_sweep(tmp_path), tmp_path / "sweep"
+    path, sweep_dir = write_sweep(), tmp_path / "sweep"
     assert run_sweep(path, sweep_dir=sweep_dir) == 0
     out = capfd.readouterr().out
     assert out.count("prepared data in") == 1 and "=== n_layers=1" in out and "=== n_layers=2" in out
@@ -96,8 +101,8 @@ def test_sweep_runs_skips_resumes_and_reports(tmp_path, capfd, monkeypatch):
     assert eval_bpb == pytest.approx(float(table["n_layers=2"]["eval bits/byte"]), abs=1e-4)
 
 
-def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capfd):
-    path, sweep_dir = write_sweep(tmp_path), tmp_path / "sweep"
+def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capfd, write_sweep):
+    path, sweep_dir = write_sweep(), tmp_path / "sweep"
     assert run_sweep(path, sweep_dir=sweep_dir, dry_run=True, extra_overrides=["train.steps=5"]) == 0
     out = capfd.readouterr().out
     assert "n_layers=1: new" in out and out.count(" -m llm_jax train --config pretrain_tiny") == 2
@@ -121,13 +126,13 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capfd):
     assert not sweep_dir.exists()
 
 
-def test_slurm_writes_and_submits_a_script_per_point_and_keeps_going(tmp_path, capfd, monkeypatch):
+def test_slurm_writes_and_submits_a_script_per_point_and_keeps_going(tmp_path, capfd, monkeypatch, write_sweep):
     bin_dir, submitted = tmp_path / "bin", tmp_path / "submitted"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$1" >> {submitted}\ncase "$1" in *n_layers=1*) exit 1;; esac\n')
     (bin_dir / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    path, sweep_dir = write_sweep(tmp_path), tmp_path / "sweep"
+    path, sweep_dir = write_sweep(), tmp_path / "sweep"
     (sweep_dir / "n_layers=2").mkdir(parents=True)  # an earlier attempt that died before its first checkpoint
     (sweep_dir / "n_layers=2" / "config.json").write_text("{}")
     assert run_sweep(path, "slurm", sweep_dir=sweep_dir, launcher_options={"setup": "source venv/bin/activate"}) == 1
@@ -153,8 +158,8 @@ def test_slurm_writes_and_submits_a_script_per_point_and_keeps_going(tmp_path, c
     ('{"train.steps": (1, 2)}', "()", "train.steps is swept and also overridden"),
     ("{}", "()", "has no points"),
 ])
-def test_bad_sweep_is_one_line_error_before_anything_runs(tmp_path, capfd, grid, points, message):
-    path, sweep_dir = write_sweep(tmp_path, grid, points), tmp_path / "sweep"
+def test_bad_sweep_is_one_line_error_before_anything_runs(tmp_path, capfd, grid, points, message, write_sweep):
+    path, sweep_dir = write_sweep(grid, points), tmp_path / "sweep"
     with pytest.raises(ConfigError) as error:
         run_sweep(path, sweep_dir=sweep_dir)
     assert message in str(error.value) and "\n" not in str(error.value)

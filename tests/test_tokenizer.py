@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from llm_jax.data.corpus import DataError
+from llm_jax.errors import DataError
 from llm_jax.data.tokenizer import (ENCODE_CHARS, N_RESERVED, SPECIAL_TOKENS, Tokenizer, text_chunks,
                                     train_tokenizer)
 

@@ -17,11 +17,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from llm_jax.config import OptimConfig, llama, load_experiment  # noqa: E402
-from llm_jax.losses import token_nats  # noqa: E402
-from llm_jax.metrics import param_count  # noqa: E402
+from llm_jax.config import OptimConfig, llama  # noqa: E402
+from llm_jax.experiment import load_experiment  # noqa: E402
 from llm_jax.model import Transformer  # noqa: E402
-from llm_jax.optim import make_optimizer  # noqa: E402
+from llm_jax.tasks.losses import token_nats  # noqa: E402
+from llm_jax.train.metrics import param_count  # noqa: E402
+from llm_jax.train.optim import make_optimizer  # noqa: E402
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "torch_reference.py"
 _spec = importlib.util.spec_from_file_location("torch_reference", _PATH)
@@ -64,7 +65,7 @@ def test_same_parameter_count_as_llm_jax(cfg):
     assert tr.param_count(model) == sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes)))
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_forward_matches_llm_jax(scan_layers):
     # A larger init than the default 0.02 makes attention far from uniform, so RoPE and the GQA head mapping
     # change the logits by O(1): a wrong convention could not hide under the tolerance.
@@ -86,6 +87,7 @@ def test_forward_matches_llm_jax(scan_layers):
     assert loss.item() == pytest.approx(nats, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_train_step_matches_llm_jax_update():
     """One step of clipped AdamW with weight decay from the same params gives the same params.
 
@@ -118,6 +120,7 @@ def test_train_step_matches_llm_jax_update():
         np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), atol=2e-5, rtol=0, err_msg=name)
 
 
+@pytest.mark.slow
 def test_train_step_reduces_loss():
     model, optimizer = tr.build(TINY, OptimConfig(learning_rate=3e-3))
     inputs, targets, _, _ = _inputs(TINY, batch=4, length=32)

@@ -10,7 +10,7 @@ Every run trains on the same 5.2B tokens (20k steps × 256 × 1024), so the repo
 token budget and against training FLOPs: 2.3e18, 3.8e18 and 6.7e18 (the 32k-way output layer costs the same
 at every depth).
 """
-from llm_jax.sweep import Sweep
+from llm_jax.sweep.plan import Sweep
 
 
 def sweep() -> Sweep:

@@ -10,7 +10,7 @@ and against training FLOPs. At this budget it buys nothing yet: 1 layer ends at 
 2.018, 4 at 2.036, 6 at 2.052, for 3.5e12 to 1.1e13 FLOPs; the deeper models start slower and are closing
 the gap (4 layers vs 1: 0.16 bits/byte behind at step 60, 0.04 at step 300).
 """
-from llm_jax.sweep import Sweep
+from llm_jax.sweep.plan import Sweep
 
 
 def sweep() -> Sweep:

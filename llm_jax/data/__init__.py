@@ -1,2 +1,4 @@
-"""Data: corpus readers (corpus.py), the sentencepiece tokenizer (tokenizer.py), tokenization into shards
-(prepare.py) and packed, per-process batches (pipeline.py)."""
+"""Data, from files to batches: corpus readers (corpus.py), tokenizers (tokenizer.py, byte_bpe.py over
+pieces.py), prepared directories on disk (shards.py), pretraining's token shards (prepare.py), every task's
+batch types (batches.py), grain batches per process (pipeline.py), and chat/ for dialogues and preference
+pairs rendered through the chat template."""

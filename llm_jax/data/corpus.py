@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
+from llm_jax.errors import DataError
+
 Reader = Callable[[Path], Iterator[str]]
 
 _HINT = "set the data location with --set data.data_dir=... or $LLM_JAX_DATA"
@@ -30,10 +32,7 @@ _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG EBOOK
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages"}
 _POEM_HEADINGS = ("title", "rhythmic", "chapter", "type")
 _POEM_TEXTS = ("paragraphs", "para", "content")
-
-
-class DataError(ValueError):
-    """A bad source, file or record; the message is one line naming the file (and line) at fault."""
+KINDS = ("python_stdlib", "text", "gutenberg", "jsonl", "chinese_poetry", "squad")
 
 
 def iter_documents(sources: tuple[str, ...], data_dir: Path, max_bytes: int = 0) -> Iterator[str]:
@@ -70,8 +69,7 @@ def _resolve(source: str, data_dir: Path) -> tuple[Reader, list[Path]]:
     readers = {"text": _whole_file, "gutenberg": _gutenberg_book, "chinese_poetry": _poetry_documents,
                "squad": _squad_contexts}
     if kind not in readers:
-        known = ", ".join(["python_stdlib", "jsonl", *readers])
-        raise DataError(f"data.sources entry {source!r}: unknown kind {kind!r} (known: {known})")
+        raise DataError(f"data.sources entry {source!r}: unknown kind {kind!r} (known: {', '.join(KINDS)})")
     return readers[kind], glob_source(source, pattern, data_dir)
 
 

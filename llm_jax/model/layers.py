@@ -1,6 +1,6 @@
 """Building blocks: dtype resolution, partitioned initialisers, norms, rotary embeddings, feed-forward.
 
-Shape letters: B batch, T length, D d_model, N query heads, K kv heads, H head dim, F d_ff, V vocab.
+Shape letters: the legend in transformer.py.
 """
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""The decoder-only transformer: embeddings, a stack of pre-norm blocks (optionally scanned), LM head."""
+"""The decoder-only transformer: embeddings, a stack of pre-norm blocks (optionally scanned), and a head:
+next-token logits (a language model) or one scalar per sequence (a reward model).
+
+Shape letters (the one legend, used in model/, tasks/ and data/): B batch rows, T tokens of a row, S keys
+(cached tokens), D d_model, N query heads, K kv heads, G query heads per kv head (N / K), H head dim,
+F d_ff, V vocabulary, C vocabulary chunks of U entries (V = C·U), M microbatches, P preference pairs;
+a literal 2 is chosen|rejected.
+"""
 from __future__ import annotations
 
 import jax
@@ -41,14 +48,19 @@ def block_stack(cfg: ModelConfig, decode: bool):
     return [scanned(cfg, decode, name="layers")]
 
 
+HEADS = ("lm", "reward")
+
+
 class Transformer(nn.Module):
     """tokens, positions, segment ids (B, T) -> next-token logits (B, T, V) in float32; with
-    cfg.head == "reward", one reward per sequence (B,) in float32 instead (see reward_head); with
+    head="reward", one reward per sequence (B,) in float32 instead (see reward_head); with
     return_hidden, the final-norm hidden states (B, T, D) that the output layer would read.
 
-    With decode=True the attention layers keep a KV cache (see attention.py); the parameters are the same.
+    The task decides the head (tasks/); with decode=True the attention layers keep a KV cache (see
+    attention.py), with the same parameters.
     """
     cfg: ModelConfig
+    head: str = "lm"
     decode: bool = False
 
     @nn.compact
@@ -67,9 +79,11 @@ class Transformer(nn.Module):
         for layer in block_stack(cfg, self.decode):
             x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT)
         x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
-        if cfg.head == "reward":
+        if self.head not in HEADS:
+            raise ValueError(f"head {self.head!r} is not one of {', '.join(HEADS)}")
+        if self.head == "reward":
             return reward_head(cfg, x_BxTxD, segment_ids_BxT)
-        if return_hidden:  # the loss applies the output layer itself, in vocabulary chunks (losses.py)
+        if return_hidden:  # the loss applies the output layer itself, in vocabulary chunks (tasks/losses.py)
             return x_BxTxD
         if cfg.tie_embeddings:
             logits_BxTxV = embed.attend(x_BxTxD)

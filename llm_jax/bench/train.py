@@ -1,0 +1,207 @@
+"""`llm-jax bench train`: how fast the train step is, for any task.
+
+Compiles once, runs warm-up steps, then times N steps of the real train step (same jit, shardings, optimizer
+and objective as `train`) on synthetic batches of the task's own type, so the data pipeline is not measured
+(--real-data: batches from the task's source, fetched inside the timed loop); --compare-torch also times the
+PyTorch eager reference (benchmarks/torch_reference.py) of the same model and prints the ratio as the last
+line; --profile DIR writes a jax.profiler trace of the timed steps for TensorBoard's profile plugin.
+
+Model TFLOP/s and MFU use the task's flops_per_token and the peak table (the formula of TensorBoard's
+perf/mfu); MFU is NaN where the device's peak is unknown (CPU) unless train.peak_tflops gives one.
+
+The setup, the batches and the step-memory figures here are shared with bench memory and bench checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from llm_jax import runtime, tasks
+from llm_jax.config import REPO_ROOT, Config
+from llm_jax.errors import ConfigError
+from llm_jax.model import Transformer
+from llm_jax.parallel import sharding
+from llm_jax.tasks.base import Task
+from llm_jax.train import metrics, optim, step
+from llm_jax.train.setup import load_data
+from llm_jax.train.state import check_fits, create_state, logical_specs
+
+TORCH_REFERENCE = REPO_ROOT / "benchmarks" / "torch_reference.py"
+
+
+class Bench(NamedTuple):
+    """What bench train, memory and checkpoint run: built by `setup` as `train` builds it."""
+    task: Task
+    mesh: jax.sharding.Mesh
+    state: Any
+    train_fn: Any
+
+
+def setup(cfg: Config, abstract: bool = False) -> Bench:
+    """The task, mesh, train state and jitted train step of `cfg`, as `train` builds them (abstract: the
+    state's shapes, dtypes and shardings, nothing allocated)."""
+    # Not checked: the task's data requirements matter only to real_source, which checks them.
+    task = tasks.make(cfg, check=False)
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = Transformer(cfg.model, head=task.head)
+    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    if abstract:
+        shardings = sharding.tree_shardings(check_fits(model, optimizer, mesh, cfg.data.seq_len), mesh)
+        _, shapes = logical_specs(model, optimizer, cfg.data.seq_len)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    else:
+        state, shardings = create_state(model, optimizer, mesh, cfg.data.seq_len, jax.random.key(cfg.train.seed))
+    train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh, shardings,
+                                   task)
+    return Bench(task, mesh, state, train_fn)
+
+
+def synthetic_batch(task: Task, batch_size: int | None = None, seed: int = 0):
+    """A global batch of random examples of the task's batch type, (microbatches, batch / microbatches, ...)
+    per entry (default: train.batch_size rows)."""
+    c = task.cfg
+    M = c.train.microbatches
+    return task.batch_type.synthetic((M, (batch_size or c.train.batch_size) // M), c.data.seq_len,
+                                     c.model.vocab_size, np.random.default_rng(seed))
+
+
+@contextlib.contextmanager
+def real_source(task: Task):
+    """The task's training batch source (data prepared into a temporary directory unless data.prepared names
+    a directory), closed and removed on exit."""
+    task.check()
+    with tempfile.TemporaryDirectory(prefix="llm_jax_bench_", ignore_cleanup_errors=True) as tmp:
+        source = task.train_source(load_data(task, Path(tmp)), jax.process_index(), jax.process_count())
+        try:
+            yield source
+        finally:
+            source.close()
+
+
+def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool = False,
+                profile: str | None = None) -> dict:
+    """Times the train step; returns the figures `format_train` prints."""
+    bench = setup(cfg)
+    shardings = step.batch_shardings(bench.mesh, bench.task, microbatched=True)
+    with contextlib.ExitStack() as stack:
+        if real_data:
+            source = stack.enter_context(real_source(bench.task))
+            next_batch = lambda state: sharding.global_batch(source.next_batch(state), shardings)
+        else:
+            fixed = sharding.global_batch(synthetic_batch(bench.task), shardings)
+            next_batch = lambda state: fixed
+        t0 = time.perf_counter()
+        compiled = bench.train_fn.lower(bench.state, next_batch(bench.state)).compile()
+        compile_s = time.perf_counter() - t0
+        state, times, faults_per_step = _run_steps(compiled, bench.state, next_batch, steps, warmup, profile)
+    median = statistics.median(times)
+    tokens_per_sec = bench.task.tokens_per_step / median
+    flops = bench.task.flops_per_token
+    peak = metrics.device_peak_tflops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
+    memory = jax.devices()[0].memory_stats() or {}
+    return {"params": metrics.param_count(state.params), "tokens_per_step": bench.task.tokens_per_step,
+            "step_time_s": median, "step_time_p10_s": float(np.percentile(times, 10)),
+            "step_time_p90_s": float(np.percentile(times, 90)), "tokens_per_sec": tokens_per_sec,
+            "model_tflops_per_sec": tokens_per_sec * flops / 1e12,
+            "mfu": metrics.mfu(tokens_per_sec, flops, jax.device_count(), peak),
+            "peak_memory_gib": memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
+            "compile_s": compile_s, "step_memory": step_memory(compiled.memory_analysis()),
+            "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
+            "steps": steps, "real_data": real_data, "page_faults_per_step": faults_per_step,
+            "malloc": runtime.malloc_mode}
+
+
+def _run_steps(compiled, state, next_batch, steps: int, warmup: int, profile: str | None):
+    """The compiling step's first run and `warmup` more, untimed, then `steps` timed ones (traced into
+    `profile`); returns the last state, each timed step's seconds and the host page faults per timed step."""
+    def one_step(s):
+        s, m = compiled(s, next_batch(s))
+        jax.block_until_ready(m)
+        return s
+
+    for _ in range(1 + warmup):
+        state = one_step(state)
+    times = []
+    with jax.profiler.trace(profile) if profile else contextlib.nullcontext():
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            state = one_step(state)
+            times.append(time.perf_counter() - t0)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    return state, times, faults / steps
+
+
+def step_memory(plan) -> dict | None:
+    """What XLA planned for one step on one device, in bytes: state and batch in, results out (less what the
+    donated state's buffers are reused for), scratch."""
+    if plan is None:
+        return None
+    inputs, temp = plan.argument_size_in_bytes, plan.temp_size_in_bytes
+    outputs = plan.output_size_in_bytes - plan.alias_size_in_bytes
+    return {"total": inputs + outputs + temp, "inputs": inputs, "outputs": outputs, "temp": temp}
+
+
+def format_bytes(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def format_train(r: dict) -> str:
+    def fmt(value, spec):
+        return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+    rows = [("devices", r["devices"]), ("parameters", f"{r['params']:,}"),
+            ("tokens / step", f"{r['tokens_per_step']:,}"),
+            ("step time (median)", f"{r['step_time_s'] * 1e3:.1f} ms"),
+            ("step time (p10 - p90)", f"{r['step_time_p10_s'] * 1e3:.1f} - {r['step_time_p90_s'] * 1e3:.1f} ms"),
+            ("tokens / s", f"{r['tokens_per_sec']:,.0f}"),
+            ("model TFLOP/s", f"{r['model_tflops_per_sec']:.4g}"), ("MFU", fmt(r["mfu"], ".2%")),
+            ("peak device memory", fmt(r["peak_memory_gib"], ".2f") + (" GiB" if r["peak_memory_gib"] else "")),
+            ("step memory (XLA plan)", "n/a" if not r["step_memory"] else
+             "{total} per device ({inputs} in, {outputs} out, {temp} scratch)".format(
+                 **{k: format_bytes(v) for k, v in r["step_memory"].items()})),
+            ("compile time", f"{r['compile_s']:.1f} s"),
+            # Host memory first touched per step: high when buffers are mapped afresh each step (runtime.py).
+            ("host page faults / step", f"{r['page_faults_per_step']:,.0f}"),
+            ("host malloc", f"{r['malloc']} (llm_jax/runtime.py; LLM_JAX_MALLOC)"),
+            ("data", "pipeline (--real-data)" if r["real_data"] else "synthetic")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + f"\n({r['steps']} timed steps)"
+
+
+def torch_reference():
+    """benchmarks/torch_reference.py (PyTorch is an optional extra: pip install -e '.[torch]')."""
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError("--compare-torch needs PyTorch: pip install -e '.[torch]'")
+    spec = importlib.util.spec_from_file_location("llm_jax_torch_reference", TORCH_REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool = False, profile: str | None = None,
+        compare_torch: bool = False) -> str:
+    """What `llm-jax bench train` prints."""
+    if compare_torch and tasks.make(cfg, check=False).head != "lm":
+        raise ConfigError(f"--compare-torch: the PyTorch reference is a language model, task={cfg.task} is not")
+    result = bench_train(cfg, steps, warmup, real_data, profile)
+    lines = [f"bench train {cfg.name}", format_train(result)]
+    if profile:
+        lines.append(f"profile: tensorboard --logdir {profile}  (Profile tab)")
+    if compare_torch:
+        ref = torch_reference().tokens_per_sec(cfg.model, cfg.optim, cfg.train.batch_size, cfg.data.seq_len,
+                                               steps=steps, warmup=warmup)
+        # In this process, so under the same malloc settings as llm_jax (runtime.py).
+        lines.append(f"PyTorch eager reference (benchmarks/torch_reference.py, CPU, {ref['threads']} threads): "
+                     f"{ref['tokens_per_sec']:,.0f} tokens/s, {ref['step_time_s'] * 1e3:.1f} ms/step, "
+                     f"{ref['params']:,} parameters")
+        lines.append(f"llm_jax/torch tokens/s ratio: {result['tokens_per_sec'] / ref['tokens_per_sec']:.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""`llm-jax eval | score | compress | decompress`: what a trained model says about given text."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llm_jax.cli.args import checkpoint_args
+
+
+def add_commands(sub) -> None:
+    ev = sub.add_parser("eval", help="bits per token / byte of a model on any text, beside gzip, bz2 and xz")
+    checkpoint_args(ev)
+    ev.add_argument("--text", nargs="*", default=[], metavar="FILE", help="text files (.gz read gunzipped)")
+    ev.add_argument("--jsonl", nargs="*", default=[], metavar="FILE", help="JSONL files: --field of every line")
+    ev.add_argument("--field", default="text", help="the JSONL field holding the text")
+    ev.add_argument("--context", type=int, help="window length in tokens (default: the checkpoint's data.seq_len)")
+    ev.add_argument("--stride", type=int, help="tokens between window starts (default: context / 2)")
+    ev.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ev.set_defaults(fn=_eval)
+    score = sub.add_parser("score", help="rewards from a reward model for responses or pairs in a JSONL file")
+    checkpoint_args(score, "a reward-model run directory (its latest checkpoint) or an `llm-jax export` of one")
+    score.add_argument("--input", required=True, help="JSONL of {prompt, response} or {prompt, chosen, rejected} "
+                                                      "(or hh-rlhf {chosen, rejected}) lines")
+    score.add_argument("--output", help="write one JSON line of rewards per input line here (default: stdout)")
+    score.add_argument("--batch-size", type=int, default=32)
+    score.set_defaults(fn=_score)
+    for name, fn, what in (("compress", _compress, "compress a file losslessly with a model (arithmetic coding)"),
+                           ("decompress", _decompress, "restore a file made by `compress` (same checkpoint)")):
+        cmd = sub.add_parser(name, help=what)
+        checkpoint_args(cmd)
+        cmd.add_argument("input")
+        cmd.add_argument("output")
+        if name == "compress":
+            cmd.add_argument("--context", type=int, help="tokens per window (default: the checkpoint's data.seq_len)")
+        cmd.set_defaults(fn=fn)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from llm_jax.evaluation.text import evaluate_texts, format_report, read_texts, report
+    from llm_jax.inference.runner import ModelRunner
+    texts = [text for _, text in read_texts(args.text, args.jsonl, args.field)]
+    cfg, runner, tokenizer = ModelRunner.load(Path(args.checkpoint), args.step)
+    context = args.context or cfg.data.seq_len
+    totals = evaluate_texts(cfg, runner, tokenizer, texts, context, args.stride or max(1, context // 2))
+    print(format_report(report(totals, texts), args.json))
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from llm_jax.inference.score import describe, score_file
+    summary = score_file(Path(args.checkpoint), Path(args.input), Path(args.output) if args.output else None,
+                         args.step, args.batch_size)
+    # With the scores on stdout, the summary goes to stderr so that the JSONL stays clean.
+    print(describe(summary), file=sys.stderr if args.output is None else sys.stdout, flush=True)
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from llm_jax.inference.codec import compress_file
+    r = compress_file(Path(args.checkpoint), Path(args.input), Path(args.output), args.step, args.context)
+    print(f"{r['input_bytes']:,} bytes -> {r['output_bytes']:,} bytes ({r['bits_per_byte']:.3f} bits/byte; the model's "
+          f"cross-entropy is {r['model_bits_per_byte']:.3f} bits/byte, {r['header_bytes']} header bytes), "
+          f"{r['tokens']:,} tokens in {r['seconds']:.1f} s")
+    return 0
+
+
+def _decompress(args: argparse.Namespace) -> int:
+    from llm_jax.inference.codec import decompress_file
+    r = decompress_file(Path(args.checkpoint), Path(args.input), Path(args.output), args.step)
+    print(f"{r['input_bytes']:,} bytes -> {r['output_bytes']:,} bytes in {r['seconds']:.1f} s")
+    return 0

@@ -1,0 +1,53 @@
+"""`llm-jax sample | chat`: text from a language model, streamed as it is generated."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llm_jax.cli.args import checkpoint_args
+
+
+def add_commands(sub) -> None:
+    sample = sub.add_parser("sample", help="continue a prompt, streaming the tokens")
+    _generation_args(sample, max_tokens=200)
+    sample.add_argument("--prompt", required=True)
+    sample.set_defaults(fn=_sample)
+    chat = sub.add_parser("chat", help="talk with a model in the terminal through the chat template")
+    _generation_args(chat, max_tokens=256)
+    chat.add_argument("--system", default="", help="an optional system message")
+    chat.set_defaults(fn=_chat)
+
+
+def _generation_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    checkpoint_args(parser)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _generator(args: argparse.Namespace):
+    from llm_jax.errors import ConfigError
+    from llm_jax.inference.generate import Generator, Sampling
+    from llm_jax.inference.runner import ModelRunner
+    cfg, runner, tokenizer = ModelRunner.load(Path(args.checkpoint), args.step)
+    if runner.head != "lm":
+        raise ConfigError(f"{args.checkpoint} is a reward model (task={cfg.task}): it scores answers "
+                          "(llm-jax score), it does not generate")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return Generator(cfg.model, runner.params, sampling), tokenizer
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from llm_jax.inference.chat import sample
+    generator, tokenizer = _generator(args)
+    sample(generator, tokenizer, args.prompt, args.max_tokens, args.seed)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from llm_jax.inference.chat import chat
+    generator, tokenizer = _generator(args)
+    chat(generator, tokenizer, args.max_tokens, args.seed, system=args.system)
+    return 0

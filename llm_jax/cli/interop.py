@@ -1,0 +1,33 @@
+"""`llm-jax import-hf | export-hf`: Hugging Face checkpoints in and out."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_commands(sub) -> None:
+    imp = sub.add_parser("import-hf", help="a local Hugging Face GPT-2 / Llama checkpoint (safetensors) -> export dir")
+    imp.add_argument("hf_dir", help="directory with config.json and *.safetensors (pickle files are refused)")
+    imp.add_argument("out", help="the llm_jax export directory to write (must not exist)")
+    imp.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in hf_dir)")
+    imp.set_defaults(fn=_import_hf)
+    exp = sub.add_parser("export-hf", help="an llm_jax export (or run) directory -> a Hugging Face checkpoint")
+    exp.add_argument("checkpoint", help="an `llm-jax export` or run directory")
+    exp.add_argument("out", help="directory to write config.json, model.safetensors and the tokenizer into")
+    exp.set_defaults(fn=_export_hf)
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from llm_jax.interop.hf import import_hf
+    cfg = import_hf(Path(args.hf_dir), Path(args.out), Path(args.tokenizer) if args.tokenizer else None)
+    m = cfg.model
+    print(f"imported a {m.n_layers}-layer, {m.d_model}-wide model (vocab {m.vocab_size}) into {args.out}; use it with "
+          f"--checkpoint {args.out} or --set checkpoint.init_from={args.out}")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from llm_jax.interop.hf import export_hf
+    export_hf(Path(args.checkpoint), Path(args.out))
+    print(f"wrote a Hugging Face checkpoint to {args.out} (transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0

@@ -1,0 +1,78 @@
+"""`llm-jax bench | sweep | report`: speed and memory, sweeps of runs, and their reports."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llm_jax.cli.args import experiment_args, resolve
+
+# Options of the launchers (llm_jax/launch/) that a sweep passes through, with their types (unset: left out).
+_LAUNCHER_OPTIONS = (("num_processes", int), ("devices_per_process", int), ("port", int), ("nodes", int),
+                     ("gpus_per_node", int), ("cpus_per_task", int), ("tasks", str), ("time", str),
+                     ("partition", str), ("account", str), ("setup", str), ("log_dir", str), ("tpu_name", str),
+                     ("zone", str), ("project", str), ("accelerator_type", str), ("runtime_version", str))
+
+
+def add_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="time the train step, the data pipeline, decoding or checkpointing")
+    bench.add_argument("what", choices=("train", "data", "generate", "checkpoint", "memory"))
+    experiment_args(bench)
+    bench.add_argument("--steps", type=int, default=20, help="timed steps (data: batches)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps after the compiling one")
+    bench.add_argument("--real-data", action="store_true", help="train: batches from the pipeline, not synthetic")
+    bench.add_argument("--profile", metavar="DIR", help="train: write a jax.profiler trace of the timed steps")
+    bench.add_argument("--limit-gib", type=float,
+                       help="memory: per-device memory to fit in (default: the device's limit; CPU: host memory)")
+    bench.add_argument("--compare-torch", action="store_true",
+                       help="train: also time the PyTorch eager reference of the same model "
+                            "(pip install -e '.[torch]')")
+    bench.set_defaults(fn=_bench)
+    sweep = sub.add_parser("sweep", help="train an experiment at every point of a sweep file (resumable)")
+    _sweep_args(sweep)
+    sweep.set_defaults(fn=_sweep)
+    report = sub.add_parser("report", help="Markdown table and plots of a sweep's runs")
+    report.add_argument("sweep_dir", help="the sweep directory (runs/sweeps/<name>)")
+    report.set_defaults(fn=_report)
+
+
+def _sweep_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="sweep file (experiments/sweeps/layers_tiny.py) or its name (layers_tiny)")
+    parser.add_argument("--launcher", default="local", choices=("local", "local-multiprocess", "slurm", "tpu"))
+    parser.add_argument("--sweep-dir", help="where the runs go (default: runs/sweeps/<sweep name>)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run, run and write nothing")
+    parser.add_argument("--parallel", type=int, default=1, help="local launcher: runs at a time")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every point (repeatable)")
+    group = parser.add_argument_group("launcher options", "as for launch/<kind> (see llm_jax/launch/)")
+    for name, typ in _LAUNCHER_OPTIONS:
+        group.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+    group.add_argument("--repo", dest="repo_url_or_dir", default=None, help="tpu: git URL or local checkout")
+    group.add_argument("--queued", action="store_true", default=None, help="tpu: request a queued resource")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from llm_jax.bench import io, memory, train
+    cfg = resolve(args)
+    if args.what == "train":
+        print(train.run(cfg, args.steps, args.warmup, args.real_data, args.profile, args.compare_torch))
+    elif args.what == "memory":
+        print(memory.run(cfg, args.limit_gib))
+    else:
+        print({"data": io.run_data, "generate": io.run_generate, "checkpoint": io.run_checkpoint}[args.what](
+            cfg, args.steps))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from llm_jax.sweep.run import run_sweep
+    names = {name for name, _ in _LAUNCHER_OPTIONS} | {"repo_url_or_dir", "queued"}
+    options = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return run_sweep(args.sweep, args.launcher, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None,
+                     dry_run=args.dry_run, parallel=args.parallel, launcher_options=options,
+                     extra_overrides=args.overrides)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from llm_jax.sweep.report import write_report
+    print(f"report: {write_report(Path(args.sweep_dir))}")
+    return 0

@@ -1,0 +1,153 @@
+"""Reward-model data: preference pairs (pairs.py) rendered through the chat template into PairBatch rows.
+
+Preparation (prepare_preference, once per data config and tokenizer):
+  1. per source, its groups shuffled with the fixed SPLIT_SEED; the LAST max(1, round(n * data.eval_fraction))
+     groups of that order are held out for eval, so a source's eval pairs do not change when sources are added
+     and the pairs of one question never straddle the split; train and eval concatenate the sources in order;
+  2. each pair rendered by render_pair to two sequences of at most seq_len tokens, prompt + answer + <|end|>;
+     when the longer one does not fit, the prompt loses its oldest tokens (it keeps at least half of seq_len,
+     all of it if shorter) and the answers their ends, the same prompt cut for both answers;
+     a pair whose two sequences become identical is dropped and counted (dropped_truncated);
+  3. per split: tokens (N, 2, seq_len), uint16 (uint32 for big vocabularies), row 0 chosen, row 1 rejected,
+     right-padded with pad_id; lengths (N, 2) int32; margins (N,) float32.
+The directory appears atomically and is reused when the fingerprint (sources, data_dir, eval_fraction,
+seq_len, tokenizer sha256, FORMAT) matches.
+
+Rows are data/batches.PairBatch: inputs, positions (0.. on real tokens), segment_ids (1 on real tokens, 0 on
+padding) of shape (2, seq_len); margin and valid scalars. The reward of a sequence is read at its last real
+token, <|end|>.
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+
+from llm_jax.config import Config, data_dir
+from llm_jax.data.batches import PairBatch, positions_from_segments
+from llm_jax.data.chat.dialogue import Message
+from llm_jax.data.chat.pairs import Pair, PairStats, check_sources, iter_pair_groups
+from llm_jax.data.chat.sft import publish_chat_data
+from llm_jax.data.chat.template import chat_tags, render_prompt
+from llm_jax.data.shards import NpyRows, PreparedDir
+from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.errors import DataError
+
+FORMAT = 1  # bump when the layout, the split or the truncation changes: old directories then stop matching
+SPLIT_SEED = 0  # the train/eval split; fixed so that every run sees the same split
+ARRAYS = ("tokens", "lengths", "margins")
+
+
+# --- rendering -------------------------------------------------------------------------------------------
+
+def render_answers(prompt: tuple[Message, ...], answers: list[str], tokenizer: Tokenizer,
+                   seq_len: int) -> list[np.ndarray]:
+    """int32 ids of prompt + answer + <|end|> for each answer, at most seq_len each, one prompt cut for all."""
+    return _render(prompt, answers, tokenizer, seq_len)[0]
+
+
+def render_pair(pair: Pair, tokenizer: Tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray] | str:
+    """(chosen ids, rejected ids), or "identical after truncation" when the cut leaves nothing to compare."""
+    return _render_pair(pair, tokenizer, seq_len)[0]
+
+
+def _render(prompt: tuple[Message, ...], answers: list[str], tokenizer: Tokenizer,
+            seq_len: int) -> tuple[list[np.ndarray], bool]:
+    """render_answers, and whether anything was cut."""
+    prompt_ids = render_prompt(list(prompt), tokenizer)
+    answer_ids = tokenizer.encode_batch(answers)
+    end = np.asarray(chat_tags(tokenizer)["end"], np.int32)
+    room = seq_len - len(end)  # the end of the turn always stays: the reward is read there
+    longest = max(map(len, answer_ids))
+    # The answer replies to the latest turn, so the prompt loses its oldest tokens; it keeps half the room
+    # (or all of it, if shorter) against a long answer, which then loses its end.
+    keep = min(len(prompt_ids), max(room - longest, room // 2))
+    head = prompt_ids[len(prompt_ids) - keep:]
+    sequences = [np.concatenate([head, np.asarray(ids[:room - keep], np.int32), end]) for ids in answer_ids]
+    return sequences, len(prompt_ids) + longest > room
+
+
+def _render_pair(pair: Pair, tokenizer: Tokenizer, seq_len: int) -> tuple[tuple[np.ndarray, np.ndarray] | str, bool]:
+    (chosen, rejected), cut = _render(pair.prompt, [pair.chosen, pair.rejected], tokenizer, seq_len)
+    return ("identical after truncation" if np.array_equal(chosen, rejected) else (chosen, rejected)), cut
+
+
+# --- rows ------------------------------------------------------------------------------------------------
+
+class PairRows(NpyRows):
+    """Prepared pairs as PairBatch rows: (2, seq_len) ids, row 0 chosen, row 1 rejected, and scalars."""
+
+    def row(self, a: dict[str, np.ndarray], index: int) -> PairBatch:
+        tokens_2xT = np.asarray(a["tokens"][index], np.int32)
+        index_T = np.arange(tokens_2xT.shape[-1], dtype=np.int32)
+        segment_ids_2xT = (index_T < np.asarray(a["lengths"][index])[:, None]).astype(np.int32)
+        return PairBatch(inputs=tokens_2xT, positions=positions_from_segments(segment_ids_2xT),
+                         segment_ids=segment_ids_2xT, margin=np.asarray(a["margins"][index], np.float32),
+                         valid=np.ones((), np.float32))
+
+
+# --- preparation -----------------------------------------------------------------------------------------
+
+class PreparedPreference(PreparedDir):
+    """Rendered preference pairs (train and eval splits)."""
+
+    def rows(self, split: str, seq_len: int) -> PairRows:
+        self.check_seq_len(seq_len)
+        return self.nonempty(PairRows({k: self.path / f"{split}-{k}.npy" for k in ARRAYS}), split)
+
+
+def prepare_preference(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedPreference:
+    """Renders cfg's preference pairs into out_dir, or reuses what an identical config left there."""
+    out_dir = Path(out_dir)
+    meta = publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, "preference")
+    if meta is None:
+        return PreparedPreference.load(out_dir)
+    s, d = meta["splits"], cfg.data
+    print(f"prepared preference {out_dir}: {meta['records']} records, {meta['pairs']} pairs "
+          f"(skipped: {meta['skipped']}; {s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} "
+          f"dropped by truncation), {s['train']['pairs']} train + {s['eval']['pairs']} eval pairs of 2 x "
+          f"{d.seq_len} tokens, {s['train']['truncated'] + s['eval']['truncated']} truncated")
+    return PreparedPreference.load(out_dir)
+
+
+def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
+    sources, root = cfg.data.sources, data_dir(cfg)
+    check_sources(sources, root)
+    stats, splits = PairStats(), {"train": [], "eval": []}
+    for source in sources:
+        groups = list(iter_pair_groups(source, root, stats))
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(groups))
+        n_eval = max(1, round(len(groups) * cfg.data.eval_fraction))
+        for split, idx in (("train", order[:len(order) - n_eval]), ("eval", order[len(order) - n_eval:])):
+            splits[split] += [(source, pair) for i in idx for pair in groups[i]]
+    if not stats.n_pairs:
+        raise DataError(f"data.sources={list(sources)} yielded no usable preference pair "
+                        f"(skipped: {dict(stats.skipped)})")
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.data.seq_len, "dtype": np.dtype(dtype).name,
+            "records": stats.n_records, "pairs": stats.n_pairs, "skipped": dict(stats.skipped),
+            "splits": {split: _write_split(pairs, sources, tokenizer, cfg.data.seq_len, tmp / split, dtype)
+                       for split, pairs in splits.items()}}
+
+
+def _write_split(pairs: list[tuple[str, Pair]], sources: tuple[str, ...], tokenizer: Tokenizer, seq_len: int,
+                 prefix: Path, dtype) -> dict:
+    rendered = [(source, pair.margin, *_render_pair(pair, tokenizer, seq_len)) for source, pair in pairs]
+    kept = [r for r in rendered if not isinstance(r[2], str)]
+    n = len(kept)
+    tokens, lengths, margins = (np.lib.format.open_memmap(f"{prefix}-{k}.npy", "w+", t, shape)
+                                for k, t, shape in zip(ARRAYS, (dtype, np.int32, np.float32),
+                                                       ((n, 2, seq_len), (n, 2), (n,))))
+    tokens[:] = tokenizer.pad_id
+    for i, (_, margin, sequences, _) in enumerate(kept):
+        for j, ids in enumerate(sequences):
+            tokens[i, j, :len(ids)] = ids
+            lengths[i, j] = len(ids)
+        margins[i] = margin
+    for a in (tokens, lengths, margins):
+        a.flush()
+    per_source = collections.Counter(source for source, *_ in kept)
+    return {"pairs": n, "dropped_truncated": len(pairs) - n, "truncated": sum(cut for *_, cut in kept),
+            "tokens": int(lengths[:].sum()),
+            "sources": {source: per_source[source] for source in sources}}

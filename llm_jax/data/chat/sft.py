@@ -1,0 +1,208 @@
+"""SFT batches: whole dialogues rendered by the chat template, packed into rows, loss on assistant tokens only.
+
+Rows are pretraining's TokenBatch (data/batches.py), so the objective is unchanged: the loss divides summed
+nats*weights by sum(weights) over the whole batch, and weights are 1.0 exactly on targets that are assistant
+tokens (content and the assistant's closing <|end|>), 0 elsewhere.
+
+Preparation (prepare_sft, once per data config and tokenizer):
+  1. every dialogue of iter_dialogues, in order, rendered by template.render(d, tok, max_len=seq_len + 1);
+  2. the dialogues shuffled with the fixed SPLIT_SEED; the LAST max(1, round(n * data.eval_fraction)) of that
+     order are held out for eval (so eval mixes all sources), the rest are train, each split in that order;
+  3. an example whose loss_mask has no True left after the cut is dropped and counted (dropped_truncated);
+  4. best-fit packing, per split, in that order: each example goes into the open row with the least room that
+     still holds it whole (a new row if none does); no example is split across rows;
+  5. rows of seq_len + 1 tokens written as .npy arrays: tokens (uint16, or uint32 for big vocabularies),
+     segments (uint16: 1, 2, ... per example in the row, 0 padding) and mask (uint8: render's loss_mask).
+The directory appears atomically and is reused when the fingerprint (sources, data_dir, eval_fraction,
+seq_len, tokenizer sha256, FORMAT) matches.
+
+A row of W = seq_len + 1 tokens becomes inputs = row[:-1], targets = row[1:]; segment_ids and positions
+(restarting at 0 per example, 0 on padding) describe the inputs; weights = mask[1:] where the target is in the
+same (non-padding) segment as its input, so the first token of the next example is never a target.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from llm_jax.config import Config, data_dir
+from llm_jax.data.batches import TokenBatch, positions_from_segments
+from llm_jax.data.chat.dialogue import DialogueStats, Message, iter_dialogues
+from llm_jax.data.chat.template import chat_tags, render
+from llm_jax.data.shards import NpyRows, PreparedDir, publish
+from llm_jax.data.pieces import PieceTable
+from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.errors import DataError
+
+FORMAT = 1  # bump when the layout, the split or the packing changes: old directories then stop matching
+SPLIT_SEED = 0  # the train/eval split and the packing order; fixed so that every run sees the same split
+ARRAYS = ("tokens", "segments", "mask")
+
+Example = tuple[np.ndarray, np.ndarray]  # (ids, loss_mask) of one rendered dialogue
+
+
+# --- packing ---------------------------------------------------------------------------------------------
+
+def pack(lengths: Iterable[int], capacity: int) -> list[list[int]]:
+    """Best-fit packing: rows (lists of example indices, in placement order) of at most capacity tokens.
+
+    Each example goes into the open row with the least room left that still fits it, else into a new row;
+    ties go to the most recently touched row. Deterministic for a given order of lengths.
+    """
+    rows: list[list[int]] = []
+    by_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # room left -> open rows with that room
+    has_room = np.zeros(capacity + 1, bool)
+    for i, n in enumerate(lengths):
+        if not 0 < n <= capacity:
+            raise ValueError(f"example {i} has {n} tokens; rows hold 1 to {capacity}")
+        room = n + int(has_room[n:].argmax())
+        if has_room[room]:
+            row = by_room[room].pop()
+            has_room[room] = bool(by_room[room])
+        else:
+            row, room = len(rows), capacity
+            rows.append([])
+        rows[row].append(i)
+        if room - n:
+            by_room[room - n].append(row)
+            has_room[room - n] = True
+    return rows
+
+
+def row_arrays(examples: list[Example], capacity: int, pad_id: int, dtype) -> dict[str, np.ndarray]:
+    """One packed row (tokens, segments, mask) of the examples, in order, padded to capacity."""
+    row = {"tokens": np.full(capacity, pad_id, dtype), "segments": np.zeros(capacity, np.uint16),
+           "mask": np.zeros(capacity, np.uint8)}
+    start = 0
+    for segment, (ids, mask) in enumerate(examples, 1):
+        end = start + len(ids)
+        row["tokens"][start:end], row["segments"][start:end], row["mask"][start:end] = ids, segment, mask
+        start = end
+    if start > capacity:
+        raise ValueError(f"examples of {start} tokens do not fit a row of {capacity}")
+    return row
+
+
+def row_batch(tokens_W: np.ndarray, segments_W: np.ndarray, mask_W: np.ndarray,
+              byte_lengths_V: np.ndarray) -> TokenBatch:
+    """The TokenBatch row of one packed row of W = seq_len + 1 tokens."""
+    tokens_W, segments_W = tokens_W.astype(np.int32), segments_W.astype(np.int32)
+    inputs_T, targets_T, segment_ids_T = tokens_W[:-1], tokens_W[1:], segments_W[:-1]
+    same_T = (segments_W[1:] == segment_ids_T) & (segment_ids_T > 0)  # target in the input's example
+    return TokenBatch(inputs=inputs_T, targets=targets_T, segment_ids=segment_ids_T,
+                      positions=positions_from_segments(segment_ids_T),
+                      weights=(same_T & (mask_W[1:] > 0)).astype(np.float32),
+                      target_bytes=byte_lengths_V[targets_T].astype(np.int32))
+
+
+class PackedRows(NpyRows):
+    """Packed SFT rows as TokenBatch rows of shape (seq_len,)."""
+
+    def __init__(self, paths: dict[str, Path], byte_lengths_V: np.ndarray):
+        super().__init__(paths)
+        self.byte_lengths_V = byte_lengths_V
+
+    def row(self, a: dict[str, np.ndarray], index: int) -> TokenBatch:
+        return row_batch(a["tokens"][index], a["segments"][index], a["mask"][index], self.byte_lengths_V)
+
+
+# --- preparation -----------------------------------------------------------------------------------------
+
+class PreparedSFT(PreparedDir):
+    """Packed dialogue rows (train and eval splits)."""
+
+    def rows(self, split: str, seq_len: int) -> PackedRows:
+        self.check_seq_len(seq_len)
+        rows = PackedRows({k: self.path / f"{split}-{k}.npy" for k in ARRAYS}, self.tokenizer.byte_lengths())
+        return self.nonempty(rows, split)
+
+
+def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedSFT:
+    """Renders and packs cfg's dialogues into out_dir, or reuses what an identical config left there."""
+    out_dir = Path(out_dir)
+    meta = publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, "SFT")
+    if meta is None:
+        return PreparedSFT.load(out_dir)
+    s, d = meta["splits"], cfg.data
+    print(f"prepared SFT {out_dir}: {meta['dialogues']} dialogues ({sum(meta['skipped'].values())} skipped, "
+          f"{s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} dropped by truncation), "
+          f"{s['train']['rows']} train + {s['eval']['rows']} eval rows of {d.seq_len + 1}, "
+          f"{s['train']['assistant_tokens']} train assistant tokens, "
+          f"packing {s['train']['packing_efficiency']:.1%}")
+    return PreparedSFT.load(out_dir)
+
+
+def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | Path, fmt: int,
+                      prepare_into: Callable[[Config, Path, Tokenizer], dict], what: str) -> dict | None:
+    """Data rendered through the chat template (SFT, preference pairs) into out_dir with its tokenizer, by
+    `prepare_into(cfg, tmp, tokenizer) -> meta`; returns the meta, or None when out_dir already holds the
+    same data config's."""
+    tokenizer = chat_tokenizer(cfg, tokenizer)
+    d = cfg.data
+    fields = {"format": fmt, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
+              "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
+
+    def build(tmp: Path) -> dict:
+        (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
+        return {"format": fmt, **prepare_into(cfg, tmp, tokenizer)}
+
+    meta = publish(out_dir, fields, build)
+    if meta is None:
+        print(f"reusing prepared {what} data in {out_dir} (same data config)")
+    return meta
+
+
+def chat_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:
+    """The tokenizer (loaded if given as a path), checked to fit the model. One without llm_jax's reserved
+    chat tokens (an imported model's) gets text tags (template.chat_tags), and is told so."""
+    if not isinstance(tokenizer, PieceTable):
+        tokenizer = Tokenizer.load(Path(tokenizer).expanduser())
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than "
+                        f"model.vocab_size={cfg.model.vocab_size}")
+    if len(chat_tags(tokenizer)["user"]) > 1:
+        print("the tokenizer has no chat tokens of its own: role tags are written as text (<|user|> ...) and a "
+              "turn ends with EOS")
+    return tokenizer
+
+
+def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
+    stats = DialogueStats()
+    examples = [_render(d, tokenizer, cfg.data.seq_len + 1)
+                for d in iter_dialogues(cfg.data.sources, data_dir(cfg), stats)]
+    if not examples:
+        raise DataError(f"data.sources={list(cfg.data.sources)} yielded no trainable dialogue "
+                        f"(skipped: {dict(stats.skipped)})")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(examples))
+    n_eval = max(1, round(len(examples) * cfg.data.eval_fraction))
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    splits = {split: _write_split([examples[i] for i in idx], tmp, split, cfg.data.seq_len + 1,
+                                  tokenizer.pad_id, dtype)
+              for split, idx in (("train", order[:len(order) - n_eval]), ("eval", order[len(order) - n_eval:]))}
+    return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.data.seq_len, "dtype": np.dtype(dtype).name,
+            "dialogues": stats.n_yielded, "skipped": dict(stats.skipped), "splits": splits}
+
+
+def _render(dialogue: list[Message], tokenizer: Tokenizer, max_len: int) -> Example | None:
+    ids, mask = render(dialogue, tokenizer, max_len=max_len)
+    return (ids, mask) if mask.any() else None  # all assistant tokens cut away: nothing to learn
+
+
+def _write_split(examples: list[Example | None], out: Path, split: str, capacity: int, pad_id: int,
+                 dtype) -> dict:
+    kept = [e for e in examples if e is not None]
+    rows = pack([len(ids) for ids, _ in kept], capacity)
+    arrays = {k: np.lib.format.open_memmap(out / f"{split}-{k}.npy", "w+", t, (len(rows), capacity))
+              for k, t in zip(ARRAYS, (dtype, np.uint16, np.uint8))}
+    for r, row in enumerate(rows):
+        for k, v in row_arrays([kept[i] for i in row], capacity, pad_id, dtype).items():
+            arrays[k][r] = v
+    for a in arrays.values():
+        a.flush()
+    real = sum(len(ids) for ids, _ in kept)
+    return {"dialogues": len(examples), "dropped_truncated": len(examples) - len(kept), "examples": len(kept),
+            "truncated": sum(len(ids) == capacity for ids, _ in kept), "rows": len(rows), "tokens": real,
+            "assistant_tokens": int(sum(mask.sum() for _, mask in kept)),
+            "packing_efficiency": real / max(1, len(rows) * capacity)}

@@ -1,0 +1,124 @@
+"""The config a command runs with: an experiment file, `--set a.b=v` overrides, and the export a
+fine-tuning run starts from (checkpoint.init_from), validated.
+
+An experiment is a Python file under `experiments/` defining `config() -> Config`, usually a short
+`dataclasses.replace` diff from the defaults in config.py. Every field can be overridden from the command
+line (`--set model.n_layers=4`); unknown keys are errors that name the closest existing key.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import typing
+from pathlib import Path
+
+from llm_jax.config import HEAD_FIELDS, REPO_ROOT, Config, from_dict, validate
+from llm_jax.errors import ConfigError
+
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+
+
+def load_experiment(path_or_name: str) -> Config:
+    """`config()` of an experiment file, given as a path or as a name under experiments/."""
+    path = Path(path_or_name)
+    if not path.suffix:
+        path = EXPERIMENTS_DIR / f"{path_or_name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise ConfigError(f"experiment file {str(path)!r} not found (known: {', '.join(known)})")
+    spec = importlib.util.spec_from_file_location(f"llm_jax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise ConfigError(f"experiment file {str(path)!r} defines no config() function")
+    cfg = module.config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{str(path)}: config() returned {type(cfg).__name__}, not llm_jax.config.Config")
+    return cfg
+
+
+def flat_keys(cfg: Config) -> dict[str, type]:
+    """Every overridable dotted key with its annotated type."""
+    keys = {}
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(value):
+            hints = typing.get_type_hints(type(value))
+            for f in dataclasses.fields(value):
+                keys[f"{section.name}.{f.name}"] = hints[f.name]
+        else:
+            keys[section.name] = typing.get_type_hints(type(cfg))[section.name]
+    return keys
+
+
+def _parse(key: str, text: str, typ):
+    try:
+        if typ is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError("expected true or false")
+        if typ is int:
+            return int(text.replace("_", ""))
+        if typ is float:
+            return float(text)
+        if typ is str:
+            return text
+        if typing.get_origin(typ) is tuple:
+            if text.startswith(("(", "[")):
+                items = ast.literal_eval(text)
+            else:
+                items = [t for t in text.split(",") if t]
+            return tuple(str(i) for i in items)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"--set {key}={text}: cannot parse as {getattr(typ, '__name__', typ)} ({e})") from None
+    raise ConfigError(f"--set {key}: unsupported field type {typ}")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    keys = flat_keys(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.n_layers=4)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        value = _parse(key, text.strip(), keys[key])
+        if "." in key:
+            section, name = key.split(".", 1)
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+        else:
+            cfg = dataclasses.replace(cfg, **{key: value})
+    return cfg
+
+
+def with_init_from(cfg: Config) -> Config:
+    """Fine-tuning an export: its model (with this config's head fields) and its tokenizer are the ones to
+    train. Applying it twice changes nothing."""
+    if not cfg.checkpoint.init_from:
+        return cfg
+    export = Path(cfg.checkpoint.init_from)
+    if not (export / "config.json").is_file():
+        raise ConfigError(f"checkpoint.init_from={export}: not an export directory (no config.json); "
+                          "make one with `llm-jax export`")
+    saved = from_dict(json.loads((export / "config.json").read_text()))
+    head = {f: getattr(cfg.model, f) for f in HEAD_FIELDS}
+    return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, **head),
+                               data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.model")))
+
+
+def resolve(cfg: Config) -> Config:
+    """The config a run trains with: init_from applied, every field validated."""
+    return validate(with_init_from(cfg))
+
+
+def from_command_line(experiment: str, overrides: list[str]) -> Config:
+    """An experiment file with its `--set` overrides, resolved."""
+    return resolve(apply_overrides(load_experiment(experiment), overrides))

@@ -1,0 +1,82 @@
+"""`llm-jax sample` and `llm-jax chat`: text in, streamed text out, through the chat template for chat.
+
+Tokens are printed as they are produced. Their bytes go through an incremental UTF-8 decoder, so a
+character split over several byte-fallback tokens appears once it is complete.
+"""
+from __future__ import annotations
+
+import codecs
+import sys
+from typing import TextIO
+
+from llm_jax.data.chat.template import chat_tags, render_prompt
+from llm_jax.data.chat.dialogue import Message
+from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.inference.generate import Generator
+
+
+class TextStream:
+    """Prints the tokens of one row as text as they arrive; stop tokens print nothing."""
+
+    def __init__(self, tokenizer: Tokenizer, out: TextIO, stop_ids: set[int]):
+        self.tokenizer, self.out, self.stop_ids = tokenizer, out, stop_ids
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, step_tokens: list[int | None]) -> None:
+        token = step_tokens[0]
+        if token is None or token in self.stop_ids:
+            return
+        self.out.write(self.decoder.decode(self.tokenizer.decode_bytes([token])))
+        self.out.flush()
+
+    def close(self) -> None:
+        self.out.write(self.decoder.decode(b"", final=True) + "\n")
+        self.out.flush()
+
+
+def stop_ids(tokenizer: Tokenizer) -> set[int]:
+    return {tokenizer.eos_id, *chat_tags(tokenizer)["end"]}
+
+
+def sample(generator: Generator, tokenizer: Tokenizer, prompt: str, max_tokens: int, seed: int,
+           out: TextIO | None = None) -> list[int]:
+    """Continues `prompt` as a document, streaming the continuation."""
+    out = out or sys.stdout  # looked up now: the stream may have been replaced since import
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    out.write(prompt)
+    stream = TextStream(tokenizer, out, stop_ids(tokenizer))
+    tokens = generator.generate([ids], max_tokens, seed=seed, stop_ids=sorted(stop_ids(tokenizer)),
+                                on_tokens=stream)[0]
+    stream.close()
+    return tokens
+
+
+def chat(generator: Generator, tokenizer: Tokenizer, max_tokens: int, seed: int, system: str = "",
+         inp: TextIO | None = None, out: TextIO | None = None) -> list[Message]:
+    """A multi-turn conversation on the terminal; the whole dialogue so far is the context of each answer.
+    An empty line or end of input ends it."""
+    inp, out = inp or sys.stdin, out or sys.stdout
+    dialogue = [Message("system", system)] if system else []
+    turn = 0
+    while True:
+        out.write("you> ")
+        out.flush()
+        line = inp.readline()
+        if not line.strip():
+            out.write("\n")
+            return dialogue
+        dialogue.append(Message("user", line.strip()))
+        out.write("model> ")
+        stream = TextStream(tokenizer, out, stop_ids(tokenizer))
+        answer = generator.generate([render_prompt(dialogue, tokenizer).tolist()], max_tokens, seed=seed + turn,
+                                    stop_ids=sorted(stop_ids(tokenizer)), on_tokens=stream)[0]
+        text = tokenizer.decode([t for t in answer if t not in stop_ids(tokenizer)]).strip()
+        if not text:  # the template has no empty turns: drop the unanswered question from the context
+            out.write("(no answer)")
+            dialogue.pop()
+        else:
+            dialogue.append(Message("assistant", text))
+        stream.close()
+        turn += 1

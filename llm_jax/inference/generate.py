@@ -1,0 +1,124 @@
+"""Autoregressive generation with a KV cache: prefill the prompts, then one token per jitted step.
+
+Prompts of different lengths are left-padded (segment 0, which the cache mask ignores), so every row
+writes its next token at the same cache index. The host loop fetches each step's tokens, which lets
+callers stream them and stops once every row has produced a stop token or the budget is spent.
+Sampling: temperature 0 is greedy; otherwise logits are divided by the temperature, then restricted to
+the top-k and to the smallest set whose probability reaches top-p (nucleus), then sampled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax.config import ModelConfig
+from llm_jax.data.batches import positions_from_segments
+from llm_jax.errors import ConfigError
+from llm_jax.inference.runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k restriction
+    top_p: float = 1.0  # 1: no nucleus restriction
+
+
+def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """-inf outside the top-k tokens and outside the nucleus of probability top_p."""
+    if top_k:
+        kth_B = jax.lax.top_k(logits_BxV, top_k)[0][:, -1]
+        logits_BxV = jnp.where(logits_BxV < kth_B[:, None], -jnp.inf, logits_BxV)
+    if top_p < 1.0:
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        # A token stays if the mass of the tokens ranked above it is still below top_p (the first always stays).
+        before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        kept_BxV = jnp.where(before_BxV < top_p, sorted_BxV, jnp.inf)
+        threshold_B = jnp.min(kept_BxV, axis=-1)
+        logits_BxV = jnp.where(logits_BxV < threshold_B[:, None], -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
+def sample(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    if sampling.temperature == 0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = filter_logits(logits_BxV / sampling.temperature, sampling.top_k, sampling.top_p)
+    return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
+    """tokens, positions and segment ids (B, P) of left-padded prompts, and each prompt's length."""
+    lengths = np.array([len(p) for p in prompts])
+    if lengths.min() == 0:
+        raise ValueError("every prompt needs at least one token")
+    width = int(lengths.max())
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    segments = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = prompt
+        segments[row, width - len(prompt):] = 1
+    return tokens, positions_from_segments(segments), segments, lengths
+
+
+class Generator:
+    """Jitted prefill and decode steps for one model; reuse it across calls to keep the compilations.
+
+    Runs through a ModelRunner (runner.py): on the mesh the params are laid out on, with the model's
+    logical sharding rules in force (batch over data and fsdp, heads over tensor, the KV cache sharded like
+    the keys). The params are an argument of the jitted steps, so `generate(..., params=...)` decodes with
+    other values of the same shapes (a policy being trained) without compiling again.
+    """
+
+    def __init__(self, cfg: ModelConfig, params, sampling: Sampling = Sampling()):
+        self.cfg, self.params, self.sampling = cfg, params, sampling
+        self.runner = ModelRunner(cfg, params)
+        self.model = self.runner.model(decode=True)
+        self._prefill = self.runner.jit(self._prefill_fn)
+        self._step = self.runner.jit(self._step_fn, donate_argnums=(1,))
+
+    def _prefill_fn(self, params, cache, tokens, positions, segments, rng):
+        logits, updated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
+                                           mutable=["cache"])
+        return sample(logits[:, -1], rng, self.sampling), updated["cache"]
+
+    def _step_fn(self, params, cache, token_B, position_B, rng):
+        logits, updated = self.model.apply({"params": params, "cache": cache}, token_B[:, None],
+                                           position_B[:, None], jnp.ones_like(token_B)[:, None], mutable=["cache"])
+        return sample(logits[:, -1], rng, self.sampling), updated["cache"]
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0,
+                 stop_ids: Sequence[int] = (), pad_id: int = 0,
+                 on_tokens: Callable[[list[int | None]], None] | None = None, params=None) -> list[list[int]]:
+        """New tokens for each prompt (a stop token included, nothing after it). `on_tokens` receives each
+        step's token per row (None for rows already stopped), for streaming."""
+        params = self.params if params is None else params
+        tokens, positions, segments, lengths = left_pad(prompts, pad_id)
+        total = tokens.shape[1] + max_new_tokens
+        if self.cfg.position == "learned" and int(lengths.max()) + max_new_tokens > self.cfg.max_seq_len:
+            raise ConfigError(f"prompt + max tokens = {int(lengths.max()) + max_new_tokens} exceeds "
+                              f"model.max_seq_len={self.cfg.max_seq_len}")
+        rngs = jax.random.split(jax.random.key(seed), max_new_tokens)
+        token, cache = self._prefill(params, self.runner.empty_cache(len(prompts), total), tokens, positions,
+                                     segments, rngs[0])
+        outputs: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(len(prompts), bool)
+        stop = set(stop_ids)
+        for t in range(max_new_tokens):
+            host = np.asarray(jax.device_get(token))
+            step_tokens: list[int | None] = []
+            for row, tok in enumerate(host.tolist()):
+                step_tokens.append(None if done[row] else tok)
+                if not done[row]:
+                    outputs[row].append(tok)
+                    done[row] = tok in stop
+            if on_tokens is not None:
+                on_tokens(step_tokens)
+            if done.all() or t == max_new_tokens - 1:
+                break
+            token, cache = self._step(params, cache, token, jnp.asarray(lengths + t, jnp.int32), rngs[t + 1])
+        return outputs

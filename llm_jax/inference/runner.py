@@ -1,0 +1,66 @@
+"""THE path by which a trained model runs outside training: generate, chat, score, eval and compress all
+go through a ModelRunner.
+
+It keeps the params where they are laid out (load() restores a checkpoint or export straight onto a mesh:
+the training mesh if these devices fit it, else FSDP over all of them), jits functions on that mesh with
+the logical sharding rules in force (batch over data and fsdp, heads over tensor), rounds batches up to
+whole rows per device, and makes empty KV caches for decoding. Params that are not on a mesh (a test's
+plain init) run under plain jax.jit on their device.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax import tasks
+from llm_jax.config import Config, ModelConfig
+from llm_jax.model import Transformer
+from llm_jax.parallel import sharding
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, params, head: str = "lm"):
+        self.cfg, self.params, self.head = model_cfg, params, head
+        placement = jax.tree.leaves(params)[0].sharding
+        self.mesh = placement.mesh if isinstance(placement, jax.sharding.NamedSharding) else None
+        self._cache_shapes = {}  # (batch, length) -> the cache's shapes: tracing init per window is not free
+
+    @classmethod
+    def load(cls, path: Path, step: int | None = None) -> tuple[Config, "ModelRunner", object]:
+        """(config, runner, tokenizer) of a run directory (its latest checkpoint, or `step`) or an export."""
+        from llm_jax.train.export import load_for_inference
+        cfg, params, tokenizer = load_for_inference(Path(path), step)
+        return cfg, cls(cfg.model, params, tasks.TASKS[cfg.task].head), tokenizer
+
+    def model(self, decode: bool = False) -> Transformer:
+        return Transformer(self.cfg, head=self.head, decode=decode)
+
+    def jit(self, fn, **jit_kwargs):
+        """jax.jit of fn, on the params' mesh when there is one."""
+        if self.mesh is None:
+            return jax.jit(fn, **jit_kwargs)
+        return sharding.jit_on_mesh(fn, self.mesh, **jit_kwargs)
+
+    def jit_batch(self, fn, batch_axes):
+        """jax.jit of fn(params, batch) -> replicated results, the batch split by its logical axes (a pytree
+        of axis-name tuples shaped like the batch) over the mesh."""
+        if self.mesh is None:
+            return jax.jit(fn)
+        return sharding.jit_on_mesh(fn, self.mesh, in_shardings=(jax.tree.map(lambda x: x.sharding, self.params),
+                                                                 sharding.batch_shardings(self.mesh, batch_axes)),
+                                    out_shardings=sharding.replicated(self.mesh))
+
+    def round_rows(self, rows: int) -> int:
+        """`rows` rounded up to a multiple of the devices a batch is split over."""
+        split = 1 if self.mesh is None else sharding.batch_split(self.mesh)
+        return -(-rows // split) * split
+
+    def empty_cache(self, batch: int, length: int):
+        """Zeroed KV caches for `batch` rows of up to `length` tokens."""
+        if (batch, length) not in self._cache_shapes:
+            dummy = jnp.zeros((batch, length), jnp.int32)
+            self._cache_shapes[batch, length] = jax.eval_shape(
+                lambda: self.model(decode=True).init(jax.random.key(0), dummy, dummy, dummy))["cache"]
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._cache_shapes[batch, length])

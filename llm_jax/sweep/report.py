@@ -1,0 +1,190 @@
+"""The report of a sweep: SWEEP_DIR/report.md, a table of every run and three plots, from the runs'
+TensorBoard event files, config.json and results.json (SWEEP_DIR/sweep.json, written by run.py, lists the
+runs).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from llm_jax import tasks
+from llm_jax.config import from_dict
+from llm_jax.errors import ConfigError
+from llm_jax.train.checkpoint import committed_steps
+
+FINAL_FRACTION = 0.1  # the final train loss is the mean over this last fraction of the logged steps
+
+
+@dataclass
+class RunSummary:
+    name: str
+    hparams: dict
+    state: str  # finished | unfinished: ... | not started
+    last_step: int
+    params: int | None = None
+    tokens: float = math.nan  # trained so far
+    flops: float = math.nan  # training FLOPs so far
+    train_bits_per_token: float = math.nan
+    train_bits_per_byte: float = math.nan
+    eval_bits_per_token: float = math.nan
+    eval_bits_per_byte: float = math.nan
+    tokens_per_sec: float = math.nan
+    eval_curve: tuple = ()  # ((step, eval bits/byte), ...)
+
+
+def write_report(sweep_dir: Path) -> Path:
+    """Writes SWEEP_DIR/report.md and its PNG plots; returns the Markdown file's path."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / "sweep.json").is_file():
+        raise ConfigError(f"{sweep_dir} holds no sweep (no sweep.json): give the directory `llm-jax sweep` ran in")
+    definition = json.loads((sweep_dir / "sweep.json").read_text())
+    runs = [summarise_run(sweep_dir / r["name"], r["name"], r["hparams"]) for r in definition["runs"]]
+    finished = [r for r in runs if r.state == "finished"]
+    plots = [_plot_vs_swept(finished, definition["swept"], sweep_dir / "eval_vs_swept.png"),
+             _plot_vs_flops(finished, sweep_dir / "eval_vs_flops.png"),
+             _plot_curves(runs, sweep_dir / "eval_curves.png")]
+    path = sweep_dir / "report.md"
+    path.write_text(_markdown(definition, runs, [p for p in plots if p]))
+    return path
+
+
+def summarise_run(run_dir: Path, name: str, hparams: dict) -> RunSummary:
+    scalars = _scalars(run_dir / "tb")
+    train = scalars.get("train/loss_bits_per_token", [])
+    last_step = train[-1][0] if train else 0
+    if not (run_dir / "config.json").exists():
+        return RunSummary(name, hparams, "not started", 0)
+    cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
+    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else None
+    checkpoints = committed_steps(run_dir)
+    state = "finished" if results else (f"unfinished: checkpoint at step {checkpoints[-1]} of {cfg.train.steps}"
+                                        if checkpoints else "unfinished: no checkpoint")
+    steps = results["steps"] if results else last_step
+    task = tasks.make(cfg, check=False)  # the run's data may be gone
+    tokens = float(steps * task.tokens_per_step)
+    summary = RunSummary(name, hparams, state, last_step, results["params"] if results else None, tokens,
+                         task.flops_per_token * tokens)
+    summary.train_bits_per_token = _final_mean(train)
+    summary.train_bits_per_byte = _final_mean(scalars.get("train/bits_per_byte", []))
+    summary.eval_bits_per_token = _last(scalars.get("eval/bits_per_token", []))
+    summary.eval_bits_per_byte = _last(scalars.get("eval/bits_per_byte", []))
+    speeds = [v for _, v in scalars.get("perf/tokens_per_sec", [])]
+    summary.tokens_per_sec = statistics.median(speeds) if speeds else math.nan
+    summary.eval_curve = tuple(scalars.get("eval/bits_per_byte", []))
+    return summary
+
+
+def _scalars(tb: Path) -> dict[str, list[tuple[int, float]]]:
+    if not tb.is_dir():
+        return {}
+    events = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _final_mean(points: list) -> float:
+    if not points:
+        return math.nan
+    tail = points[-max(1, math.ceil(FINAL_FRACTION * len(points))):]
+    return sum(v for _, v in tail) / len(tail)
+
+
+def _last(points: list) -> float:
+    return points[-1][1] if points else math.nan
+
+
+# ---------------------------------------------------------------------------------------------- Markdown
+
+COLUMNS = ("run", "params", "training FLOPs", "tokens", "train bits/token", "train bits/byte", "eval bits/token",
+           "eval bits/byte", "tokens/s")
+NOTES = ("- training FLOPs = FLOPs per token × tokens trained, with FLOPs per token = 6·N + 6·n_layers·n_heads·"
+         "head_dim·seq_len (forward and backward; N the matmul parameters; `llm_jax/train/metrics.py`) and tokens "
+         "trained = steps × batch_size × seq_len (a preference pair counts as two sequences).",
+         f"- train bits: the mean over the last {FINAL_FRACTION:.0%} of the logged training steps; eval bits: the "
+         "last evaluation, on the held-out split; tokens/s: the median over the run's logged windows.")
+
+
+def _markdown(definition: dict, runs: list[RunSummary], plots: list[Path]) -> str:
+    common = definition["overrides"] + definition["extra_overrides"]
+    lines = [f"# Sweep `{definition['name']}`", "",
+             f"Base experiment `{definition['base']}`; swept: {', '.join(f'`{k}`' for k in definition['swept'])}; "
+             f"every run also: {', '.join(f'`{o}`' for o in common) or 'nothing'}.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
+    lines += [f"| {r.name} | {r.params:,} | {r.flops:.3g} | {r.tokens:,.0f} | {r.train_bits_per_token:.4f} | "
+              f"{r.train_bits_per_byte:.4f} | {r.eval_bits_per_token:.4f} | {r.eval_bits_per_byte:.4f} | "
+              f"{r.tokens_per_sec:,.0f} |" for r in runs if r.state == "finished"]
+    lines += ["", *NOTES]
+    unfinished = [r for r in runs if r.state != "finished"]
+    if unfinished:
+        lines += ["", "Not finished:", "", "| run | status | last logged step |", "|---|---|---:|"]
+        lines += [f"| {r.name} | {r.state} | {r.last_step} |" for r in unfinished]
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+def _plot_vs_swept(runs: list[RunSummary], swept: list[str], path: Path) -> Path | None:
+    """Final eval bits/byte against the first swept key, one line per setting of the other swept keys."""
+    if not runs or not swept:
+        return None
+    key, others = swept[0], swept[1:]
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    values = [r.hparams[key] for r in runs]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    positions = values if numeric else [sorted(set(map(str, values))).index(str(v)) for v in values]
+    lines: dict[str, list] = {}
+    for run, x in zip(runs, positions):
+        label = ", ".join(f"{k}={run.hparams[k]}" for k in others)
+        lines.setdefault(label, []).append((x, run.eval_bits_per_byte))
+    for label, points in lines.items():
+        ax.plot(*zip(*sorted(points)), marker="o", label=label or None)
+    if numeric and min(values) > 0 and max(values) > 10 * min(values):
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(set(map(str, values)))), sorted(set(map(str, values))))
+    if others:
+        ax.legend(fontsize="small")
+    ax.set(xlabel=key, ylabel="final eval bits/byte", title="Final eval bits/byte")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_vs_flops(runs: list[RunSummary], path: Path) -> Path | None:
+    if not runs:
+        return None
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([r.flops for r in runs], [r.eval_bits_per_byte for r in runs], "o")
+    for run in runs:
+        ax.annotate(run.name, (run.flops, run.eval_bits_per_byte), fontsize="x-small",
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.margins(x=0.15)  # room for the labels of the outermost points
+    ax.set(xlabel="training FLOPs", ylabel="final eval bits/byte", title="Final eval bits/byte vs compute")
+    ax.grid(alpha=0.3, which="both")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_curves(runs: list[RunSummary], path: Path) -> Path | None:
+    curves = [r for r in runs if r.eval_curve]
+    if not curves:
+        return None
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for run in curves:
+        ax.plot(*zip(*run.eval_curve), marker=".", label=run.name)
+    ax.set(xlabel="step", ylabel="eval bits/byte", title="Eval bits/byte during training")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+    return path

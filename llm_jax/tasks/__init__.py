@@ -1,0 +1,22 @@
+"""The training algorithms, one module each (see base.py), chosen by the config key `task`."""
+from __future__ import annotations
+
+from llm_jax.config import Config
+from llm_jax.errors import ConfigError
+from llm_jax.tasks.base import Task
+from llm_jax.tasks.pretrain import Pretrain
+from llm_jax.tasks.reward import RewardModel
+from llm_jax.tasks.sft import SFT
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (Pretrain, SFT, RewardModel)}
+
+
+def make(cfg: Config, check: bool = True) -> Task:
+    """The task of a validated config, checked against what it needs before any data is read (check=False:
+    the config of a finished run, whose data may be gone)."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
+    task = TASKS[cfg.task](cfg)
+    if check:
+        task.check()
+    return task

@@ -1,0 +1,152 @@
+"""A Task is one training algorithm: everything that differs between pretraining, SFT, a reward model and
+what comes next (DPO, PPO, GRPO), so that the loop, the metrics, reports, bench and sweeps never ask which
+kind of run they serve.
+
+A task owns, for the config it was made from:
+  data       prepare(out_dir) once on process 0 (tokenize, render, write arrays; reused when unchanged),
+             load(dir), then train_source(...) for training and eval_batches(...) for the held-out split,
+             batches of its own type (data/batches.py: TokenBatch, PairBatch, ...)
+  model      head: what the decoder ends in ("lm": next-token logits, "reward": one scalar per sequence)
+  objective  sums(model, params, batch) -> summed quantities, of which sums[loss] is minimised after
+             division by the total sums[count] over all microbatches; scalars(sums, prefix) turns
+             accumulated sums into TensorBoard scalars ("train/...", "eval/...")
+  reporting  progress (label and scalar on the progress bar), describe(data) for the first line of a run,
+             finish(data, evaluation) for its end (the compressor comparison, a reward summary)
+It is chosen by one config key, `task`, so a config cannot pair one task's objective with another's data.
+
+Adding a task (DPO, say): a module in tasks/ with a Task subclass and an entry in tasks/__init__.py's
+TASKS. DPO's data are preference pairs, so it reuses PairBatch and data/chat/preference.py; its head is
+"lm"; its sums are the DPO loss of the policy's summed log-probabilities of the chosen and rejected answers
+(tasks/losses.token_nats on each row) against the reference model's, which the task's source computes once
+per batch with the frozen params of checkpoint.init_from and adds to the batch (a batch type with those
+two extra entries). Nothing outside the new module and that entry changes.
+
+Tasks whose batches the model itself produces (PPO, GRPO, RLOO: generate -> score -> update) plug in through
+`train_source`. The loop calls `source.next_batch(state)` once per step with the train state about to be
+updated, so a rollout source generates completions of its prompts with `state.params` (one
+inference/generate.Generator made when the source is, whose jitted steps take the params as an argument),
+scores them with a reward model or a verifier loaded once, computes advantages and the reference
+log-probabilities (frozen SFT params), and returns this process's rows of a batch of the task's own type.
+The train step stays (state, batch) -> (state, metrics): the clipped policy-gradient loss with its KL leash
+is the task's `sums`, and several optimisation epochs over one rollout are several steps drawing
+minibatches from the source's buffer. The source's get_state()/set_state() (saved in every checkpoint, like
+a grain iterator's position) hold the prompt position and the sampling seed, so a resumed run continues
+with the same prompts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from llm_jax.config import Config
+from llm_jax.data import pipeline
+from llm_jax.errors import ConfigError
+from llm_jax.train import metrics
+
+
+class BatchSource(Protocol):
+    """Where a task's training batches come from (data/pipeline.DatasetSource for fixed data sets)."""
+
+    def next_batch(self, state) -> Any:
+        """This process's rows of the next global batch, (M, B/M, ...) per entry, for the step about to
+        update `state`."""
+
+    def get_state(self) -> bytes:
+        """The position to resume from, saved with every checkpoint."""
+
+    def set_state(self, state: bytes) -> None: ...
+
+    def start_prefetch(self) -> None: ...
+
+    def restart_at(self, step: int) -> None:
+        """Continue at global batch `step` (a resume onto another number of processes)."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of the held-out split: the objective's sums and its eval/ scalars."""
+    step: int
+    sums: dict[str, float]
+    n_batches: int
+    scores: dict[str, float]
+
+
+@dataclass
+class Summary:
+    """What a task adds at the end of a run: entries of results.json, scalars and lines for the console."""
+    results: dict
+    scalars: dict[str, float]
+    text: str
+
+
+class Task:
+    name: ClassVar[str]
+    head: ClassVar[str] = "lm"
+    batch_type: ClassVar[type]
+    loss: ClassVar[str]
+    count: ClassVar[str]
+    progress: ClassVar[tuple[str, str]]  # (label, scalar) on the progress bar
+    sequences_per_example: ClassVar[int] = 1  # rows of seq_len tokens in one example of the batch
+    source_kinds: ClassVar[tuple[str, ...]]  # the `kind:` prefixes data.sources may use
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def check(self) -> None:
+        """Checks what this task needs of the config, before any data is read."""
+        for source in self.cfg.data.sources:
+            kind = source.partition(":")[0]
+            if kind not in self.source_kinds:
+                raise ConfigError(f"data.sources entry {source!r}: task={self.name} reads "
+                                  f"{', '.join(self.source_kinds)} sources, not {kind!r}")
+
+    # --- data -----------------------------------------------------------------------------------------------
+    def prepare(self, out_dir: Path):
+        raise NotImplementedError
+
+    def load(self, path: Path):
+        raise NotImplementedError
+
+    def rows(self, data, split: str):
+        """The random-access rows (instances of batch_type) of a split of the loaded data."""
+        return data.rows(split, self.cfg.data.seq_len)
+
+    def train_source(self, data, process_index: int, process_count: int) -> BatchSource:
+        """Shuffled batches of the train rows (a task whose batches come from the model overrides this)."""
+        c = self.cfg
+        return pipeline.DatasetSource(self.rows(data, "train"), c.train.batch_size, c.train.microbatches,
+                                      c.train.seed, process_index, process_count, c.data.num_workers)
+
+    def eval_batches(self, data, process_index: int, process_count: int, max_batches: int) -> list:
+        """The eval rows in order, this process's share, the last batch padded with rows that count nothing."""
+        padding = self.batch_type.padding(self.cfg.data.seq_len, data.tokenizer.pad_id)
+        return pipeline.ordered_batches(self.rows(data, "eval"), self.cfg.train.batch_size, process_index,
+                                        process_count, max_batches, padding)
+
+    # --- objective ------------------------------------------------------------------------------------------
+    def sums(self, model, params, batch) -> dict:
+        raise NotImplementedError
+
+    def scalars(self, sums: dict, prefix: str) -> dict:
+        raise NotImplementedError
+
+    # --- reporting ------------------------------------------------------------------------------------------
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.sequences_per_example * self.cfg.data.seq_len
+
+    @property
+    def flops_per_token(self) -> float:
+        return metrics.flops_per_token(self.cfg.model, self.cfg.data.seq_len, unembed=self.head == "lm")
+
+    def step_shape(self) -> str:
+        return f"{self.cfg.train.batch_size}×{self.cfg.data.seq_len} tokens/step"
+
+    def describe(self, data) -> str:
+        raise NotImplementedError
+
+    def finish(self, data, evaluation: Evaluation) -> Summary:
+        return Summary({}, {}, "")

@@ -1,0 +1,65 @@
+"""Next-token pretraining on documents: windows of a tokenized corpus, every target counted.
+
+Data: data/prepare.py tokenizes the corpus once (sources of data/corpus.py) into token shards; data/pipeline.py
+cuts them into packed windows. Objective: the summed nats of every target (tasks/losses.py), reported as
+bits per token and bits per byte. At the end, gzip, bz2 and xz compress exactly the held-out bytes the model
+was scored on, for comparison.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from llm_jax.data import corpus, pipeline
+from llm_jax.data.batches import TokenBatch
+from llm_jax.data.prepare import Prepared, prepare
+from llm_jax.evaluation import baselines
+from llm_jax.tasks import losses
+from llm_jax.tasks.base import Evaluation, Summary, Task
+
+
+class NextToken(Task):
+    """What every task that predicts tokens shares: the objective and its scalars."""
+    batch_type = TokenBatch
+    loss, count = "nats", "tokens"
+    progress = ("bpb", "train/bits_per_byte")
+
+    def sums(self, model, params, batch: TokenBatch) -> dict:
+        return losses.next_token_sums(model, params, batch)
+
+    def scalars(self, sums: dict, prefix: str) -> dict:
+        rates = losses.compression_rates(sums)
+        loss_name = "loss_bits_per_token" if prefix == "train" else "bits_per_token"
+        return {f"{prefix}/{loss_name}": rates["bits_per_token"], f"{prefix}/bits_per_byte": rates["bits_per_byte"]}
+
+
+class Pretrain(NextToken):
+    name = "pretrain"
+    source_kinds = corpus.KINDS
+
+    def prepare(self, out_dir: Path) -> Prepared:
+        return prepare(self.cfg, out_dir)
+
+    def load(self, path: Path) -> Prepared:
+        return Prepared.load(path)
+
+    def rows(self, data: Prepared, split: str) -> pipeline.PackedWindows:
+        tokens = data.train_tokens() if split == "train" else data.eval_tokens()
+        return pipeline.windows(data, tokens, self.cfg.data.seq_len, split)
+
+    def describe(self, data: Prepared) -> str:
+        return f"{len(data.train_tokens()):,} train / {len(data.eval_tokens()):,} eval tokens"
+
+    def finish(self, data: Prepared, evaluation: Evaluation) -> Summary:
+        """The compressors on exactly the held-out bytes the model was scored on (the last batch may be
+        padded: only windows that exist count)."""
+        seq_len, sums = self.cfg.data.seq_len, evaluation.sums
+        n_windows = min(evaluation.n_batches * self.cfg.train.batch_size, (len(data.eval_tokens()) - 1) // seq_len)
+        held_out = pipeline.eval_text(data, seq_len, n_windows)
+        if len(held_out) != int(sums["bytes"]):
+            raise RuntimeError(f"held-out text has {len(held_out)} bytes but the model was scored on "
+                               f"{int(sums['bytes'])}: the byte table and the data disagree")
+        rates = baselines.bits_per_byte(held_out)
+        text = (f"\nheld-out split: {len(held_out):,} bytes, {int(sums['tokens']):,} tokens\n"
+                + baselines.format_comparison(evaluation.scores["eval/bits_per_byte"], rates))
+        return Summary({"baselines_bits_per_byte": rates},
+                       {f"compare/{k}_bits_per_byte": v for k, v in rates.items()}, text)

@@ -1,0 +1,187 @@
+"""Orbax checkpoints of a run: the train state, the batch source's position and a JSON of metadata.
+
+`RUN_DIR/checkpoints/<step>/` holds three items: `state` (params, optimizer state, step, RNG, skipped-step
+count; restored straight into the current mesh's shardings, so a checkpoint written on one mesh resumes on
+another), `data` (each process's batch source position: a grain iterator's, for data sets) and `meta` (the
+resolved config and the tokenizer model). Orbax writes a step under a temporary name and renames it when
+complete, so a killed save never looks like a checkpoint; a committed one that cannot be read is moved to
+`RUN_DIR/corrupt_checkpoints/` (never deleted) and the previous step is used instead.
+
+Data order across a change in the number of processes: global batch s is always windows [s·G, (s+1)·G) of one
+seeded, shuffled stream (see data/pipeline.py), whatever the number of processes. When the per-process
+positions do not fit the new process layout, each process restarts its source at batch s, so the global data
+order is unchanged.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import gc
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from llm_jax.config import CheckpointConfig, Config, from_dict, to_dict
+from llm_jax.data.tokenizer import from_bytes
+from llm_jax.errors import CheckpointError
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def manager(run_dir: Path, cfg: CheckpointConfig, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else cfg.keep, keep_period=cfg.keep_period or None,
+        save_interval_steps=0 if read_only else 1, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=cfg.async_save)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(checkpoint_dir(run_dir).absolute(), options=options, item_handlers=handlers)
+
+
+def meta(cfg: Config, tokenizer_path: Path) -> dict:
+    return {"config": to_dict(cfg), "process_count": jax.process_count(),
+            "tokenizer_model": base64.b64encode(Path(tokenizer_path).read_bytes()).decode("ascii")}
+
+
+def save(mngr: ocp.CheckpointManager, state, source, meta_json: dict) -> None:
+    """Starts a save of `state` at its step, with the batch source's position; returns once the arrays are
+    copied off the devices."""
+    step = int(jax.device_get(state.step))
+    mngr.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(source),
+        meta=ocp.args.JsonSave(meta_json)))
+
+
+def _abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Orbax, asyncio and TensorStore's threads print a traceback per damaged array, through logging and
+    straight to file descriptor 2; the caller reports the failure in one line instead."""
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        gc.collect()  # abandoned futures complain when collected: let them do it while silenced
+        logging.disable(logging.NOTSET)
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        os.close(devnull)
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    """Steps whose checkpoint was committed (orbax renames a step directory into place when complete)."""
+    root = checkpoint_dir(run_dir)
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+def restore_latest(run_dir: Path, cfg: Config, target_state, tokenizer) -> tuple[object, int] | None:
+    """The newest readable checkpoint, resharded like `target_state`; unreadable ones are moved aside.
+
+    Its metadata is checked against this run first, so that a changed config is reported as such and
+    never mistaken for a damaged checkpoint.
+    """
+    while steps := committed_steps(run_dir):
+        step = steps[-1]
+        mngr = manager(run_dir, cfg.checkpoint, read_only=True)
+        try:
+            with _quiet():
+                saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            check_compatible(saved, cfg, tokenizer)
+            with _quiet():
+                state = mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_abstract(target_state))))["state"]
+            return state, step
+        except CheckpointError:
+            raise
+        except Exception as e:  # orbax raises many kinds for a damaged checkpoint; all mean "unusable"
+            _quarantine(run_dir, step, e)
+        finally:
+            mngr.close()
+    return None
+
+
+def _quarantine(run_dir: Path, step: int, error: Exception) -> None:
+    corrupt = Path(run_dir) / "corrupt_checkpoints"
+    corrupt.mkdir(exist_ok=True)
+    dest = corrupt / str(step)
+    n = 1
+    while dest.exists():
+        dest, n = corrupt / f"{step}.{n}", n + 1
+    if jax.process_index() == 0:
+        shutil.move(str(checkpoint_dir(run_dir) / str(step)), dest)
+    reason = " ".join(str(error).split())[:160]
+    print(f"llm-jax: checkpoint step {step} is unreadable ({type(error).__name__}: {reason}); moved to {dest}, "
+          f"trying the previous one", file=sys.stderr, flush=True)
+
+
+def restore_data(run_dir: Path, cfg: Config, step: int, source) -> str:
+    """Puts the batch source where it was at `step`: its saved state if it fits this process layout, else
+    the start of global batch `step` (same global order). Returns which one was used."""
+    mngr = manager(run_dir, cfg.checkpoint, read_only=True)
+    try:
+        mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(source)))
+        return "saved position"
+    except (ValueError, FileNotFoundError):
+        source.restart_at(step)
+        return f"batch {step} of the global order (process layout changed)"
+    finally:
+        mngr.close()
+
+
+def model_differences(saved: Config, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """"key: saved, now" for the task and every model field that differ, except the keys in `ignore`."""
+    pairs = [("task", saved.task, cfg.task)] + [(f"model.{f.name}", getattr(saved.model, f.name),
+                                                 getattr(cfg.model, f.name)) for f in dataclasses.fields(cfg.model)]
+    return [f"{key}: {old!r} saved, {new!r} now" for key, old, new in pairs if key not in ignore and old != new]
+
+
+def check_compatible(saved: dict, cfg: Config, tokenizer) -> None:
+    """The task and the model must match field for field; the tokenizer must be the one the checkpoint was
+    trained with."""
+    diffs = model_differences(from_dict(saved["config"]), cfg)
+    if diffs:
+        raise CheckpointError(f"the checkpoint was written by a different model ({'; '.join(diffs)}); "
+                              "use the same model.* settings, or --fresh to start over")
+    saved_tok = base64.b64decode(saved["tokenizer_model"])
+    if saved_tok != tokenizer.serialized():
+        old = from_bytes(saved_tok)
+        raise CheckpointError(f"the tokenizer differs from the checkpoint's (vocab size {tokenizer.vocab_size} now, "
+                              f"{old.vocab_size} in the checkpoint); resume with the original data settings")
+
+
+def estimated_bytes(state) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def check_writable(run_dir: Path, state_bytes: int, keep: int) -> None:
+    """Fails before training when checkpoints could not be written: unwritable or nearly full disk."""
+    try:
+        checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        probe = checkpoint_dir(run_dir) / ".write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints under {run_dir}: {e.strerror or e}") from None
+    free = shutil.disk_usage(checkpoint_dir(run_dir)).free
+    # Orbax holds the new checkpoint beside the old ones until it commits.
+    need = state_bytes * (keep + 1)
+    if free < need:
+        raise CheckpointError(f"not enough free space for checkpoints in {run_dir}: about {need / 2**20:.0f} MiB "
+                              f"needed (checkpoint.keep={keep}), {free / 2**20:.0f} MiB free")

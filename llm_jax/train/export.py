@@ -1,0 +1,140 @@
+"""Exports and inference loading: a checkpoint's params with its config and tokenizer in a directory of their
+own (`llm-jax export`), a run directory or export loaded onto a mesh for inference, and an export's params
+as the start of a new run (checkpoint.init_from).
+
+An export directory holds params/ (orbax), config.json, tokenizer.model, step and, for a checkpoint that
+carried evaluation scores (a reward model's), eval.json.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from llm_jax import tasks
+from llm_jax.config import HEAD_FIELDS, CheckpointConfig, Config, MeshConfig, from_dict
+from llm_jax.data.tokenizer import Tokenizer, from_bytes
+from llm_jax.errors import CheckpointError, ConfigError, MeshError
+from llm_jax.model import Transformer
+from llm_jax.parallel import sharding
+from llm_jax.train import optim
+from llm_jax.train.checkpoint import checkpoint_dir, committed_steps, manager, model_differences
+from llm_jax.train.state import abstract_params, logical_specs
+
+
+def model_of(cfg: Config) -> Transformer:
+    """The model a run's config trains: its decoder with the head its task needs."""
+    return Transformer(cfg.model, head=tasks.TASKS[cfg.task].head)
+
+
+def export_params(run_dir: Path, out: Path, step: int | None = None) -> int:
+    """Writes the params of a checkpoint (the latest by default) with the config and tokenizer to `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists():
+        raise CheckpointError(f"export directory {out} already exists")
+    mngr = manager(run_dir, CheckpointConfig(), read_only=True)
+    steps = mngr.all_steps()
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)}")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(run_dir)} (have {sorted(steps)})")
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                          meta=ocp.args.JsonRestore()))
+    mngr.close()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save((tmp / "params").absolute(), restored["state"]["params"])
+    (tmp / "config.json").write_text(json.dumps(restored["meta"]["config"], indent=2, sort_keys=True))
+    if restored["meta"].get("eval"):
+        (tmp / "eval.json").write_text(json.dumps(restored["meta"]["eval"], indent=2, sort_keys=True))
+    (tmp / "tokenizer.model").write_bytes(base64.b64decode(restored["meta"]["tokenizer_model"]))
+    (tmp / "step").write_text(f"{step}\n")
+    tmp.rename(out)
+    return step
+
+
+def _inference_target(cfg: Config):
+    """The abstract train state of `cfg`, laid out on the training mesh if these devices fit it, else FSDP."""
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+    except MeshError:
+        mesh = sharding.make_mesh(MeshConfig(1, -1, 1))
+    specs, abstract = logical_specs(model_of(cfg), optim.make_optimizer(cfg.optim, cfg.train.steps),
+                                    cfg.data.seq_len)
+    shardings = sharding.tree_shardings(specs, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, object, Tokenizer]:
+    """Config, params and tokenizer from a run directory (its latest checkpoint, or `step`) or an export."""
+    path = Path(path)
+    if _is_export(path):
+        cfg = from_dict(json.loads((path / "config.json").read_text()))
+        with ocp.StandardCheckpointer() as ckpt:
+            params = ckpt.restore((path / "params").absolute(), _inference_target(cfg).params)
+        return cfg, params, Tokenizer.load(path / "tokenizer.model")
+    steps = committed_steps(path)
+    if not steps:
+        raise CheckpointError(f"{path} is neither a run directory with checkpoints nor an `llm-jax export` "
+                              "directory")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(path)} (have {steps})")
+    mngr = manager(path, CheckpointConfig(), read_only=True)
+    try:
+        saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        cfg = from_dict(saved["config"])
+        state = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_inference_target(cfg))))["state"]
+    finally:
+        mngr.close()
+    return cfg, state.params, from_bytes(base64.b64decode(saved["tokenizer_model"]))
+
+
+def saved_eval(path: Path, step: int | None = None) -> dict[str, float]:
+    """The eval scores saved with a checkpoint (run directory: its latest, or `step`) or an export; {} if none."""
+    path = Path(path)
+    if _is_export(path):
+        return json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() else {}
+    steps = committed_steps(path)
+    mngr = manager(path, CheckpointConfig(), read_only=True)
+    try:
+        saved = mngr.restore(steps[-1] if step is None else step,
+                             args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        mngr.close()
+    return saved.get("eval", {})
+
+
+def _is_export(path: Path) -> bool:
+    return (path / "params").is_dir() and (path / "config.json").is_file()
+
+
+def load_params(path: Path, cfg: Config, target_params) -> tuple[dict, list[str]]:
+    """Params from an `llm-jax export` directory, checked against the model and resharded like the target.
+
+    The export may have another head (HEAD_FIELDS): its other params are used, the target's own head keeps
+    its initialisation. Returns the params and the names of the top-level params that were not in the export.
+    """
+    path = Path(path)
+    if not _is_export(path):
+        raise ConfigError(f"checkpoint.init_from={path}: not an export directory (no params/ or config.json); "
+                          "make one with `llm-jax export`")
+    saved = from_dict(json.loads((path / "config.json").read_text()))
+    # Another task's export (a language model for a reward model) gives its trunk; the head is this run's.
+    diffs = model_differences(saved, cfg, ignore=("task", *(f"model.{f}" for f in HEAD_FIELDS)))
+    if diffs:
+        raise CheckpointError(f"checkpoint.init_from={path} has a different model ({'; '.join(diffs)})")
+    mesh = jax.tree.leaves(target_params)[0].sharding.mesh
+    with ocp.StandardCheckpointer() as ckpt:
+        loaded = ckpt.restore((path / "params").absolute(), abstract_params(model_of(saved), mesh))
+    fresh = sorted(set(target_params) - set(loaded))
+    return {k: loaded.get(k, v) for k, v in target_params.items()}, fresh
+

@@ -1,0 +1,171 @@
+"""The host training loop: build everything once (setup.py), then dispatch steps, reading metrics one step behind.
+
+The device never waits for the host: step t is dispatched before step t-1's metrics are fetched, and
+batch t+1 is fetched and its host-to-device copy started while step t runs. The batch source is never more
+than that one batch ahead, so the data position a checkpoint saves is exact.
+TensorBoard, the console and files in the run directory are written by process 0 only. What is trained,
+evaluated and reported comes from the run's Task (tasks/); this loop is the same for all of them.
+
+A run directory with checkpoints is resumed from its latest readable one; SIGTERM/SIGINT save a
+checkpoint at the next step boundary and end the run (preemption.py).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+from llm_jax.atomic import write_atomic
+from llm_jax.config import Config, to_json
+from llm_jax.errors import NonFiniteError, Preempted
+from llm_jax.parallel import sharding
+from llm_jax.parallel.distributed import is_main
+from llm_jax.tasks.base import Evaluation
+from llm_jax.train import checkpoint, metrics, step
+from llm_jax.train.preemption import PreemptionWatch
+from llm_jax.train.setup import Setup, build
+from llm_jax.train.events import Writer
+
+
+def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict:
+    """Runs (or resumes) a training job; returns the final results (also in RUN_DIR/results.json)."""
+    run_dir = Path(run_dir)
+    setup = build(cfg, run_dir, devices, fresh)
+    cfg = setup.cfg
+    writer = Writer(run_dir / "tb", enabled=is_main(), resume_step=setup.start_step if setup.start_step else None)
+    if is_main():
+        write_atomic(run_dir / "config.json", to_json(cfg))
+        shutil.copy(setup.data.tokenizer_path, run_dir / "tokenizer.model")
+        if not setup.start_step:
+            writer.text("config", f"```json\n{to_json(cfg)}\n```")
+        print(_describe(setup), flush=True)
+    mngr = checkpoint.manager(run_dir, cfg.checkpoint)
+    try:
+        with PreemptionWatch() as watch:
+            state, last_eval = _train_steps(setup, writer, mngr, watch)
+        results = _final_eval(setup, state, writer, last_eval)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+    if is_main():
+        write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    return results
+
+
+def evaluate(setup: Setup, params, max_batches: int) -> tuple[dict, int]:
+    """The objective's sums over the held-out split (e.g. nats/tokens/bytes); also how many batches were scored."""
+    batches = setup.task.eval_batches(setup.data, jax.process_index(), jax.process_count(), max_batches)
+    shardings = step.batch_shardings(setup.mesh, setup.task, microbatched=False)
+    totals = None
+    for local in batches:
+        sums = setup.eval_fn(params, sharding.global_batch(local, shardings))
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    return totals, len(batches)
+
+
+def evaluate_and_log(setup: Setup, params, writer: Writer, step_done: int) -> Evaluation:
+    sums, n_batches = evaluate(setup, params, setup.cfg.train.eval_batches)
+    scores = {k: float(v) for k, v in setup.task.scalars(sums, "eval").items()}
+    writer.scalars(step_done, scores)
+    return Evaluation(step_done, sums, n_batches, scores)
+
+
+def _describe(setup: Setup) -> str:
+    cfg, mesh = setup.cfg, setup.mesh
+    shape = "×".join(f"{k}={v}" for k, v in mesh.shape.items())
+    start = f", resuming from step {setup.start_step}" if setup.start_step else ""
+    return (f"{cfg.name}: {setup.n_params / 1e6:.2f}M params, {jax.device_count()} × "
+            f"{jax.devices()[0].device_kind} ({jax.process_count()} process), mesh {shape}, "
+            f"{setup.task.step_shape()}, {setup.task.describe(setup.data)}{start}")
+
+
+def _train_steps(setup: Setup, writer: Writer, mngr, watch: PreemptionWatch):
+    cfg, state, task = setup.cfg, setup.state, setup.task
+    source = task.train_source(setup.data, jax.process_index(), jax.process_count())
+    if setup.start_step:
+        how = checkpoint.restore_data(setup.run_dir, cfg, setup.start_step, source)
+        if is_main():
+            print(f"resumed from checkpoint step {setup.start_step} (data position: {how})", flush=True)
+    meta = checkpoint.meta(cfg, setup.data.tokenizer_path)
+    batch_shardings = step.batch_shardings(setup.mesh, task, microbatched=True)
+    perf = metrics.PerfMeter(task.tokens_per_step, task.flops_per_token, cfg.train.peak_tflops)
+    bar = tqdm(total=cfg.train.steps, initial=setup.start_step, disable=not is_main(), unit="step",
+               dynamic_ncols=True)
+    pending, last_eval = None, None
+    log = lambda: _log_train(pending, perf, writer, bar, cfg, task.progress)
+    try:
+        for i in range(setup.start_step, cfg.train.steps):
+            state, step_metrics = setup.train_fn(state, sharding.global_batch(source.next_batch(state),
+                                                                              batch_shardings))
+            if pending is not None:
+                log()
+            pending, done = (i + 1, step_metrics), i + 1
+            preempted = watch.requested()
+            every = cfg.checkpoint.every
+            save_now = (every and done % every == 0) or done == cfg.train.steps or preempted
+            eval_now = done % cfg.train.eval_every == 0 or done == cfg.train.steps
+            if save_now or eval_now:  # see this step's metrics (and stop on a non-finite one) first
+                log()
+                pending = None
+            if eval_now:  # before the save, so that the checkpoint carries its eval scores
+                last_eval = evaluate_and_log(setup, state.params, writer, done)
+                perf.t0 = None  # evaluation time is not step time
+            if save_now:
+                _save(mngr, state, source, meta, last_eval if eval_now else None, writer, done)
+                perf.t0 = None  # a save is not step time
+            if preempted:
+                mngr.wait_until_finished()
+                raise Preempted(done, watch.signal_name or "a signal on another process")
+        if pending is not None:
+            log()
+    finally:
+        bar.close()
+        source.close()  # grain worker processes and their shared memory
+    return state, last_eval
+
+
+def _save(mngr, state, source, meta: dict, evaluation: Evaluation | None, writer: Writer, done: int) -> None:
+    writer.flush()  # points up to this step reach disk before the checkpoint can commit
+    t0 = time.perf_counter()
+    checkpoint.save(mngr, state, source, {**meta, "eval": evaluation.scores} if evaluation else meta)
+    writer.scalars(done, {"perf/checkpoint_save_s": time.perf_counter() - t0})
+
+
+def _log_train(pending, perf: metrics.PerfMeter, writer: Writer, bar, cfg: Config, progress: tuple[str, str]) -> None:
+    step_done, step_metrics = pending
+    fetched = jax.device_get(step_metrics)
+    if not fetched.pop("train/finite") and cfg.train.nonfinite == "stop":
+        raise NonFiniteError(f"non-finite loss, gradient or update at step {step_done} (train.nonfinite=stop); "
+                             "the update was not applied and no checkpoint was written after it")
+    values = {k: float(v) for k, v in fetched.items()}
+    if step_done == 1 or step_done % cfg.train.log_every == 0:
+        values.update(perf.update(step_done))
+    writer.scalars(step_done, values)
+    bar.update(1)
+    label, key = progress
+    bar.set_postfix({label: f"{values[key]:.3f}",
+                     "tok_s": f"{perf.last.get('perf/tokens_per_sec', float('nan')):,.0f}"}, refresh=False)
+
+
+def _final_eval(setup: Setup, state, writer: Writer, last_eval: Evaluation | None) -> dict:
+    """The results of the run: the evaluation at its last step (made now if the loop did not reach it), and
+    what the task adds to it."""
+    cfg = setup.cfg
+    if last_eval is None or last_eval.step != cfg.train.steps:  # resumed after the last step
+        last_eval = evaluate_and_log(setup, state.params, writer, cfg.train.steps)
+    counts = {f"eval/{k}": last_eval.sums[k] for k in ("tokens", "bytes", "pairs") if k in last_eval.sums}
+    results = {**last_eval.scores, **counts, "params": setup.n_params, "steps": cfg.train.steps,
+               "skipped_steps": int(jax.device_get(state.skipped))}
+    if is_main():
+        summary = setup.task.finish(setup.data, last_eval)
+        writer.scalars(cfg.train.steps, summary.scalars)
+        results.update(summary.results)
+        if summary.text:
+            print(summary.text, flush=True)
+    return results

@@ -1,0 +1,121 @@
+"""Everything a run needs, built and checked once before the first step: the task, the mesh, the data, the
+train state (created sharded, restored from the run directory's latest checkpoint, or initialised from an
+export) and the jitted steps. Errors a user can fix come out here, before anything compiles.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from llm_jax import tasks
+from llm_jax.config import Config
+from llm_jax.errors import ConfigError, RunDirError
+from llm_jax.experiment import resolve
+from llm_jax.model import Transformer
+from llm_jax.parallel import sharding
+from llm_jax.parallel.distributed import barrier, is_main
+from llm_jax.tasks.base import Task
+from llm_jax.train import checkpoint, metrics, optim, step
+from llm_jax.train.export import load_params
+from llm_jax.train.state import check_fits, create_state
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    task: Task
+    run_dir: Path
+    mesh: jax.sharding.Mesh
+    data: object  # what task.load returned
+    state: object
+    start_step: int
+    train_fn: object
+    eval_fn: object
+    n_params: int
+
+
+def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setup:
+    """Resolves and checks the config, the mesh and every dimension, prepares data, creates or restores the
+    sharded state, and jits the steps."""
+    cfg = resolve(cfg)
+    task = tasks.make(cfg)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    check_batch(cfg, mesh)
+    model = Transformer(cfg.model, head=task.head)
+    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    check_fits(model, optimizer, mesh, cfg.data.seq_len)
+    resume, created = open_run_dir(run_dir, fresh)
+    try:
+        data = load_data(task, run_dir)
+        state, shardings = create_state(model, optimizer, mesh, cfg.data.seq_len, jax.random.key(cfg.train.seed))
+        if is_main():
+            checkpoint.check_writable(run_dir, checkpoint.estimated_bytes(state), cfg.checkpoint.keep)
+    except Exception:
+        if created:  # a run that never started leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    state, start_step = _initial_state(cfg, run_dir, resume, state, data)
+    train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh, shardings,
+                                   task)
+    eval_fn = step.jit_eval_step(model, mesh, shardings.params, task)
+    return Setup(cfg, task, run_dir, mesh, data, state, start_step, train_fn, eval_fn,
+                 metrics.param_count(state.params))
+
+
+def check_batch(cfg: Config, mesh) -> None:
+    micro = cfg.train.batch_size // cfg.train.microbatches
+    sharding.check_divisible(f"train.batch_size={cfg.train.batch_size} / train.microbatches="
+                             f"{cfg.train.microbatches}", (micro,), ("batch",), mesh)
+    if micro % jax.process_count():
+        raise ConfigError(f"train.batch_size / train.microbatches = {micro} is not divisible by the "
+                          f"{jax.process_count()} processes")
+
+
+def load_data(task: Task, run_dir: Path):
+    """A directory of prepared data if the config names one, else the task prepares it once into RUN_DIR/data."""
+    prepared = task.cfg.data.prepared
+    if not prepared:
+        if is_main():
+            task.prepare(run_dir / "data")
+        barrier("prepared")
+    data = task.load(Path(prepared) if prepared else run_dir / "data")
+    if data.tokenizer.vocab_size > task.cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size="
+                          f"{task.cfg.model.vocab_size}; raise model.vocab_size")
+    return data
+
+
+def open_run_dir(run_dir: Path, fresh: bool) -> tuple[bool, bool]:
+    """(resume, created): resume when the directory holds a run with checkpoints; --fresh deletes it first."""
+    if fresh and run_dir.exists() and is_main():
+        shutil.rmtree(run_dir)
+    barrier("fresh")
+    if (run_dir / "config.json").exists():
+        if not checkpoint.committed_steps(run_dir):
+            raise RunDirError(f"run directory {run_dir} holds a run with no checkpoint to resume; "
+                              "pass --fresh to delete it and start over")
+        return True, False
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+    return False, created
+
+
+def _initial_state(cfg: Config, run_dir: Path, resume: bool, state, data):
+    if resume:
+        restored = checkpoint.restore_latest(run_dir, cfg, state, data.tokenizer)
+        if restored is None:
+            raise RunDirError(f"run directory {run_dir} has no readable checkpoint left (damaged ones are in "
+                              f"{run_dir / 'corrupt_checkpoints'}); pass --fresh to start over")
+        return restored
+    if cfg.checkpoint.init_from:
+        params, fresh = load_params(Path(cfg.checkpoint.init_from), cfg, state.params)
+        if fresh and is_main():
+            print(f"init_from {cfg.checkpoint.init_from}: {', '.join(fresh)} initialised fresh (not in the export)")
+        return state.replace(params=params), 0
+    return state, 0

@@ -1,0 +1,73 @@
+"""Pure train and eval steps, jitted with explicit shardings.
+
+train_step(state, batch) -> (state, metrics). Batch entries have shape (M, B/M, ...): M microbatches whose
+gradients of the summed loss are accumulated, then divided once by the total count (target tokens, pairs),
+so accumulation gives exactly the gradient of the big batch. What is summed and reported comes from the
+run's Task (tasks/).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llm_jax.parallel import sharding
+from llm_jax.tasks.base import Task
+from llm_jax.train.state import TrainState
+
+
+def train_step(state: TrainState, batch, *, model, optimizer, lr_schedule, task: Task):
+    def sums_and_grads(microbatch):
+        def loss_fn(p):
+            sums = task.sums(model, p, microbatch)
+            return sums[task.loss], sums
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return sums, grads
+
+    def accumulate(carry, microbatch):
+        return jax.tree.map(jnp.add, carry, sums_and_grads(microbatch)), None
+
+    first = jax.tree.map(lambda x: x[0], batch)
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(sums_and_grads, first)[0])
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    (sums, grads), _ = jax.lax.scan(accumulate, (zero_sums, zero_grads), batch)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(sums[task.count], 1.0), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+    # One NaN/Inf anywhere reaches these norms; such an update is dropped, so the state stays the last good one.
+    finite = jnp.isfinite(sums[task.loss]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    skipped = state.skipped + (~finite).astype(jnp.int32)
+    metrics = {
+        **task.scalars(sums, "train"),
+        "optim/learning_rate": lr_schedule(state.step),
+        "optim/grad_norm": grad_norm,
+        "optim/param_norm": optax.tree.norm(keep_old(params, state.params)),
+        "optim/skipped_steps": skipped,
+        "train/finite": finite,
+    }
+    new_state = TrainState(step=state.step + 1, params=keep_old(params, state.params),
+                           opt_state=keep_old(opt_state, state.opt_state), rng=state.rng, skipped=skipped)
+    return new_state, metrics
+
+
+def batch_shardings(mesh, task: Task, microbatched: bool):
+    """The sharding of each entry of the task's batches: its logical axes, under a leading microbatch axis
+    for training."""
+    return sharding.batch_shardings(mesh, task.batch_type.axes(), *(("microbatch",) if microbatched else ()))
+
+
+def jit_train_step(model, optimizer, lr_schedule, mesh, state_shardings, task: Task):
+    fn = lambda s, b: train_step(s, b, model=model, optimizer=optimizer, lr_schedule=lr_schedule, task=task)
+    return sharding.jit_on_mesh(
+        fn, mesh, in_shardings=(state_shardings, batch_shardings(mesh, task, microbatched=True)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def jit_eval_step(model, mesh, param_shardings, task: Task):
+    """(params, batch) -> the task's sums over the batch."""
+    return sharding.jit_on_mesh(
+        lambda p, b: task.sums(model, p, b), mesh,
+        in_shardings=(param_shardings, batch_shardings(mesh, task, microbatched=False)),
+        out_shardings=sharding.replicated(mesh))
