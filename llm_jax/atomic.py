@@ -1,8 +1,10 @@
-"""Files written whole or not at all: results, configs, sweep definitions, event files, compressed files,
-scores."""
+"""Files and directories written whole or not at all: results, configs, sweep definitions, event files,
+compressed files, scores; exports and converted checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -20,3 +22,14 @@ def write_atomic(path: str | Path, data: str | bytes, temporary: Path | None = N
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path):
+    """Yields an empty OUT.partial directory to write into, renamed to `out` when the block ends without an
+    error: a stop half-way leaves no `out`, and the next attempt starts from an empty OUT.partial again."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    tmp.rename(out)

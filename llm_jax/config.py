@@ -222,7 +222,10 @@ _LEGACY_TASKS = {"text": "pretrain", "dialogue": "sft", "preference": "reward"}
 def from_dict(d: dict) -> Config:
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     if "format" in d.get("data", {}):
-        d.setdefault("task", _LEGACY_TASKS.get(d["data"].pop("format"), "?"))
+        fmt = d["data"].pop("format")
+        if fmt not in _LEGACY_TASKS:
+            raise ConfigError(f"a saved config's data format {fmt!r} is not one of {', '.join(_LEGACY_TASKS)}")
+        d.setdefault("task", _LEGACY_TASKS[fmt])
         d.get("model", {}).pop("head", None)
     sections = {f.name: f for f in dataclasses.fields(Config)}
     kwargs = {}

@@ -10,7 +10,7 @@ import pytest
 
 from llm_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 from llm_jax.data import corpus, pipeline, prepare as prepare_module
-from llm_jax.data.batches import TokenBatch, positions_from_segments
+from llm_jax.data.batches import positions_from_segments
 from llm_jax.data.corpus import iter_documents
 from llm_jax.data.prepare import Prepared, prepare
 from llm_jax.data.shards import TokenArray

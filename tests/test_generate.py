@@ -151,7 +151,7 @@ def test_sample_cli_names_a_bad_checkpoint_dir(tmp_path, capsys):
 
 def test_chat_survives_an_empty_answer():
     import io
-    from llm_jax.inference.chat import chat
+    from llm_jax.inference.stream import chat
 
     class Silent:  # a generator that answers with the end-of-turn token straight away
         def generate(self, prompts, max_new_tokens, **kw):

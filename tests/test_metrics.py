@@ -13,6 +13,7 @@ from llm_jax.config import Config, ModelConfig, TrainConfig
 from llm_jax.evaluation import baselines
 from llm_jax.tasks.pretrain import Pretrain
 from llm_jax.tasks.reward import RewardModel
+from llm_jax.model import flops
 from llm_jax.train import events, metrics
 
 
@@ -149,7 +150,7 @@ def test_flops_per_token_swiglu_untied():
     # q 8*2*6=96, k and v 8*1*6=48 each, o 2*6*8=96, MLP 3*8*16=384: 672 per layer; unembedding 32*8=256
     n = 2 * 672 + 256
     attention = 6 * 2 * 2 * 6 * 10  # 6 * layers * heads * head_dim * seq_len
-    assert metrics.flops_per_token(model, seq_len=10) == 6 * n + attention == 11040
+    assert flops.flops_per_token(model, seq_len=10) == 6 * n + attention == 11040
 
 
 def test_flops_per_token_gelu_tied():
@@ -158,9 +159,9 @@ def test_flops_per_token_gelu_tied():
     # head_dim 8/2=4: q, k, v, o 8*2*4=64 each; MLP 2*8*32=512: 768 per layer; unembedding 50*8=400
     n = 3 * 768 + 400
     attention = 6 * 3 * 2 * 4 * 6
-    assert metrics.flops_per_token(model, seq_len=6) == 6 * n + attention == 17088
+    assert flops.flops_per_token(model, seq_len=6) == 6 * n + attention == 17088
     untied = dataclasses.replace(model, tie_embeddings=False)
-    assert metrics.flops_per_token(untied, seq_len=6) == 17088  # the output matmul runs either way
+    assert flops.flops_per_token(untied, seq_len=6) == 17088  # the output matmul runs either way
 
 
 def test_a_task_counts_its_own_tokens_and_flops():
@@ -170,7 +171,7 @@ def test_a_task_counts_its_own_tokens_and_flops():
     cfg = Config(model=model, train=TrainConfig(batch_size=4))
     lm, rm = Pretrain(cfg), RewardModel(dataclasses.replace(cfg, task="reward"))
     assert lm.tokens_per_step == 4 * cfg.data.seq_len and rm.tokens_per_step == 2 * 4 * cfg.data.seq_len
-    assert lm.flops_per_token == metrics.flops_per_token(model, cfg.data.seq_len)
+    assert lm.flops_per_token == flops.flops_per_token(model, cfg.data.seq_len)
     assert lm.flops_per_token - rm.flops_per_token == 6 * 50 * 8
 
 

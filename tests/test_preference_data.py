@@ -1,5 +1,4 @@
 """Preference pairs: hh-rlhf, generic and qa-feedback records, the truncation rule, prepared rows, splits, batches."""
-import dataclasses
 import json
 import re
 
@@ -11,6 +10,8 @@ from llm_jax.data.batches import stack
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.chat.pairs import Pair, PairStats, iter_pair_groups, parse_pair
 from llm_jax.data.chat.preference import prepare_preference, render_answers, render_pair
+from llm_jax.data.chat.sft import PreparedSFT
+from llm_jax.data.prepare import Prepared
 from llm_jax.data.chat.template import render_prompt
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.errors import DataError
@@ -259,7 +260,7 @@ def test_prepare_is_reused_and_checks_seq_len(tmp_path, tok, capsys):
     first = prepare_preference(cfg, tmp_path / "p", tok)
     assert "prepared preference" in capsys.readouterr().out
     again = prepare_preference(cfg, tmp_path / "p", tok)
-    assert "reusing prepared preference data" in capsys.readouterr().out and again.meta == first.meta
+    assert "reusing prepared preference pairs" in capsys.readouterr().out and again.meta == first.meta
     with pytest.raises(DataError, match="prepared for data.seq_len=48"):
         first.rows("train", 16)
 
@@ -269,6 +270,14 @@ def test_no_usable_pair_is_an_error(tmp_path, tok):
     (tmp_path / "qa.json").write_text(json.dumps([qa_record(0, [0] * 6)]))
     with pytest.raises(DataError, match=r"qa_feedback:qa.json.*no usable preference pair.*'tie': 6"):
         prepare_preference(cfg, tmp_path / "p", tok)
+
+
+def test_prepared_data_of_another_kind_is_refused(prepared):
+    """data.prepared pointing at another task's data is a one-line error, not a KeyError later."""
+    with pytest.raises(DataError, match="holds preference pairs, not the packed dialogues this task trains on"):
+        PreparedSFT.load(prepared.path)
+    with pytest.raises(DataError, match="holds preference pairs, not the token shards"):
+        Prepared.load(prepared.path)
 
 
 def test_batches(prepared, tok):

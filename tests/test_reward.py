@@ -21,6 +21,7 @@ from llm_jax.errors import ConfigError
 from llm_jax.experiment import apply_overrides, load_experiment
 from llm_jax.model import Transformer
 from llm_jax.parallel import sharding
+from llm_jax.sweep.report import summarise_run
 from llm_jax.tasks.reward import RewardModel, pair_sums, scalars as reward_scalars
 from llm_jax.train import optim, step
 from llm_jax.train.export import load_params
@@ -166,6 +167,14 @@ def test_a_tiny_reward_model_learns_a_planted_preference_and_scores_new_pairs(tm
     mean, std = results["eval/reward_mean"], results["eval/reward_std"]
     assert polite["reward"] == pytest.approx((polite["raw_reward"] - mean) / std, rel=1e-5)
     assert scored[42] == {"line": 43, "skipped": "identical answers"}
+
+    # The sweep report sums a reward model up in its own terms, and language-model commands refuse it.
+    summary = summarise_run(run, "rm", {})
+    assert summary.headline == "eval bits/pair" and summary.scores["eval accuracy"] == results["eval/accuracy"]
+    assert summary.tokens == 60 * 16 * 2 * 64  # steps x pairs x 2 answers x seq_len
+    for argv in (["sample", "--prompt", "x"], ["compress", str(tmp_path / "new.jsonl"), str(tmp_path / "x")]):
+        assert main([argv[0], "--checkpoint", str(run), *argv[1:]]) == 2
+        assert "is a reward model (task=reward), not the language model" in capsys.readouterr().err
 
 
 def test_a_language_model_export_initialises_the_reward_model_trunk(tmp_path, tokenizer_path):

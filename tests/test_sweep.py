@@ -14,7 +14,7 @@ from llm_jax.experiment import apply_overrides, load_experiment
 from llm_jax.sweep.plan import _labels
 from llm_jax.sweep.report import write_report
 from llm_jax.sweep.run import run_sweep
-from llm_jax.train.metrics import flops_per_token
+from llm_jax.model.flops import flops_per_token
 
 TINY = ("model.vocab_size=320", "model.d_model=32", "model.d_ff=64", "data.seq_len=32", "train.batch_size=8",
         "train.steps=12", "train.eval_every=6", "train.log_every=3", "optim.warmup_steps=3",

@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from llm_jax import tasks
-from llm_jax.bench.train import real_source, setup
+from llm_jax.bench.train import bench_setup, real_source
 from llm_jax.config import Config
 from llm_jax.inference.generate import Generator, Sampling
 from llm_jax.model import Transformer
@@ -55,7 +55,7 @@ def bench_generate(cfg: Config, prompt_len: int = 32, new_tokens: int = 128) -> 
 
 def bench_checkpoint(cfg: Config, saves: int = 3) -> dict:
     """Median seconds a save holds up the step (async: the device-to-host copy) and a whole save takes."""
-    state = setup(cfg).state
+    state = bench_setup(cfg).state
     iterator = iter(grain.MapDataset.range(1).to_iter_dataset())  # a data position to save, as training does
     held, whole = [], []
     with tempfile.TemporaryDirectory(prefix="llm_jax_bench_ckpt_") as tmp:

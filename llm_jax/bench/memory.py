@@ -10,7 +10,7 @@ import os
 import jax
 import numpy as np
 
-from llm_jax.bench.train import format_bytes, setup, step_memory, synthetic_batch
+from llm_jax.bench.train import bench_setup, format_bytes, step_memory, synthetic_batch
 from llm_jax.config import Config
 from llm_jax.parallel import sharding
 from llm_jax.train import step
@@ -20,7 +20,7 @@ def bench_memory(cfg: Config, limit_gib: float | None = None, max_compiles: int 
     """The largest global batch (a multiple of what the mesh and microbatches allow) whose step XLA plans
     within `limit_gib` per device (default: the device's memory limit, or on CPU the host memory shared by
     the local devices). Returns the plans compiled, {batch: bytes per device}, and the answer."""
-    bench = setup(cfg, abstract=True)
+    bench = bench_setup(cfg, abstract=True)
     M = cfg.train.microbatches
     granule = M * int(np.lcm(sharding.batch_split(bench.mesh), jax.process_count()))
     limit = limit_gib * 2**30 if limit_gib else _device_memory_limit()

@@ -32,21 +32,21 @@ from llm_jax.model import Transformer
 from llm_jax.parallel import sharding
 from llm_jax.tasks.base import Task
 from llm_jax.train import metrics, optim, step
-from llm_jax.train.setup import load_data
-from llm_jax.train.state import check_fits, create_state, logical_specs
+from llm_jax.train.setup import check_batch, load_data
+from llm_jax.train.state import abstract_state, create_state
 
 TORCH_REFERENCE = REPO_ROOT / "benchmarks" / "torch_reference.py"
 
 
 class Bench(NamedTuple):
-    """What bench train, memory and checkpoint run: built by `setup` as `train` builds it."""
+    """What bench train, memory and checkpoint run: built by `bench_setup` as `train` builds it."""
     task: Task
     mesh: jax.sharding.Mesh
     state: Any
     train_fn: Any
 
 
-def setup(cfg: Config, abstract: bool = False) -> Bench:
+def bench_setup(cfg: Config, abstract: bool = False) -> Bench:
     """The task, mesh, train state and jitted train step of `cfg`, as `train` builds them (abstract: the
     state's shapes, dtypes and shardings, nothing allocated)."""
     # Not checked: the task's data requirements matter only to real_source, which checks them.
@@ -54,10 +54,10 @@ def setup(cfg: Config, abstract: bool = False) -> Bench:
     mesh = sharding.make_mesh(cfg.mesh)
     model = Transformer(cfg.model, head=task.head)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    check_batch(cfg, mesh)
     if abstract:
-        shardings = sharding.tree_shardings(check_fits(model, optimizer, mesh, cfg.data.seq_len), mesh)
-        _, shapes = logical_specs(model, optimizer, cfg.data.seq_len)
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+        state = abstract_state(model, optimizer, mesh, cfg.data.seq_len)
+        shardings = jax.tree.map(lambda a: a.sharding, state)
     else:
         state, shardings = create_state(model, optimizer, mesh, cfg.data.seq_len, jax.random.key(cfg.train.seed))
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh, shardings,
@@ -90,7 +90,7 @@ def real_source(task: Task):
 def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool = False,
                 profile: str | None = None) -> dict:
     """Times the train step; returns the figures `format_train` prints."""
-    bench = setup(cfg)
+    bench = bench_setup(cfg)
     shardings = step.batch_shardings(bench.mesh, bench.task, microbatched=True)
     with contextlib.ExitStack() as stack:
         if real_data:

@@ -28,26 +28,22 @@ def _generation_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def _generator(args: argparse.Namespace):
-    from llm_jax.errors import ConfigError
     from llm_jax.inference.generate import Generator, Sampling
     from llm_jax.inference.runner import ModelRunner
     cfg, runner, tokenizer = ModelRunner.load(Path(args.checkpoint), args.step)
-    if runner.head != "lm":
-        raise ConfigError(f"{args.checkpoint} is a reward model (task={cfg.task}): it scores answers "
-                          "(llm-jax score), it does not generate")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     return Generator(cfg.model, runner.params, sampling), tokenizer
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from llm_jax.inference.chat import sample
+    from llm_jax.inference.stream import sample
     generator, tokenizer = _generator(args)
     sample(generator, tokenizer, args.prompt, args.max_tokens, args.seed)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from llm_jax.inference.chat import chat
+    from llm_jax.inference.stream import chat
     generator, tokenizer = _generator(args)
     chat(generator, tokenizer, args.max_tokens, args.seed, system=args.system)
     return 0

@@ -121,7 +121,7 @@ def ordered_batches(source, global_batch: int, process_index: int, process_count
 def eval_text(prepared: Prepared, seq_len: int, n_windows: int) -> bytes:
     """The exact UTF-8 bytes of the targets of the first n_windows eval windows (all there are, if fewer)."""
     tokens = prepared.eval_tokens()
-    n_windows = min(n_windows, len(windows(prepared, tokens, seq_len, "eval")))
+    n_windows = min(n_windows, len(packed_windows(prepared, tokens, seq_len, "eval")))
     return prepared.tokenizer.decode_bytes(tokens[1:n_windows * seq_len + 1])
 
 
@@ -131,7 +131,7 @@ def _local_batch(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
-def windows(prepared: Prepared, tokens: TokenArray, seq_len: int, split: str) -> PackedWindows:
+def packed_windows(prepared: Prepared, tokens: TokenArray, seq_len: int, split: str) -> PackedWindows:
     """The packed windows of one split's tokens; a split shorter than one window is a DataError."""
     packed = PackedWindows(tokens, seq_len, prepared.tokenizer.byte_lengths(), prepared.tokenizer.eos_id)
     if not len(packed):

@@ -34,6 +34,7 @@ PROGRESS_BYTES = 8 * 2**20  # smaller corpora tokenize too fast to need a progre
 
 class Prepared(PreparedDir):
     """Pretraining token shards (train and eval splits)."""
+    KIND = "token shards"
 
     def train_tokens(self) -> TokenArray:
         return self._tokens("train")
@@ -51,7 +52,7 @@ def prepare(cfg: Config, out_dir: Path) -> Prepared:
     out_dir = Path(out_dir)
     given = _given_tokenizer(cfg)
     meta = publish(out_dir, _fingerprint_fields(cfg, given),
-                   lambda tmp: {"format": FORMAT, **_prepare_into(cfg, tmp, given)})
+                   lambda tmp: {"format": FORMAT, **_prepare_into(cfg, tmp, given)}, Prepared.KIND)
     if meta is None:
         print(f"reusing prepared data in {out_dir} (same data config)")
         return Prepared.load(out_dir)

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -106,10 +106,12 @@ class NpyRows:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedDir:
-    """A directory of tokenized data: meta.json plus the tokenizer it was made with (pretraining or SFT)."""
+    """A directory of tokenized data: meta.json plus the tokenizer it was made with. KIND names what the
+    subclass reads (token shards, packed dialogues, preference pairs); meta.json records what was written."""
     path: Path
     meta: dict
     tokenizer: Tokenizer
+    KIND: ClassVar[str] = ""
 
     @classmethod
     def load(cls, out_dir: str | Path):
@@ -117,6 +119,9 @@ class PreparedDir:
         if not (out_dir / "meta.json").is_file():
             raise DataError(f"{out_dir} holds no prepared data (no meta.json); prepare it first")
         meta = json.loads((out_dir / "meta.json").read_text())
+        if meta.get("kind", cls.KIND) != cls.KIND:  # directories from before kinds were recorded pass
+            raise DataError(f"{out_dir} holds {meta['kind']}, not the {cls.KIND} this task trains on; prepare "
+                            "its data with this run's config (llm-jax prepare) or leave data.prepared unset")
         tokenizer = Tokenizer.load(out_dir / "tokenizer.model")
         if tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise DataError(f"{out_dir}/tokenizer.model is not the tokenizer its meta.json was prepared with")
@@ -139,7 +144,7 @@ class PreparedDir:
         return rows
 
 
-def publish(out_dir: Path, fields: dict, build: Callable[[Path], dict]) -> dict | None:
+def publish(out_dir: Path, fields: dict, build: Callable[[Path], dict], kind: str) -> dict | None:
     """Writes a data directory under a temporary name and renames it into place, so a crash leaves nothing
     half-written. `build(tmp)` writes the files and returns the meta. Returns that meta, or None when
     out_dir already holds data made from the same `fields` (then nothing is rebuilt)."""
@@ -149,7 +154,7 @@ def publish(out_dir: Path, fields: dict, build: Callable[[Path], dict]) -> dict 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        meta = {"fingerprint": fingerprint, "config": fields, **build(tmp)}
+        meta = {"fingerprint": fingerprint, "kind": kind, "config": fields, **build(tmp)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()

@@ -24,7 +24,6 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 import sentencepiece as spm
 
 from llm_jax.data.byte_bpe import ByteLevelBPETokenizer

@@ -71,8 +71,6 @@ def read_texts(paths: list[str], jsonl: list[str], field: str) -> list[tuple[str
 def objective(cfg, runner: ModelRunner):
     """(params, TokenBatch) -> summed nats, tokens and bytes: the pretraining task's objective, so that
     model.logits_chunk applies as in training."""
-    if runner.head != "lm":
-        raise ConfigError("eval needs a language model; this checkpoint is a reward model")
     task, model = tasks.make(dataclasses.replace(cfg, task="pretrain"), check=False), runner.model()
     return lambda params, batch: task.sums(model, params, batch)
 
@@ -80,6 +78,7 @@ def objective(cfg, runner: ModelRunner):
 def evaluate_texts(cfg, runner: ModelRunner, tokenizer, texts: list[str], context: int, stride: int,
                    batch_size: int = 16) -> dict:
     """Summed nats, tokens and bytes of every text under the model, scored in windows (see module doc)."""
+    runner.check_length(context, "--context")
     sums = runner.jit_batch(objective(cfg, runner), TokenBatch.axes())
     batch_size = runner.round_rows(batch_size)
     byte_lengths = tokenizer.byte_lengths()

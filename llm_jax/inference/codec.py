@@ -100,6 +100,7 @@ class Predictor:
         self.params, self.context, self.eos = params, context, tokenizer.eos_id
         self.vocab = tokenizer.vocab_size  # the model's table may be larger; those ids are never coded
         self.runner = ModelRunner(cfg_model, params)
+        self.runner.check_length(context, "compression context")
         self.model = self.runner.model(decode=True)
         self._step = self.runner.jit(self._step_fn, donate_argnums=(1,))
         self.cache = None
@@ -120,19 +121,11 @@ class Predictor:
         return np.asarray(jax.device_get(logits_V))[:self.vocab]
 
 
-def check_context(cfg_model: ModelConfig, context: int) -> None:
-    if context < 1:
-        raise DataError(f"compression context must be at least 1 token, got {context}")
-    if cfg_model.position == "learned" and context > cfg_model.max_seq_len:
-        raise DataError(f"compression context {context} exceeds model.max_seq_len={cfg_model.max_seq_len}")
-
-
 # ---- bytes in, bytes out ----
 
 def compress_with_stats(data: bytes, cfg_model: ModelConfig, params, tokenizer: Tokenizer,
                         context: int) -> tuple[bytes, dict]:
     """The compressed blob and its stats (sizes, tokens, the model's cross-entropy in bits)."""
-    check_context(cfg_model, context)
     tokens = to_tokens(data, tokenizer)
     predictor, encoder, ce_bits = Predictor(cfg_model, params, tokenizer, context), Encoder(), 0.0
     for i, token in enumerate(tokens):
@@ -180,7 +173,6 @@ def check_same_model(header: dict, cfg_model: ModelConfig, params, tokenizer: To
 def decompress_bytes(blob: bytes, cfg_model: ModelConfig, params, tokenizer: Tokenizer) -> bytes:
     header = read_header(blob)
     check_same_model(header, cfg_model, params, tokenizer)
-    check_context(cfg_model, header["context"])
     if header["tokens"] == 0:
         if header["bytes"]:
             raise DataError("corrupt header: no tokens for a non-empty file")

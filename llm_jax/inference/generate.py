@@ -17,7 +17,6 @@ import numpy as np
 
 from llm_jax.config import ModelConfig
 from llm_jax.data.batches import positions_from_segments
-from llm_jax.errors import ConfigError
 from llm_jax.inference.runner import ModelRunner
 
 
@@ -44,7 +43,7 @@ def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits_BxV
 
 
-def sample(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+def sample_token(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
     if sampling.temperature == 0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logits_BxV = filter_logits(logits_BxV / sampling.temperature, sampling.top_k, sampling.top_p)
@@ -84,12 +83,12 @@ class Generator:
     def _prefill_fn(self, params, cache, tokens, positions, segments, rng):
         logits, updated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
                                            mutable=["cache"])
-        return sample(logits[:, -1], rng, self.sampling), updated["cache"]
+        return sample_token(logits[:, -1], rng, self.sampling), updated["cache"]
 
     def _step_fn(self, params, cache, token_B, position_B, rng):
         logits, updated = self.model.apply({"params": params, "cache": cache}, token_B[:, None],
                                            position_B[:, None], jnp.ones_like(token_B)[:, None], mutable=["cache"])
-        return sample(logits[:, -1], rng, self.sampling), updated["cache"]
+        return sample_token(logits[:, -1], rng, self.sampling), updated["cache"]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0,
                  stop_ids: Sequence[int] = (), pad_id: int = 0,
@@ -99,9 +98,7 @@ class Generator:
         params = self.params if params is None else params
         tokens, positions, segments, lengths = left_pad(prompts, pad_id)
         total = tokens.shape[1] + max_new_tokens
-        if self.cfg.position == "learned" and int(lengths.max()) + max_new_tokens > self.cfg.max_seq_len:
-            raise ConfigError(f"prompt + max tokens = {int(lengths.max()) + max_new_tokens} exceeds "
-                              f"model.max_seq_len={self.cfg.max_seq_len}")
+        self.runner.check_length(int(lengths.max()) + max_new_tokens, "prompt + max tokens")
         rngs = jax.random.split(jax.random.key(seed), max_new_tokens)
         token, cache = self._prefill(params, self.runner.empty_cache(len(prompts), total), tokens, positions,
                                      segments, rngs[0])

@@ -16,8 +16,12 @@ import jax.numpy as jnp
 
 from llm_jax import tasks
 from llm_jax.config import Config, ModelConfig
+from llm_jax.errors import ConfigError
 from llm_jax.model import Transformer
 from llm_jax.parallel import sharding
+
+
+HEAD_NAMES = {"lm": "language model", "reward": "reward model"}
 
 
 class ModelRunner:
@@ -28,11 +32,16 @@ class ModelRunner:
         self._cache_shapes = {}  # (batch, length) -> the cache's shapes: tracing init per window is not free
 
     @classmethod
-    def load(cls, path: Path, step: int | None = None) -> tuple[Config, "ModelRunner", object]:
-        """(config, runner, tokenizer) of a run directory (its latest checkpoint, or `step`) or an export."""
+    def load(cls, path: Path, step: int | None = None, head: str = "lm") -> tuple[Config, "ModelRunner", object]:
+        """(config, runner, tokenizer) of a run directory (its latest checkpoint, or `step`) or an export,
+        whose model must end in `head` (what the command using it needs)."""
         from llm_jax.train.export import load_for_inference
         cfg, params, tokenizer = load_for_inference(Path(path), step)
-        return cfg, cls(cfg.model, params, tasks.TASKS[cfg.task].head), tokenizer
+        runner = cls(cfg.model, params, tasks.TASKS[cfg.task].head)
+        if runner.head != head:
+            raise ConfigError(f"{path} is a {HEAD_NAMES[runner.head]} (task={cfg.task}), not the "
+                              f"{HEAD_NAMES[head]} this command needs")
+        return cfg, runner, tokenizer
 
     def model(self, decode: bool = False) -> Transformer:
         return Transformer(self.cfg, head=self.head, decode=decode)
@@ -51,6 +60,14 @@ class ModelRunner:
         return sharding.jit_on_mesh(fn, self.mesh, in_shardings=(jax.tree.map(lambda x: x.sharding, self.params),
                                                                  sharding.batch_shardings(self.mesh, batch_axes)),
                                     out_shardings=sharding.replicated(self.mesh))
+
+    def check_length(self, tokens: int, what: str) -> None:
+        """A sequence of `tokens` (named `what` in the error) holds at least one token and, with learned
+        positions, fits the position table (beyond it the model would read garbage positions)."""
+        if tokens < 1:
+            raise ConfigError(f"{what}={tokens}: needs at least 1 token")
+        if self.cfg.position == "learned" and tokens > self.cfg.max_seq_len:
+            raise ConfigError(f"{what}={tokens} exceeds model.max_seq_len={self.cfg.max_seq_len}")
 
     def round_rows(self, rows: int) -> int:
         """`rows` rounded up to a multiple of the devices a batch is split over."""

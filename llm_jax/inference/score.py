@@ -25,7 +25,7 @@ from llm_jax.data.chat.dialogue import Message, dialogue_problem
 from llm_jax.data.chat.pairs import Pair, parse_pair, prompt_messages
 from llm_jax.data.chat.preference import render_answers
 from llm_jax.data.corpus import jsonl_records
-from llm_jax.errors import ConfigError, DataError
+from llm_jax.errors import DataError
 from llm_jax.inference.runner import ModelRunner
 from llm_jax.train.export import saved_eval
 
@@ -36,8 +36,6 @@ class Scorer:
     """Jitted rewards of token sequences (each at most seq_len), through the model's runner."""
 
     def __init__(self, runner: ModelRunner, seq_len: int, batch_size: int = 32):
-        if runner.head != "reward":
-            raise ConfigError("this checkpoint is a language model; `score` needs a reward model (task=reward)")
         self.runner, self.seq_len = runner, seq_len
         self.batch_size = runner.round_rows(batch_size)  # whole rows per device
         model = runner.model()
@@ -66,12 +64,12 @@ def read_items(path: Path) -> list[tuple[int, object]]:
         if isinstance(record, dict) and "response" in record:
             if not isinstance(record["response"], str):
                 raise DataError(f"{where}: 'response' must be a string")
-            items.append((lineno, _response(prompt_messages(record.get("prompt"), where), record["response"], where)))
+            items.append((lineno, _response(prompt_messages(record.get("prompt"), where), record["response"])))
         elif isinstance(record, dict) and "messages" in record:
             messages = prompt_messages(record["messages"], where)
             if not messages or messages[-1].role != "assistant":
                 raise DataError(f"{where}: the last message must be the assistant's answer to score")
-            items.append((lineno, _response(messages[:-1], messages[-1].content, where)))
+            items.append((lineno, _response(messages[:-1], messages[-1].content)))
         elif isinstance(record, dict) and {"chosen", "rejected"} <= record.keys():
             items.append((lineno, parse_pair(record, where)))
         else:
@@ -80,7 +78,7 @@ def read_items(path: Path) -> list[tuple[int, object]]:
     return items
 
 
-def _response(prompt: tuple[Message, ...], answer: str, where: str) -> tuple[tuple[Message, ...], str] | str:
+def _response(prompt: tuple[Message, ...], answer: str) -> tuple[tuple[Message, ...], str] | str:
     answer = answer.strip()
     return dialogue_problem([*prompt, Message("assistant", answer)]) or (prompt, answer)
 
@@ -89,7 +87,7 @@ def score_file(checkpoint: Path, input_path: Path, output: Path | None, step: in
                batch_size: int = 32) -> dict:
     """Scores every line of input_path; writes one JSON line per input line; returns the summary."""
     items = read_items(Path(input_path))
-    cfg, runner, tokenizer = ModelRunner.load(Path(checkpoint), step)
+    cfg, runner, tokenizer = ModelRunner.load(Path(checkpoint), step, head="reward")
     scorer = Scorer(runner, cfg.data.seq_len, batch_size)
     stats = saved_eval(Path(checkpoint), step)
     mean, std = stats.get("eval/reward_mean"), stats.get("eval/reward_std")

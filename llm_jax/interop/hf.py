@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
+from llm_jax.atomic import atomic_directory
 from llm_jax.config import Config, DataConfig, ModelConfig, from_dict, gpt2, llama, to_json, validate
 from llm_jax.data.byte_bpe import ByteLevelBPETokenizer
 from llm_jax.errors import DataError, HFError
@@ -142,15 +142,13 @@ def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None, scan_layer
     params = params_from_hf(model, hf["model_type"], read_weights(hf_dir))
 
     import orbax.checkpoint as ocp
-    tmp = _partial_dir(out)
-    with ocp.StandardCheckpointer() as ckpt:
+    with atomic_directory(out) as tmp, ocp.StandardCheckpointer() as ckpt:
         ckpt.save((tmp / "params").absolute(), params)
-    (tmp / "config.json").write_text(to_json(cfg))
-    data = tok.serialized()
-    is_bpe = isinstance(tok, ByteLevelBPETokenizer)
-    (tmp / "tokenizer.model").write_bytes(data if is_bpe else lossless_sentencepiece(data))
-    (tmp / "step").write_text("0\n")
-    tmp.rename(out)
+        (tmp / "config.json").write_text(to_json(cfg))
+        data = tok.serialized()
+        is_bpe = isinstance(tok, ByteLevelBPETokenizer)
+        (tmp / "tokenizer.model").write_bytes(data if is_bpe else lossless_sentencepiece(data))
+        (tmp / "step").write_text("0\n")
     return cfg
 
 
@@ -212,21 +210,11 @@ def export_hf(export_dir: Path, out: Path) -> dict:
     family = _family(cfg.model, cfg.task)
     weights = hf_weights(cfg.model, family, params)
     hf = _hf_config(cfg.model, family, tok)
-    tmp = _partial_dir(out)
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}, indent=2))
-    name = "tokenizer.json" if isinstance(tok, ByteLevelBPETokenizer) else "tokenizer.model"
-    (tmp / name).write_bytes(tok.serialized())
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}, indent=2))
+        name = "tokenizer.json" if isinstance(tok, ByteLevelBPETokenizer) else "tokenizer.model"
+        (tmp / name).write_bytes(tok.serialized())
     return hf
-
-
-def _partial_dir(out: Path) -> Path:
-    """An empty `out`.partial directory, renamed to `out` once complete, so that a conversion that stops
-    halfway leaves no `out` behind (and the next attempt starts afresh)."""
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp

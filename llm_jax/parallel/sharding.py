@@ -69,7 +69,7 @@ def mesh_axes_for(logical_name: str | None) -> tuple[str, ...]:
     if logical_name is None:
         return ()
     if logical_name not in _RULE_TABLE:
-        raise MeshError(f"logical axis {logical_name!r} has no rule in llm_jax.sharding.RULES")
+        raise MeshError(f"logical axis {logical_name!r} has no rule in llm_jax.parallel.sharding.RULES")
     target = _RULE_TABLE[logical_name]
     if target is None:
         return ()

@@ -13,7 +13,6 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from llm_jax.sweep.plan import Run
 from llm_jax.train.events import write_event_file
 
-METRICS = ("eval/bits_per_byte", "eval/bits_per_token", "train/bits_per_byte", "train/loss_bits_per_token")
 _SESSION_SUFFIX = ".sweep-hparams"  # names this sweep's own event files; Writer's resume cut keeps them (step 0)
 
 
@@ -24,7 +23,8 @@ def write_experiment(sweep_dir: Path, runs: list[Run]) -> None:
     for key in runs[0].hparams:
         values = {r.hparams[key] for r in runs}  # of the config field's type, so one type
         hparams.append(hp.HParam(key, hp.Discrete(values) if len({type(v) for v in values}) == 1 else None))
-    summary = hp.hparams_config_pb(hparams, [hp.Metric(tag) for tag in METRICS])
+    metrics = dict.fromkeys(tag for r in runs for tag in r.metrics)  # the task's; in order, once each
+    summary = hp.hparams_config_pb(hparams, [hp.Metric(tag) for tag in metrics])
     _write_events(sweep_dir / f"events.out.tfevents.0{_SESSION_SUFFIX}", summary)
 
 

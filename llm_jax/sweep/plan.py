@@ -58,6 +58,7 @@ class Run:
     hparams: dict  # every swept key -> its value in this run's config
     data: Path | None  # the shared prepared data, or None: the run uses data.prepared as its config sets it
     data_overrides: tuple[str, ...] = ()  # the --set of the first point with this data, which prepares it
+    metrics: tuple[str, ...] = ()  # the scalars that sum up a run of its task (HParams metrics)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -105,7 +106,7 @@ def plan(sweep: Sweep, sweep_dir: Path, extra_overrides=()) -> list[Run]:
         overrides = (*common, *(f"{k}={_text(v)}" for k, v in point.items()))
         try:
             cfg = resolve(apply_overrides(base, list(overrides)))
-            tasks.make(cfg)
+            task = tasks.make(cfg)
         except ConfigError as e:
             raise ConfigError(f"sweep {sweep.name!r}, point {name}: {e}") from None
         if cfg in configs or any(r.name == name for r in runs):
@@ -113,7 +114,8 @@ def plan(sweep: Sweep, sweep_dir: Path, extra_overrides=()) -> list[Run]:
         configs[cfg] = name
         hparams = {k: _hparam_value(cfg, k) for k in keys}
         data = _shared_data(cfg, Path(sweep_dir))
-        runs.append(Run(name, Path(sweep_dir) / name, overrides, hparams, data, preparers.setdefault(data, overrides)))
+        runs.append(Run(name, Path(sweep_dir) / name, overrides, hparams, data, preparers.setdefault(data, overrides),
+                        tuple(tag for tag, _ in task.summary_scalars)))
     return runs
 
 

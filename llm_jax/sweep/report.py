@@ -1,13 +1,14 @@
 """The report of a sweep: SWEEP_DIR/report.md, a table of every run and three plots, from the runs'
 TensorBoard event files, config.json and results.json (SWEEP_DIR/sweep.json, written by run.py, lists the
-runs).
+runs). The columns are the runs' task's summary scalars (Task.summary_scalars: bits per token and per byte
+for language models, bits per pair and accuracy for reward models); the plots show its headline.
 """
 from __future__ import annotations
 
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -30,12 +31,10 @@ class RunSummary:
     params: int | None = None
     tokens: float = math.nan  # trained so far
     flops: float = math.nan  # training FLOPs so far
-    train_bits_per_token: float = math.nan
-    train_bits_per_byte: float = math.nan
-    eval_bits_per_token: float = math.nan
-    eval_bits_per_byte: float = math.nan
+    scores: dict = field(default_factory=dict)  # column label -> the run's final value of that scalar
+    headline: str = ""  # the label of the scalar the plots show
     tokens_per_sec: float = math.nan
-    eval_curve: tuple = ()  # ((step, eval bits/byte), ...)
+    eval_curve: tuple = ()  # ((step, headline value), ...)
 
 
 def write_report(sweep_dir: Path) -> Path:
@@ -46,38 +45,37 @@ def write_report(sweep_dir: Path) -> Path:
     definition = json.loads((sweep_dir / "sweep.json").read_text())
     runs = [summarise_run(sweep_dir / r["name"], r["name"], r["hparams"]) for r in definition["runs"]]
     finished = [r for r in runs if r.state == "finished"]
-    plots = [_plot_vs_swept(finished, definition["swept"], sweep_dir / "eval_vs_swept.png"),
-             _plot_vs_flops(finished, sweep_dir / "eval_vs_flops.png"),
-             _plot_curves(runs, sweep_dir / "eval_curves.png")]
+    headline = next((r.headline for r in runs if r.headline), "")
+    plots = [_plot_vs_swept(finished, definition["swept"], headline, sweep_dir / "eval_vs_swept.png"),
+             _plot_vs_flops(finished, headline, sweep_dir / "eval_vs_flops.png"),
+             _plot_curves(runs, headline, sweep_dir / "eval_curves.png")]
     path = sweep_dir / "report.md"
     path.write_text(_markdown(definition, runs, [p for p in plots if p]))
     return path
 
 
 def summarise_run(run_dir: Path, name: str, hparams: dict) -> RunSummary:
-    scalars = _scalars(run_dir / "tb")
-    train = scalars.get("train/loss_bits_per_token", [])
-    last_step = train[-1][0] if train else 0
     if not (run_dir / "config.json").exists():
         return RunSummary(name, hparams, "not started", 0)
+    scalars = _scalars(run_dir / "tb")
     cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
+    task = tasks.make(cfg, check=False)  # the run's data may be gone
+    (first_train, _), (headline_tag, headline) = task.summary_scalars[0], task.summary_scalars[-1]
+    train = scalars.get(first_train, [])
+    last_step = train[-1][0] if train else 0
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else None
     checkpoints = committed_steps(run_dir)
     state = "finished" if results else (f"unfinished: checkpoint at step {checkpoints[-1]} of {cfg.train.steps}"
                                         if checkpoints else "unfinished: no checkpoint")
     steps = results["steps"] if results else last_step
-    task = tasks.make(cfg, check=False)  # the run's data may be gone
     tokens = float(steps * task.tokens_per_step)
-    summary = RunSummary(name, hparams, state, last_step, results["params"] if results else None, tokens,
-                         task.flops_per_token * tokens)
-    summary.train_bits_per_token = _final_mean(train)
-    summary.train_bits_per_byte = _final_mean(scalars.get("train/bits_per_byte", []))
-    summary.eval_bits_per_token = _last(scalars.get("eval/bits_per_token", []))
-    summary.eval_bits_per_byte = _last(scalars.get("eval/bits_per_byte", []))
+    # Training scalars are noisy step to step: their final value is a mean; an evaluation's is its last.
+    scores = {label: (_final_mean if tag.startswith("train/") else _last)(scalars.get(tag, []))
+              for tag, label in task.summary_scalars}
     speeds = [v for _, v in scalars.get("perf/tokens_per_sec", [])]
-    summary.tokens_per_sec = statistics.median(speeds) if speeds else math.nan
-    summary.eval_curve = tuple(scalars.get("eval/bits_per_byte", []))
-    return summary
+    return RunSummary(name, hparams, state, last_step, results["params"] if results else None, tokens,
+                      task.flops_per_token * tokens, scores, headline,
+                      statistics.median(speeds) if speeds else math.nan, tuple(scalars.get(headline_tag, [])))
 
 
 def _scalars(tb: Path) -> dict[str, list[tuple[int, float]]]:
@@ -101,24 +99,24 @@ def _last(points: list) -> float:
 
 # ---------------------------------------------------------------------------------------------- Markdown
 
-COLUMNS = ("run", "params", "training FLOPs", "tokens", "train bits/token", "train bits/byte", "eval bits/token",
-           "eval bits/byte", "tokens/s")
 NOTES = ("- training FLOPs = FLOPs per token × tokens trained, with FLOPs per token = 6·N + 6·n_layers·n_heads·"
-         "head_dim·seq_len (forward and backward; N the matmul parameters; `llm_jax/train/metrics.py`) and tokens "
+         "head_dim·seq_len (forward and backward; N the matmul parameters; `llm_jax/model/flops.py`) and tokens "
          "trained = steps × batch_size × seq_len (a preference pair counts as two sequences).",
-         f"- train bits: the mean over the last {FINAL_FRACTION:.0%} of the logged training steps; eval bits: the "
-         "last evaluation, on the held-out split; tokens/s: the median over the run's logged windows.")
+         f"- train columns: the mean over the last {FINAL_FRACTION:.0%} of the logged training steps; eval columns: "
+         "the last evaluation, on the held-out split; tokens/s: the median over the run's logged windows.")
 
 
 def _markdown(definition: dict, runs: list[RunSummary], plots: list[Path]) -> str:
     common = definition["overrides"] + definition["extra_overrides"]
+    labels = list(dict.fromkeys(label for r in runs for label in r.scores))
+    columns = ("run", "params", "training FLOPs", "tokens", *labels, "tokens/s")
     lines = [f"# Sweep `{definition['name']}`", "",
              f"Base experiment `{definition['base']}`; swept: {', '.join(f'`{k}`' for k in definition['swept'])}; "
              f"every run also: {', '.join(f'`{o}`' for o in common) or 'nothing'}.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
-    lines += [f"| {r.name} | {r.params:,} | {r.flops:.3g} | {r.tokens:,.0f} | {r.train_bits_per_token:.4f} | "
-              f"{r.train_bits_per_byte:.4f} | {r.eval_bits_per_token:.4f} | {r.eval_bits_per_byte:.4f} | "
-              f"{r.tokens_per_sec:,.0f} |" for r in runs if r.state == "finished"]
+             "| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
+    lines += [f"| {r.name} | {r.params:,} | {r.flops:.3g} | {r.tokens:,.0f} | "
+              + "".join(f"{r.scores.get(label, math.nan):.4f} | " for label in labels)
+              + f"{r.tokens_per_sec:,.0f} |" for r in runs if r.state == "finished"]
     lines += ["", *NOTES]
     unfinished = [r for r in runs if r.state != "finished"]
     if unfinished:
@@ -130,8 +128,8 @@ def _markdown(definition: dict, runs: list[RunSummary], plots: list[Path]) -> st
 
 # ---------------------------------------------------------------------------------------------- plots
 
-def _plot_vs_swept(runs: list[RunSummary], swept: list[str], path: Path) -> Path | None:
-    """Final eval bits/byte against the first swept key, one line per setting of the other swept keys."""
+def _plot_vs_swept(runs: list[RunSummary], swept: list[str], headline: str, path: Path) -> Path | None:
+    """The final headline scalar against the first swept key, one line per setting of the other swept keys."""
     if not runs or not swept:
         return None
     key, others = swept[0], swept[1:]
@@ -143,7 +141,7 @@ def _plot_vs_swept(runs: list[RunSummary], swept: list[str], path: Path) -> Path
     lines: dict[str, list] = {}
     for run, x in zip(runs, positions):
         label = ", ".join(f"{k}={run.hparams[k]}" for k in others)
-        lines.setdefault(label, []).append((x, run.eval_bits_per_byte))
+        lines.setdefault(label, []).append((x, run.scores[headline]))
     for label, points in lines.items():
         ax.plot(*zip(*sorted(points)), marker="o", label=label or None)
     if numeric and min(values) > 0 and max(values) > 10 * min(values):
@@ -152,30 +150,30 @@ def _plot_vs_swept(runs: list[RunSummary], swept: list[str], path: Path) -> Path
         ax.set_xticks(range(len(set(map(str, values)))), sorted(set(map(str, values))))
     if others:
         ax.legend(fontsize="small")
-    ax.set(xlabel=key, ylabel="final eval bits/byte", title="Final eval bits/byte")
+    ax.set(xlabel=key, ylabel=f"final {headline}", title=f"Final {headline}")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=120)
     return path
 
 
-def _plot_vs_flops(runs: list[RunSummary], path: Path) -> Path | None:
+def _plot_vs_flops(runs: list[RunSummary], headline: str, path: Path) -> Path | None:
     if not runs:
         return None
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    ax.plot([r.flops for r in runs], [r.eval_bits_per_byte for r in runs], "o")
+    ax.plot([r.flops for r in runs], [r.scores[headline] for r in runs], "o")
     for run in runs:
-        ax.annotate(run.name, (run.flops, run.eval_bits_per_byte), fontsize="x-small",
+        ax.annotate(run.name, (run.flops, run.scores[headline]), fontsize="x-small",
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.margins(x=0.15)  # room for the labels of the outermost points
-    ax.set(xlabel="training FLOPs", ylabel="final eval bits/byte", title="Final eval bits/byte vs compute")
+    ax.set(xlabel="training FLOPs", ylabel=f"final {headline}", title=f"Final {headline} vs compute")
     ax.grid(alpha=0.3, which="both")
     fig.savefig(path, dpi=120)
     return path
 
 
-def _plot_curves(runs: list[RunSummary], path: Path) -> Path | None:
+def _plot_curves(runs: list[RunSummary], headline: str, path: Path) -> Path | None:
     curves = [r for r in runs if r.eval_curve]
     if not curves:
         return None
@@ -183,7 +181,7 @@ def _plot_curves(runs: list[RunSummary], path: Path) -> Path | None:
     ax = fig.subplots()
     for run in curves:
         ax.plot(*zip(*run.eval_curve), marker=".", label=run.name)
-    ax.set(xlabel="step", ylabel="eval bits/byte", title="Eval bits/byte during training")
+    ax.set(xlabel="step", ylabel=headline, title=f"{headline[:1].upper()}{headline[1:]} during training")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=120)

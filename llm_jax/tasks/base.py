@@ -11,27 +11,33 @@ A task owns, for the config it was made from:
              division by the total sums[count] over all microbatches; scalars(sums, prefix) turns
              accumulated sums into TensorBoard scalars ("train/...", "eval/...")
   reporting  progress (label and scalar on the progress bar), describe(data) for the first line of a run,
-             finish(data, evaluation) for its end (the compressor comparison, a reward summary)
+             counts (what an evaluation scored, in results.json), summary_scalars (a sweep report's columns
+             and the HParams metrics), finish(data, evaluation) for its end (the compressor comparison, a
+             reward summary), tokens_per_step and flops_per_token (MFU, training FLOPs)
 It is chosen by one config key, `task`, so a config cannot pair one task's objective with another's data.
 
 Adding a task (DPO, say): a module in tasks/ with a Task subclass and an entry in tasks/__init__.py's
-TASKS. DPO's data are preference pairs, so it reuses PairBatch and data/chat/preference.py; its head is
-"lm"; its sums are the DPO loss of the policy's summed log-probabilities of the chosen and rejected answers
-(tasks/losses.token_nats on each row) against the reference model's, which the task's source computes once
-per batch with the frozen params of checkpoint.init_from and adds to the batch (a batch type with those
-two extra entries). Nothing outside the new module and that entry changes.
+TASKS, plus what is new about its data: DPO's are preference pairs (data/chat/preference.py) with the
+reference model's log-probabilities of each answer, so a batch type in data/batches.py with those entries,
+filled by the task's source with the frozen params of checkpoint.init_from; its head is "lm"; its sums are
+the DPO loss of the policy's summed answer log-probabilities (tasks/losses.token_nats) against the
+reference's; its config (beta) a section of config.py. The loop, step, metrics, reports, bench and sweeps
+need no change (docs/architecture.md).
 
 Tasks whose batches the model itself produces (PPO, GRPO, RLOO: generate -> score -> update) plug in through
 `train_source`. The loop calls `source.next_batch(state)` once per step with the train state about to be
-updated, so a rollout source generates completions of its prompts with `state.params` (one
-inference/generate.Generator made when the source is, whose jitted steps take the params as an argument),
-scores them with a reward model or a verifier loaded once, computes advantages and the reference
-log-probabilities (frozen SFT params), and returns this process's rows of a batch of the task's own type.
-The train step stays (state, batch) -> (state, metrics): the clipped policy-gradient loss with its KL leash
-is the task's `sums`, and several optimisation epochs over one rollout are several steps drawing
-minibatches from the source's buffer. The source's get_state()/set_state() (saved in every checkpoint, like
-a grain iterator's position) hold the prompt position and the sampling seed, so a resumed run continues
-with the same prompts.
+updated. A rollout source builds an inference/generate.Generator on its first call, from the model config
+and that state's params; the Generator's jitted steps take the params as an argument
+(`generate(..., params=state.params)`), so every later rollout reuses the compilation. The source scores the
+completions with a reward model or a verifier loaded once (inference/score.py), computes advantages and the
+reference log-probabilities with the frozen params of checkpoint.init_from, and returns this process's rows
+of a batch of the task's own type. The train step stays (state, batch) -> (state, metrics): the clipped
+policy-gradient loss with its KL leash is the task's `sums`, and several optimisation epochs over one rollout
+are several steps drawing minibatches from the source's buffer. The source's get_state()/set_state() (bytes
+saved with every checkpoint, as a grain iterator's position is) hold the prompt position and the sampling
+seed; a checkpoint taken in the middle of a buffer resumes at the next rollout, so resumes are exact when
+rollouts end at checkpoint steps. Generation fetches tokens to the host of one process today: rollouts on
+several processes need the Generator to gather each process's rows first.
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ from typing import Any, ClassVar, Protocol
 from llm_jax.config import Config
 from llm_jax.data import pipeline
 from llm_jax.errors import ConfigError
-from llm_jax.train import metrics
+from llm_jax.model import flops
 
 
 class BatchSource(Protocol):
@@ -89,6 +95,10 @@ class Task:
     loss: ClassVar[str]
     count: ClassVar[str]
     progress: ClassVar[tuple[str, str]]  # (label, scalar) on the progress bar
+    # (scalar, column label) that sum a run up in reports and TensorBoard's HParams: train ones first, the last
+    # one the headline that the report's plots show.
+    summary_scalars: ClassVar[tuple[tuple[str, str], ...]]
+    counts: ClassVar[tuple[str, ...]]  # sums that count what an evaluation scored, reported in results.json
     sequences_per_example: ClassVar[int] = 1  # rows of seq_len tokens in one example of the batch
     source_kinds: ClassVar[tuple[str, ...]]  # the `kind:` prefixes data.sources may use
 
@@ -140,7 +150,7 @@ class Task:
 
     @property
     def flops_per_token(self) -> float:
-        return metrics.flops_per_token(self.cfg.model, self.cfg.data.seq_len, unembed=self.head == "lm")
+        return flops.flops_per_token(self.cfg.model, self.cfg.data.seq_len, unembed=self.head == "lm")
 
     def step_shape(self) -> str:
         return f"{self.cfg.train.batch_size}×{self.cfg.data.seq_len} tokens/step"

@@ -21,7 +21,10 @@ class NextToken(Task):
     """What every task that predicts tokens shares: the objective and its scalars."""
     batch_type = TokenBatch
     loss, count = "nats", "tokens"
+    counts = ("tokens", "bytes")
     progress = ("bpb", "train/bits_per_byte")
+    summary_scalars = (("train/loss_bits_per_token", "train bits/token"), ("train/bits_per_byte", "train bits/byte"),
+                       ("eval/bits_per_token", "eval bits/token"), ("eval/bits_per_byte", "eval bits/byte"))
 
     def sums(self, model, params, batch: TokenBatch) -> dict:
         return losses.next_token_sums(model, params, batch)
@@ -44,7 +47,7 @@ class Pretrain(NextToken):
 
     def rows(self, data: Prepared, split: str) -> pipeline.PackedWindows:
         tokens = data.train_tokens() if split == "train" else data.eval_tokens()
-        return pipeline.windows(data, tokens, self.cfg.data.seq_len, split)
+        return pipeline.packed_windows(data, tokens, self.cfg.data.seq_len, split)
 
     def describe(self, data: Prepared) -> str:
         return f"{len(data.train_tokens()):,} train / {len(data.eval_tokens()):,} eval tokens"

@@ -61,7 +61,10 @@ class RewardModel(Task):
     head = "reward"
     batch_type = PairBatch
     loss, count = "loss", "pairs"
+    counts = ("pairs",)
     progress = ("acc", "train/accuracy")
+    summary_scalars = (("train/loss_bits_per_pair", "train bits/pair"), ("train/accuracy", "train accuracy"),
+                       ("eval/accuracy", "eval accuracy"), ("eval/loss_bits_per_pair", "eval bits/pair"))
     sequences_per_example = 2
     source_kinds = tuple(pairs.LOADERS)
 

@@ -134,15 +134,18 @@ def _quarantine(run_dir: Path, step: int, error: Exception) -> None:
 def restore_data(run_dir: Path, cfg: Config, step: int, source) -> str:
     """Puts the batch source where it was at `step`: its saved state if it fits this process layout, else
     the start of global batch `step` (same global order). Returns which one was used."""
+    # What grain's handler writes for each process of the layout that saved it.
+    layout = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    saved = checkpoint_dir(run_dir) / str(step) / "data" / layout
+    if not saved.is_file():
+        source.restart_at(step)
+        return f"batch {step} of the global order (process layout changed)"
     mngr = manager(run_dir, cfg.checkpoint, read_only=True)
     try:
         mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(source)))
-        return "saved position"
-    except (ValueError, FileNotFoundError):
-        source.restart_at(step)
-        return f"batch {step} of the global order (process layout changed)"
     finally:
         mngr.close()
+    return "saved position"
 
 
 def model_differences(saved: Config, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -157,8 +160,8 @@ def check_compatible(saved: dict, cfg: Config, tokenizer) -> None:
     trained with."""
     diffs = model_differences(from_dict(saved["config"]), cfg)
     if diffs:
-        raise CheckpointError(f"the checkpoint was written by a different model ({'; '.join(diffs)}); "
-                              "use the same model.* settings, or --fresh to start over")
+        raise CheckpointError(f"the checkpoint was written by a different task or model ({'; '.join(diffs)}); "
+                              "use the same task and model.* settings, or --fresh to start over")
     saved_tok = base64.b64decode(saved["tokenizer_model"])
     if saved_tok != tokenizer.serialized():
         old = from_bytes(saved_tok)

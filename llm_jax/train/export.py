@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from llm_jax import tasks
+from llm_jax.atomic import atomic_directory
 from llm_jax.config import HEAD_FIELDS, CheckpointConfig, Config, MeshConfig, from_dict
 from llm_jax.data.tokenizer import Tokenizer, from_bytes
 from llm_jax.errors import CheckpointError, ConfigError, MeshError
@@ -23,7 +23,7 @@ from llm_jax.model import Transformer
 from llm_jax.parallel import sharding
 from llm_jax.train import optim
 from llm_jax.train.checkpoint import checkpoint_dir, committed_steps, manager, model_differences
-from llm_jax.train.state import abstract_params, logical_specs
+from llm_jax.train.state import abstract_params, abstract_state
 
 
 def model_of(cfg: Config) -> Transformer:
@@ -46,17 +46,13 @@ def export_params(run_dir: Path, out: Path, step: int | None = None) -> int:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                           meta=ocp.args.JsonRestore()))
     mngr.close()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as ckpt:
+    with atomic_directory(out) as tmp, ocp.StandardCheckpointer() as ckpt:
         ckpt.save((tmp / "params").absolute(), restored["state"]["params"])
-    (tmp / "config.json").write_text(json.dumps(restored["meta"]["config"], indent=2, sort_keys=True))
-    if restored["meta"].get("eval"):
-        (tmp / "eval.json").write_text(json.dumps(restored["meta"]["eval"], indent=2, sort_keys=True))
-    (tmp / "tokenizer.model").write_bytes(base64.b64decode(restored["meta"]["tokenizer_model"]))
-    (tmp / "step").write_text(f"{step}\n")
-    tmp.rename(out)
+        (tmp / "config.json").write_text(json.dumps(restored["meta"]["config"], indent=2, sort_keys=True))
+        if restored["meta"].get("eval"):
+            (tmp / "eval.json").write_text(json.dumps(restored["meta"]["eval"], indent=2, sort_keys=True))
+        (tmp / "tokenizer.model").write_bytes(base64.b64decode(restored["meta"]["tokenizer_model"]))
+        (tmp / "step").write_text(f"{step}\n")
     return step
 
 
@@ -66,10 +62,7 @@ def _inference_target(cfg: Config):
         mesh = sharding.make_mesh(cfg.mesh)
     except MeshError:
         mesh = sharding.make_mesh(MeshConfig(1, -1, 1))
-    specs, abstract = logical_specs(model_of(cfg), optim.make_optimizer(cfg.optim, cfg.train.steps),
-                                    cfg.data.seq_len)
-    shardings = sharding.tree_shardings(specs, mesh)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return abstract_state(model_of(cfg), optim.make_optimizer(cfg.optim, cfg.train.steps), mesh, cfg.data.seq_len)
 
 
 def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, object, Tokenizer]:

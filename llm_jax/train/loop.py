@@ -12,6 +12,7 @@ checkpoint at the next step boundary and end the run (preemption.py).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -61,12 +62,9 @@ def evaluate(setup: Setup, params, max_batches: int) -> tuple[dict, int]:
     """The objective's sums over the held-out split (e.g. nats/tokens/bytes); also how many batches were scored."""
     batches = setup.task.eval_batches(setup.data, jax.process_index(), jax.process_count(), max_batches)
     shardings = step.batch_shardings(setup.mesh, setup.task, microbatched=False)
-    totals = None
-    for local in batches:
-        sums = setup.eval_fn(params, sharding.global_batch(local, shardings))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    return totals, len(batches)
+    per_batch = jax.device_get([setup.eval_fn(params, sharding.global_batch(local, shardings)) for local in batches])
+    # Summed on the host in float64: float32 totals stop counting bytes exactly past 2**24.
+    return {k: math.fsum(float(sums[k]) for sums in per_batch) for k in per_batch[0]}, len(batches)
 
 
 def evaluate_and_log(setup: Setup, params, writer: Writer, step_done: int) -> Evaluation:
@@ -159,7 +157,7 @@ def _final_eval(setup: Setup, state, writer: Writer, last_eval: Evaluation | Non
     cfg = setup.cfg
     if last_eval is None or last_eval.step != cfg.train.steps:  # resumed after the last step
         last_eval = evaluate_and_log(setup, state.params, writer, cfg.train.steps)
-    counts = {f"eval/{k}": last_eval.sums[k] for k in ("tokens", "bytes", "pairs") if k in last_eval.sums}
+    counts = {f"eval/{k}": last_eval.sums[k] for k in setup.task.counts}
     results = {**last_eval.scores, **counts, "params": setup.n_params, "steps": cfg.train.steps,
                "skipped_steps": int(jax.device_get(state.skipped))}
     if is_main():

@@ -35,11 +35,21 @@ def _boxed_init(model: nn.Module, optimizer: optax.GradientTransformation, seq_l
     return init
 
 
+def _laid_out(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def abstract_params(model, mesh, seq_len: int = 8):
     """Shapes, dtypes and shardings (by the logical rules on `mesh`) of the model's params, allocating nothing."""
     boxed = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs(1, seq_len))["params"], jax.random.key(0))
-    shardings = sharding.tree_shardings(nn.get_partition_spec(boxed), mesh)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
+    return _laid_out(nn.unbox(boxed), sharding.tree_shardings(nn.get_partition_spec(boxed), mesh))
+
+
+def abstract_state(model, optimizer, mesh, seq_len: int):
+    """Shapes, dtypes and shardings of the whole train state on `mesh`, every dimension checked against it,
+    allocating nothing (a restore target; a step compiled ahead of time)."""
+    specs = check_fits(model, optimizer, mesh, seq_len)
+    return _laid_out(logical_specs(model, optimizer, seq_len)[1], sharding.tree_shardings(specs, mesh))
 
 
 def logical_specs(model, optimizer, seq_len: int):

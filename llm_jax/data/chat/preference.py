@@ -28,7 +28,7 @@ from llm_jax.config import Config, data_dir
 from llm_jax.data.batches import PairBatch, positions_from_segments
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.chat.pairs import Pair, PairStats, check_sources, iter_pair_groups
-from llm_jax.data.chat.sft import publish_chat_data
+from llm_jax.data.chat.prepared import publish_chat_data
 from llm_jax.data.chat.template import chat_tags, render_prompt
 from llm_jax.data.shards import NpyRows, PreparedDir
 from llm_jax.data.tokenizer import Tokenizer
@@ -91,6 +91,7 @@ class PairRows(NpyRows):
 
 class PreparedPreference(PreparedDir):
     """Rendered preference pairs (train and eval splits)."""
+    KIND = "preference pairs"
 
     def rows(self, split: str, seq_len: int) -> PairRows:
         self.check_seq_len(seq_len)
@@ -100,7 +101,7 @@ class PreparedPreference(PreparedDir):
 def prepare_preference(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedPreference:
     """Renders cfg's preference pairs into out_dir, or reuses what an identical config left there."""
     out_dir = Path(out_dir)
-    meta = publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, "preference")
+    meta = publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedPreference.KIND)
     if meta is None:
         return PreparedPreference.load(out_dir)
     s, d = meta["splits"], cfg.data

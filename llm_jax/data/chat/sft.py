@@ -23,16 +23,16 @@ same (non-padding) segment as its input, so the first token of the next example 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from llm_jax.config import Config, data_dir
 from llm_jax.data.batches import TokenBatch, positions_from_segments
 from llm_jax.data.chat.dialogue import DialogueStats, Message, iter_dialogues
-from llm_jax.data.chat.template import chat_tags, render
-from llm_jax.data.shards import NpyRows, PreparedDir, publish
-from llm_jax.data.pieces import PieceTable
+from llm_jax.data.chat.prepared import publish_chat_data
+from llm_jax.data.chat.template import render
+from llm_jax.data.shards import NpyRows, PreparedDir
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import DataError
 
@@ -112,6 +112,7 @@ class PackedRows(NpyRows):
 
 class PreparedSFT(PreparedDir):
     """Packed dialogue rows (train and eval splits)."""
+    KIND = "packed dialogues"
 
     def rows(self, split: str, seq_len: int) -> PackedRows:
         self.check_seq_len(seq_len)
@@ -122,7 +123,7 @@ class PreparedSFT(PreparedDir):
 def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedSFT:
     """Renders and packs cfg's dialogues into out_dir, or reuses what an identical config left there."""
     out_dir = Path(out_dir)
-    meta = publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, "SFT")
+    meta = publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedSFT.KIND)
     if meta is None:
         return PreparedSFT.load(out_dir)
     s, d = meta["splits"], cfg.data
@@ -132,40 +133,6 @@ def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | P
           f"{s['train']['assistant_tokens']} train assistant tokens, "
           f"packing {s['train']['packing_efficiency']:.1%}")
     return PreparedSFT.load(out_dir)
-
-
-def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | Path, fmt: int,
-                      prepare_into: Callable[[Config, Path, Tokenizer], dict], what: str) -> dict | None:
-    """Data rendered through the chat template (SFT, preference pairs) into out_dir with its tokenizer, by
-    `prepare_into(cfg, tmp, tokenizer) -> meta`; returns the meta, or None when out_dir already holds the
-    same data config's."""
-    tokenizer = chat_tokenizer(cfg, tokenizer)
-    d = cfg.data
-    fields = {"format": fmt, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
-              "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
-
-    def build(tmp: Path) -> dict:
-        (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
-        return {"format": fmt, **prepare_into(cfg, tmp, tokenizer)}
-
-    meta = publish(out_dir, fields, build)
-    if meta is None:
-        print(f"reusing prepared {what} data in {out_dir} (same data config)")
-    return meta
-
-
-def chat_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:
-    """The tokenizer (loaded if given as a path), checked to fit the model. One without llm_jax's reserved
-    chat tokens (an imported model's) gets text tags (template.chat_tags), and is told so."""
-    if not isinstance(tokenizer, PieceTable):
-        tokenizer = Tokenizer.load(Path(tokenizer).expanduser())
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than "
-                        f"model.vocab_size={cfg.model.vocab_size}")
-    if len(chat_tags(tokenizer)["user"]) > 1:
-        print("the tokenizer has no chat tokens of its own: role tags are written as text (<|user|> ...) and a "
-              "turn ends with EOS")
-    return tokenizer
 
 
 def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
