@@ -1,8 +1,8 @@
 """What every test shares: 8 fake CPU devices, a compilation cache, the tiny corpus and the tiny run.
 
-The environment is set before JAX is imported anywhere, and subprocesses (`python -m llm_jax ...`) inherit
-it. Tests marked `slow` spawn processes or train for more than a few seconds: `pytest -m "not slow"` leaves
-them out.
+The environment is set before JAX is imported anywhere, and subprocesses (`python -m llm_jax ...`) and
+pytest-xdist's workers inherit it. Tests marked `slow` spawn processes, or train or compile for more than
+about 4 seconds on 2 cores: `pytest -m "not slow"` leaves them out.
 """
 import os
 import random
@@ -37,11 +37,12 @@ TINY_RUN = ("data.seq_len=32", "train.batch_size=8", "train.steps=60", "train.ev
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: spawns processes or trains for more than a few seconds")
+    config.addinivalue_line("markers", "slow: spawns processes, or trains or compiles for more than ~4 s on 2 cores")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_CACHE, ignore_errors=True)
+    if not hasattr(session.config, "workerinput"):  # pytest-xdist's workers share the controller's cache
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def set_flags(items) -> list[str]:
