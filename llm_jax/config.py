@@ -241,6 +241,17 @@ def from_dict(d: dict) -> Config:
     return Config(**kwargs)
 
 
+def differences(saved: Config, cfg: Config, keys: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> list[str]:
+    """"key: saved value saved, new value now" for every dotted key that differs (only those starting with one
+    of `keys`, when given; never those in `ignore`)."""
+    def flat(c: Config) -> dict:
+        return {f"{section}.{k}" if isinstance(v, dict) else section: x
+                for section, v in to_dict(c).items() for k, x in (v.items() if isinstance(v, dict) else [(None, v)])}
+    old, new = flat(saved), flat(cfg)
+    return [f"{key}: {old[key]!r} saved, {new[key]!r} now" for key in new
+            if old.get(key) != new[key] and key not in ignore and (not keys or key.startswith(keys))]
+
+
 def to_json(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 

@@ -6,8 +6,9 @@ import pytest
 from flax import linen as nn
 
 from llm_jax.cli.main import main
-from llm_jax.config import llama
-from llm_jax.inference.generate import Generator, Sampling, filter_logits, left_pad
+from llm_jax.config import gpt2, llama
+from llm_jax.errors import ConfigError
+from llm_jax.inference.generate import Generator, Sampling, check_sampling, filter_logits, left_pad
 from llm_jax.model import Transformer
 
 VOCAB = 61
@@ -142,6 +143,73 @@ def test_chat_cli_answers_through_stdin(tiny_export, capsys, monkeypatch):
     assert out.count("you> ") == 3 and out.count("model> ") == 2
     answers = [part.split("\n")[0] for part in out.split("model> ")[1:]]
     assert all(a.strip() for a in answers), out
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("sample", ["--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
+    ("sample", ["--top-p", "0"], "--top-p=0.0: must be in (0, 1]"),
+    ("sample", ["--temperature", "-1"], "--temperature=-1.0: must be a finite number >= 0"),
+    ("sample", ["--temperature", "nan"], "--temperature=nan: must be a finite number >= 0"),
+    ("sample", ["--top-k", "-3"], "--top-k=-3: must be >= 0"),
+    ("sample", ["--max-tokens", "0"], "--max-tokens=0: must be >= 1"),
+    ("sample", ["--prompt", ""], "--prompt='': must be non-empty text"),
+    ("chat", ["--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
+    ("chat", ["--max-tokens", "-2"], "--max-tokens=-2: must be >= 1"),
+])
+def test_bad_generation_flags_are_one_line_before_the_checkpoint_is_read(tmp_path, capsys, command, flags, message):
+    prompt = ["--prompt", "the cat"] if command == "sample" else []
+    assert main([command, "--checkpoint", str(tmp_path / "missing"), *prompt, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"llm-jax: error: {message}"), err  # not the missing checkpoint
+
+
+def test_check_sampling_names_the_settings_as_the_caller_spells_them():
+    ppo = lambda field: f"ppo.{field}"
+    with pytest.raises(ConfigError, match=r"^ppo\.top_p=1\.5: must be in \(0, 1\]"):
+        check_sampling(Sampling(top_p=1.5), 10, name=ppo)
+    with pytest.raises(ConfigError, match=r"^ppo\.max_tokens=0: must be >= 1$"):
+        check_sampling(Sampling(), 0, name=ppo)
+    names = {"temperature": "rollout.temp", "top_k": "rollout.k"}
+    with pytest.raises(ConfigError, match=r"^rollout\.k=62: must be in \[0, 61\], the vocabulary size"):
+        check_sampling(Sampling(top_k=62), 10, model=tiny(), name=names.__getitem__)
+    check_sampling(Sampling(temperature=0, top_k=VOCAB, top_p=1.0), 1, model=tiny(), prompt="x")
+
+
+def test_check_sampling_bounds_max_tokens_by_learned_positions_only():
+    learned = gpt2(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, d_ff=64, max_seq_len=16)
+    check_sampling(Sampling(), 16, model=learned)
+    with pytest.raises(ConfigError, match=r"^--max-tokens=17: must be in \[1, 16\], the model's max_seq_len$"):
+        check_sampling(Sampling(), 17, model=learned)
+    check_sampling(Sampling(), 10_000, model=tiny(max_seq_len=16))  # RoPE: no position table to run past
+
+
+def test_generate_and_sample_report_an_empty_prompt_or_no_tokens_as_config_errors():
+    """Library callers get the same one-line errors as the CLI, before anything is compiled or printed."""
+    import io
+    from llm_jax.inference.stream import sample
+    gen = Generator(tiny(), {"unused": jnp.zeros(1)})  # the checks come before the params are used
+    for prompts, max_new_tokens, message in (([[1, 2]], 0, "max_new_tokens=0: must be >= 1"),
+                                             ([[1, 2], []], 4, "prompt 1 is empty"),
+                                             ([], 4, "no prompts")):
+        with pytest.raises(ConfigError, match=message):
+            gen.generate(prompts, max_new_tokens)
+
+    class Tokens:  # encodes every text as its characters' codes
+        encode = staticmethod(lambda text: [ord(c) for c in text])
+
+    out = io.StringIO()
+    with pytest.raises(ConfigError, match="encodes to no tokens"):
+        sample(gen, Tokens(), "", 4, 0, out=out)
+    with pytest.raises(ConfigError, match="max_tokens=0: must be >= 1"):
+        sample(gen, Tokens(), "hi", 0, 0, out=out)
+    assert out.getvalue() == ""
+
+
+@pytest.mark.slow
+def test_sample_cli_checks_top_k_against_the_models_vocabulary(tiny_export, capsys):
+    assert main(["sample", "--checkpoint", str(tiny_export), "--prompt", "the cat", "--top-k", "321"]) == 2
+    assert capsys.readouterr().err == ("llm-jax: error: --top-k=321: must be in [0, 320], the vocabulary size "
+                                       "(0: off)\n")
 
 
 def test_sample_cli_names_a_bad_checkpoint_dir(tmp_path, capsys):

@@ -216,3 +216,50 @@ def test_a_failure_ends_the_other_processes_but_a_preemption_does_not():
     finally:
         _stop(failed)
     assert failed[0].returncode < 0  # ended by SIGTERM, not left to wait 30 s
+
+
+def test_slurm_requeue_script_requeues_on_preemption_only(capsys):
+    out = dry_run(capsys, "slurm", "--nodes", "2", "--requeue", "--dry-run", "--", "train", "--config",
+                  "pretrain_tiny", "--run-dir", "runs/x")
+    header = out[out.index("# --requeue"):out.index("set -euo pipefail")]
+    assert header.endswith("#SBATCH --requeue\n#SBATCH --open-mode=append\n")
+    assert all(line.startswith("#") for line in header.splitlines())  # sbatch reads options up to the first command
+    head, tail = out.split(f"# Exit status {PREEMPTED_EXIT}:")
+    assert tail.endswith("status=0\nsrun llm-jax train --config pretrain_tiny --run-dir runs/x || status=$?\n"
+                         f'if [ "$status" -eq {PREEMPTED_EXIT} ]; then\n  scontrol requeue "$SLURM_JOB_ID"\n'
+                         '  exit 0\nfi\nexit "$status"\n')
+    # The rest is the script without --requeue, which ends in srun: its status is the job's.
+    assert head.replace(header, "") + "srun llm-jax train --config pretrain_tiny --run-dir runs/x\n" == SLURM_NODE
+
+
+@pytest.mark.parametrize("srun_status, script_status, requeued", [(PREEMPTED_EXIT, 0, True), (0, 0, False),
+                                                                  (3, 3, False)])
+def test_slurm_requeue_script_runs_so(tmp_path, srun_status, script_status, requeued):
+    """The generated script under bash, srun and scontrol stubbed by executables on PATH that log their calls."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    for name, status in (("srun", srun_status), ("scontrol", 0)):
+        stub = bin_dir / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\nexit {status}\n')
+        stub.chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    script.write_text(slurm_script(["train", "--config", "pretrain_tiny"], job_name="j", nodes=1, gpus_per_node=2,
+                                   requeue=True))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "4242"}
+    assert subprocess.run(["bash", str(script)], env=env).returncode == script_status
+    expected = ["srun llm-jax train --config pretrain_tiny"] + (["scontrol requeue 4242"] if requeued else [])
+    assert calls.read_text().splitlines() == expected
+
+
+def test_sweep_passes_requeue_to_the_slurm_script(tmp_path, capsys, corpus):
+    from llm_jax.cli.main import main as cli
+    sweep = tmp_path / "s.py"
+    sweep.write_text("from llm_jax.sweep.plan import Sweep\n\n\ndef sweep():\n    return Sweep(base='pretrain_tiny', "
+                     f"grid={{'model.n_layers': (1, 2)}}, overrides=('data.sources=text:{corpus}/*.txt',))\n")
+    argv = ["sweep", str(sweep), "--sweep-dir", str(tmp_path / "sweep"), "--dry-run", "--launcher"]
+    assert cli([*argv, "slurm", "--requeue"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("#SBATCH --requeue") == 2 and out.count('scontrol requeue "$SLURM_JOB_ID"') == 2
+    assert cli([*argv, "slurm"]) == 0 and "scontrol" not in capsys.readouterr().out
+    assert cli([*argv, "tpu", "--requeue"]) == 2
+    assert "launcher tpu takes no option requeue" in capsys.readouterr().err

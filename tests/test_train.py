@@ -35,7 +35,7 @@ def test_existing_run_without_checkpoint_is_not_overwritten(tmp_path, capsys, tr
     run.mkdir()
     (run / "config.json").write_text("{}")
     assert main(train_args(run)) == 2
-    assert "no checkpoint to resume; pass --fresh" in capsys.readouterr().err
+    assert "holds a run of another config with no checkpoint" in capsys.readouterr().err
     assert (run / "config.json").read_text() == "{}" and sorted(p.name for p in run.iterdir()) == ["config.json"]
 
 

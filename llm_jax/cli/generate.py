@@ -27,17 +27,19 @@ def _generation_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _generator(args: argparse.Namespace):
-    from llm_jax.inference.generate import Generator, Sampling
+def _generator(args: argparse.Namespace, prompt: str | None = None):
+    from llm_jax.inference.generate import Generator, Sampling, check_sampling
     from llm_jax.inference.runner import ModelRunner
-    cfg, runner, tokenizer = ModelRunner.load(Path(args.checkpoint), args.step)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    check_sampling(sampling, args.max_tokens, prompt=prompt)  # before loading: a bad flag costs nothing
+    cfg, runner, tokenizer = ModelRunner.load(Path(args.checkpoint), args.step)
+    check_sampling(sampling, args.max_tokens, model=cfg.model)  # the bounds only the model knows
     return Generator(cfg.model, runner.params, sampling), tokenizer
 
 
 def _sample(args: argparse.Namespace) -> int:
     from llm_jax.inference.stream import sample
-    generator, tokenizer = _generator(args)
+    generator, tokenizer = _generator(args, prompt=args.prompt)
     sample(generator, tokenizer, args.prompt, args.max_tokens, args.seed)
     return 0
 

@@ -48,6 +48,8 @@ def _sweep_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
     group.add_argument("--repo", dest="repo_url_or_dir", default=None, help="tpu: git URL or local checkout")
     group.add_argument("--queued", action="store_true", default=None, help="tpu: request a queued resource")
+    group.add_argument("--requeue", action="store_true", default=None,
+                       help="slurm: requeue a run's job when it is preempted (exit 75), to resume it")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -65,7 +67,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from llm_jax.sweep.run import run_sweep
-    names = {name for name, _ in _LAUNCHER_OPTIONS} | {"repo_url_or_dir", "queued"}
+    names = {name for name, _ in _LAUNCHER_OPTIONS} | {"repo_url_or_dir", "queued", "requeue"}
     options = {k: v for k, v in vars(args).items() if k in names and v is not None}
     return run_sweep(args.sweep, args.launcher, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None,
                      dry_run=args.dry_run, parallel=args.parallel, launcher_options=options,

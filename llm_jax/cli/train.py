@@ -57,9 +57,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from llm_jax.train.export import export_params
-    step = export_params(Path(args.run_dir), Path(args.out), args.step)
-    print(f"exported the params of step {step} to {args.out}; start from them with "
-          f"--set checkpoint.init_from={args.out}")
+    step, written = export_params(Path(args.run_dir), Path(args.out), args.step)
+    print(f"{'exported' if written else 'already exported'} the params of step {step} to {args.out}; start from "
+          f"them with --set checkpoint.init_from={args.out}")
     return 0
 
 

@@ -42,6 +42,11 @@ class Prepared(PreparedDir):
     def eval_tokens(self) -> TokenArray:
         return self._tokens("eval")
 
+    def expected_sizes(self) -> list[tuple[Path, int]]:
+        itemsize = np.dtype(self.meta["dtype"]).itemsize
+        return [(self.path / name, n * itemsize) for split in ("train", "eval")
+                for name, n in zip(self.meta["splits"][split]["shards"], self.meta["splits"][split]["shard_tokens"])]
+
     def _tokens(self, split: str) -> TokenArray:
         info = self.meta["splits"][split]
         return TokenArray([self.path / n for n in info["shards"]], info["shard_tokens"], self.meta["dtype"])

@@ -125,7 +125,26 @@ class PreparedDir:
         tokenizer = Tokenizer.load(out_dir / "tokenizer.model")
         if tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise DataError(f"{out_dir}/tokenizer.model is not the tokenizer its meta.json was prepared with")
-        return cls(out_dir, meta, tokenizer)
+        prepared = cls(out_dir, meta, tokenizer)
+        for path, size in prepared.expected_sizes():
+            found = path.stat().st_size if path.is_file() else None
+            if found != size:
+                raise DataError(f"{path}: {'missing' if found is None else f'{found} bytes'}"
+                                f"{'' if size is None else f', {size} expected'} (a damaged or partly copied data "
+                                "directory); prepare it again")
+        return prepared
+
+    def expected_sizes(self) -> list[tuple[Path, int | None]]:
+        """Each data file with the size its description implies: here .npy arrays, from their own headers
+        (None: a header that promises more than the file holds)."""
+        sizes = []
+        for path in sorted(self.path.glob("*.npy")):
+            try:
+                array = np.load(path, mmap_mode="r")
+                sizes.append((path, array.offset + array.nbytes))
+            except ValueError:  # numpy refuses to map an array whose file is shorter than its header says
+                sizes.append((path, None))
+        return sizes
 
     @property
     def tokenizer_path(self) -> Path:

@@ -4,10 +4,12 @@ Prompts of different lengths are left-padded (segment 0, which the cache mask ig
 writes its next token at the same cache index. The host loop fetches each step's tokens, which lets
 callers stream them and stops once every row has produced a stop token or the budget is spent.
 Sampling: temperature 0 is greedy; otherwise logits are divided by the temperature, then restricted to
-the top-k and to the smallest set whose probability reaches top-p (nucleus), then sampled.
+the top-k and to the smallest set whose probability reaches top-p (nucleus), then sampled. check_sampling
+validates the settings before anything is loaded, under the names the caller's users know them by.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from llm_jax.config import ModelConfig
 from llm_jax.data.batches import positions_from_segments
+from llm_jax.errors import ConfigError
 from llm_jax.inference.runner import ModelRunner
 
 
@@ -25,6 +28,37 @@ class Sampling:
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: no top-k restriction
     top_p: float = 1.0  # 1: no nucleus restriction
+
+
+def flag_name(field: str) -> str:
+    """The `llm-jax sample/chat` flag of a generation setting: top_p -> --top-p."""
+    return "--" + field.replace("_", "-")
+
+
+def check_sampling(sampling: Sampling, max_tokens: int, *, model: ModelConfig | None = None,
+                   prompt: str | None = None, name: Callable[[str], str] = flag_name) -> None:
+    """A one-line ConfigError for the first setting out of range, named `name(field)` for field in temperature,
+    top_k, top_p, max_tokens, prompt (the CLI's flags by default; a config section passes its own, e.g.
+    `lambda f: f"ppo.{f}"`, or a dict's `__getitem__`). The bounds that depend on the model (its vocabulary,
+    its learned position table) are checked when `model` is given; the prompt when it is given."""
+    def bad(field: str, value, allowed: str) -> ConfigError:
+        return ConfigError(f"{name(field)}={value}: must be {allowed}")
+
+    t, k, p = sampling.temperature, sampling.top_k, sampling.top_p
+    if not (math.isfinite(t) and t >= 0):
+        raise bad("temperature", t, "a finite number >= 0 (0: greedy)")
+    if not 0 < p <= 1:
+        raise bad("top_p", p, "in (0, 1] (1: off)")
+    if k < 0 or (model is not None and k > model.vocab_size):
+        raise bad("top_k", k, ">= 0 (0: off)" if model is None else
+                  f"in [0, {model.vocab_size}], the vocabulary size (0: off)")
+    # RoPE decodes past max_seq_len; only a learned position table bounds the context.
+    context = model.max_seq_len if model is not None and model.position == "learned" else None
+    if max_tokens < 1 or (context is not None and max_tokens > context):
+        raise bad("max_tokens", max_tokens, ">= 1" if context is None else
+                  f"in [1, {context}], the model's max_seq_len")
+    if prompt is not None and not prompt:
+        raise bad("prompt", "''", "non-empty text")
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -52,9 +86,11 @@ def sample_token(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> j
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
     """tokens, positions and segment ids (B, P) of left-padded prompts, and each prompt's length."""
-    lengths = np.array([len(p) for p in prompts])
+    lengths = np.array([len(p) for p in prompts], int)
+    if not len(lengths):
+        raise ConfigError("no prompts: generation needs at least one")
     if lengths.min() == 0:
-        raise ValueError("every prompt needs at least one token")
+        raise ConfigError(f"prompt {int(lengths.argmin())} is empty: every prompt needs at least 1 token")
     width = int(lengths.max())
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     segments = np.zeros((len(prompts), width), np.int32)
@@ -96,6 +132,8 @@ class Generator:
         """New tokens for each prompt (a stop token included, nothing after it). `on_tokens` receives each
         step's token per row (None for rows already stopped), for streaming."""
         params = self.params if params is None else params
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         tokens, positions, segments, lengths = left_pad(prompts, pad_id)
         total = tokens.shape[1] + max_new_tokens
         self.runner.check_length(int(lengths.max()) + max_new_tokens, "prompt + max tokens")

@@ -12,6 +12,7 @@ from typing import TextIO
 from llm_jax.data.chat.template import chat_tags, render_prompt
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.errors import ConfigError
 from llm_jax.inference.generate import Generator
 
 
@@ -44,7 +45,9 @@ def sample(generator: Generator, tokenizer: Tokenizer, prompt: str, max_tokens: 
     out = out or sys.stdout  # looked up now: the stream may have been replaced since import
     ids = tokenizer.encode(prompt)
     if not ids:
-        raise ValueError("the prompt is empty")
+        raise ConfigError(f"prompt {prompt!r}: encodes to no tokens; generation needs at least 1")
+    if max_tokens < 1:  # checked here too, so that nothing is printed before the error
+        raise ConfigError(f"max_tokens={max_tokens}: must be >= 1")
     out.write(prompt)
     stream = TextStream(tokenizer, out, stop_ids(tokenizer))
     tokens = generator.generate([ids], max_tokens, seed=seed, stop_ids=sorted(stop_ids(tokenizer)),

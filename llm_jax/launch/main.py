@@ -77,6 +77,8 @@ def _slurm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setup", default="", help="shell lines before srun, e.g. 'source .venv/bin/activate'")
     p.add_argument("--log-dir", default="slurm_logs", help="where each job's output goes (JOBNAME-JOBID.out)")
     p.add_argument("--out", help="also write the script to this file (and submit that file)")
+    p.add_argument("--requeue", action="store_true", help="when the run is preempted (exit 75, checkpoint "
+                   "saved), requeue the job: it resumes from the checkpoint")
     p.set_defaults(launch=launch_slurm)
 
 

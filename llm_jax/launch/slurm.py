@@ -5,6 +5,9 @@
 PATH in the job (--setup 'source .venv/bin/activate', or an active environment at submission: sbatch passes
 it on) with a CUDA jax (`pip install -e . "jax[cuda12]"`), and --run-dir on a file system all nodes share.
 
+--requeue: a run preempted after saving its checkpoint (exit 75) puts its job back in the queue with
+`scontrol requeue`, and the requeued job resumes from that checkpoint.
+
 slurm_script is a pure builder, for sweeps too.
 """
 from __future__ import annotations
@@ -14,14 +17,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from llm_jax.errors import LaunchError
+from llm_jax.errors import PREEMPTED_EXIT, LaunchError
 from llm_jax.launch.local import check_positive
 
 
 def slurm_script(args: list[str], *, job_name: str, nodes: int, gpus_per_node: int, tasks: str = "node",
                  time: str = "24:00:00", partition: str | None = None, account: str | None = None,
-                 log_dir: str = "slurm_logs", setup: str = "", cpus_per_task: int | None = None) -> str:
-    """A complete sbatch script running `srun llm-jax ARGS` with one process per node or per GPU."""
+                 log_dir: str = "slurm_logs", setup: str = "", cpus_per_task: int | None = None,
+                 requeue: bool = False) -> str:
+    """A complete sbatch script running `srun llm-jax ARGS` with one process per node or per GPU; with
+    `requeue`, a run that exits PREEMPTED_EXIT puts its job back in the queue, to resume from its checkpoint."""
     check_positive(nodes=nodes, gpus_per_node=gpus_per_node)
     if cpus_per_task is not None:
         check_positive(cpus_per_task=cpus_per_task)
@@ -33,8 +38,13 @@ def slurm_script(args: list[str], *, job_name: str, nodes: int, gpus_per_node: i
     lines = ["#!/bin/bash"] + [_sbatch_line(key, value) for key, value in options.items() if value is not None]
     lines += ["# SIGTERM 5 minutes before the time limit: llm-jax saves a checkpoint and exits 75;",
               "# submitting the same script again resumes.",
-              "#SBATCH --signal=TERM@300",
-              "set -euo pipefail"]
+              "#SBATCH --signal=TERM@300"]
+    if requeue:
+        lines += ["# --requeue: the job may go back in the queue (scontrol requeue below), keeping its id; each run",
+                  "# appends to the log rather than truncating the earlier runs' output.",
+                  "#SBATCH --requeue",
+                  "#SBATCH --open-mode=append"]
+    lines += ["set -euo pipefail"]
     lines += [setup.strip()] if setup.strip() else []
     # Since SLURM 22.05 srun no longer inherits --cpus-per-task from sbatch: repeat it.
     srun = ["srun"] + ([f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else [])
@@ -49,9 +59,24 @@ def slurm_script(args: list[str], *, job_name: str, nodes: int, gpus_per_node: i
     lines += ["# jax.distributed.initialize() finds the job from what srun sets (SLURM_STEP_NODELIST, SLURM_NTASKS,",
               "# SLURM_PROCID). No --kill-on-bad-exit: after SIGTERM each process exits 75 once the checkpoint is",
               "# saved, and ending the others at the first exit could cut their save short; a process that",
-              "# crashes is noticed by the others through jax.distributed's heartbeats.",
-              shlex.join(srun + ["llm-jax", *args])]
+              "# crashes is noticed by the others through jax.distributed's heartbeats."]
+    command = srun + ["llm-jax", *args]
+    lines += _requeue_on_preemption(command) if requeue else [shlex.join(command)]
     return "\n".join(lines) + "\n"
+
+
+def _requeue_on_preemption(argv: list[str]) -> list[str]:
+    """Shell lines running argv and requeueing the job when it exits PREEMPTED_EXIT, else exiting with its status."""
+    return [f"# Exit status {PREEMPTED_EXIT}: the run saved a checkpoint after SIGTERM (the time limit, a preemption).",
+            "# Requeue the job, and this same script resumes from that checkpoint. `|| status=$?` reads the",
+            "# status without set -e ending the script first.",
+            "status=0",
+            shlex.join(argv) + " || status=$?",
+            f'if [ "$status" -eq {PREEMPTED_EXIT} ]; then',
+            '  scontrol requeue "$SLURM_JOB_ID"',
+            "  exit 0",
+            "fi",
+            'exit "$status"']
 
 
 def launch_slurm(opts, args: list[str]) -> int:
@@ -59,7 +84,7 @@ def launch_slurm(opts, args: list[str]) -> int:
     script = slurm_script(args, job_name=opts.job_name or _job_name(args), nodes=opts.nodes,
                           gpus_per_node=opts.gpus_per_node, tasks=opts.tasks, time=opts.time,
                           partition=opts.partition, account=opts.account, log_dir=opts.log_dir,
-                          setup=opts.setup, cpus_per_task=opts.cpus_per_task)
+                          setup=opts.setup, cpus_per_task=opts.cpus_per_task, requeue=opts.requeue)
     sbatch = shutil.which("sbatch")
     if not (opts.dry_run or sbatch):
         raise LaunchError("sbatch is not on PATH: submit from a SLURM login node, or write the script with "

@@ -12,11 +12,11 @@ as its run will train with it (checkpoint.init_from applied), validated and chec
 anything runs. Point `{"model.n_layers": 4, "optim.learning_rate": 0.003}` runs in
 SWEEP_DIR/n_layers=4,learning_rate=0.003 (the full dotted key where two swept keys end alike).
 
-A point whose run has results.json is skipped; one with a committed checkpoint is resumed (a plain
-`train`, so a requeued SLURM job resumes too); one whose earlier attempt left no checkpoint has that
-directory deleted first, as `--fresh` would, since `--fresh` would also delete the TensorBoard HParams
-session written there before the run starts. Re-running a sweep thus finishes it; do not re-run one whose
-runs are still going.
+A point whose run has results.json is skipped; any other runs the same plain `train` again, which resumes
+from its latest checkpoint or, when an earlier attempt stopped before its first checkpoint, restarts from
+step 0 (so a requeued SLURM job continues too). Only a directory holding an attempt of another config (the
+sweep file changed) is deleted first, as `--fresh` would, keeping the TensorBoard HParams session the sweep
+writes there. Re-running a sweep thus finishes it; do not re-run one whose runs are still going.
 
 Points of the same task, data section and vocabulary (whatever the task: a corpus, dialogues, preference
 pairs) share one prepared copy of their data, SWEEP_DIR/data/<hash of those>: `llm-jax prepare` runs once
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_jax import tasks
-from llm_jax.config import Config, to_dict
+from llm_jax.config import Config, from_dict, to_dict
 from llm_jax.errors import ConfigError
 from llm_jax.experiment import EXPERIMENTS_DIR, apply_overrides, load_experiment, resolve
 from llm_jax.train.checkpoint import committed_steps
@@ -59,6 +59,7 @@ class Run:
     data: Path | None  # the shared prepared data, or None: the run uses data.prepared as its config sets it
     data_overrides: tuple[str, ...] = ()  # the --set of the first point with this data, which prepares it
     metrics: tuple[str, ...] = ()  # the scalars that sum up a run of its task (HParams metrics)
+    cfg: Config | None = None  # the config the run trains with
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -115,7 +116,7 @@ def plan(sweep: Sweep, sweep_dir: Path, extra_overrides=()) -> list[Run]:
         hparams = {k: _hparam_value(cfg, k) for k in keys}
         data = _shared_data(cfg, Path(sweep_dir))
         runs.append(Run(name, Path(sweep_dir) / name, overrides, hparams, data, preparers.setdefault(data, overrides),
-                        tuple(tag for tag, _ in task.summary_scalars)))
+                        tuple(tag for tag, _ in task.summary_scalars), cfg))
     return runs
 
 
@@ -164,12 +165,21 @@ def _set_flags(overrides) -> list[str]:
     return [flag for item in overrides for flag in ("--set", item)]
 
 
+RESTART_AFRESH = "restart afresh (an earlier attempt of another config left no checkpoint: its directory is deleted)"
+
+
 def run_state(run: Run) -> str:
+    """finished, resume from a step, restart (from step 0 by `train` itself, or afresh where the directory
+    holds another config's attempt, which the sweep owns and deletes), or new."""
     if (run.run_dir / "results.json").exists():
         return "finished"
     steps = committed_steps(run.run_dir)
     if steps:
         return f"resume from step {steps[-1]}"
     if (run.run_dir / "config.json").exists():
-        return "restart (an earlier attempt left no checkpoint: its directory is deleted)"
+        try:
+            same = from_dict(json.loads((run.run_dir / "config.json").read_text())) == run.cfg
+        except (ValueError, TypeError):  # not a config llm_jax wrote
+            same = False
+        return "restart from step 0 (an earlier attempt left no checkpoint)" if same else RESTART_AFRESH
     return "new"

@@ -29,7 +29,7 @@ from llm_jax.launch.local import free_port, local_command, multiprocess_commands
 from llm_jax.launch.slurm import slurm_script
 from llm_jax.launch.tpu import tpu_commands
 from llm_jax.sweep.hparams import write_experiment, write_session
-from llm_jax.sweep.plan import Run, Sweep, load_sweep, plan, prepare_args, run_state, train_args
+from llm_jax.sweep.plan import RESTART_AFRESH, Run, Sweep, load_sweep, plan, prepare_args, run_state, train_args
 
 LAUNCHERS = ("local", "local-multiprocess", "slurm", "tpu")
 INTERRUPTED = (PREEMPTED_EXIT, 130)  # a run preempted by Ctrl-C/SIGTERM (checkpoint saved) or killed by Ctrl-C
@@ -71,7 +71,7 @@ def _write_sweep_dir(sweep: Sweep, sweep_dir: Path, runs: list[Run], todo: list[
     write_atomic(sweep_dir / "sweep.json", json.dumps(definition, indent=2, default=str) + "\n")
     write_experiment(sweep_dir, runs)
     for run in todo:
-        if states[run.name].startswith("restart"):
+        if states[run.name] == RESTART_AFRESH:
             shutil.rmtree(run.run_dir)
         write_session(run)
 

@@ -72,20 +72,22 @@ class BatchSource(Protocol):
 
 
 @dataclass
-class Evaluation:
-    """One evaluation of the held-out split: the objective's sums and its eval/ scalars."""
-    step: int
-    sums: dict[str, float]
-    n_batches: int
-    scores: dict[str, float]
-
-
-@dataclass
 class Summary:
     """What a task adds at the end of a run: entries of results.json, scalars and lines for the console."""
     results: dict
     scalars: dict[str, float]
     text: str
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of the held-out split: the objective's sums and its eval/ scalars; for the last step,
+    also the task's Summary (on process 0)."""
+    step: int
+    sums: dict[str, float]
+    n_batches: int
+    scores: dict[str, float]
+    summary: Summary | None = None
 
 
 class Task:

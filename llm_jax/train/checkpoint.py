@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import gc
 import logging
 import os
@@ -28,7 +27,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from llm_jax.config import CheckpointConfig, Config, from_dict, to_dict
+from llm_jax.config import CheckpointConfig, Config, differences, from_dict, to_dict
 from llm_jax.data.tokenizer import from_bytes
 from llm_jax.errors import CheckpointError
 
@@ -41,7 +40,8 @@ def manager(run_dir: Path, cfg: CheckpointConfig, read_only: bool = False) -> oc
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else cfg.keep, keep_period=cfg.keep_period or None,
         save_interval_steps=0 if read_only else 1, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=cfg.async_save)
+        # A save killed half-way leaves a temporary directory, never a checkpoint: the next run removes it.
+        cleanup_tmp_directories=not read_only, enable_async_checkpointing=cfg.async_save)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(checkpoint_dir(run_dir).absolute(), options=options, item_handlers=handlers)
@@ -148,17 +148,10 @@ def restore_data(run_dir: Path, cfg: Config, step: int, source) -> str:
     return "saved position"
 
 
-def model_differences(saved: Config, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
-    """"key: saved, now" for the task and every model field that differ, except the keys in `ignore`."""
-    pairs = [("task", saved.task, cfg.task)] + [(f"model.{f.name}", getattr(saved.model, f.name),
-                                                 getattr(cfg.model, f.name)) for f in dataclasses.fields(cfg.model)]
-    return [f"{key}: {old!r} saved, {new!r} now" for key, old, new in pairs if key not in ignore and old != new]
-
-
 def check_compatible(saved: dict, cfg: Config, tokenizer) -> None:
-    """The task and the model must match field for field; the tokenizer must be the one the checkpoint was
-    trained with."""
-    diffs = model_differences(from_dict(saved["config"]), cfg)
+    """The task and the model must match field for field (the rest may change: train.steps, to train longer);
+    the tokenizer must be the one the checkpoint was trained with."""
+    diffs = differences(from_dict(saved["config"]), cfg, keys=("task", "model."))
     if diffs:
         raise CheckpointError(f"the checkpoint was written by a different task or model ({'; '.join(diffs)}); "
                               "use the same task and model.* settings, or --fresh to start over")

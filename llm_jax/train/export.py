@@ -16,13 +16,13 @@ import orbax.checkpoint as ocp
 
 from llm_jax import tasks
 from llm_jax.atomic import atomic_directory
-from llm_jax.config import HEAD_FIELDS, CheckpointConfig, Config, MeshConfig, from_dict
+from llm_jax.config import HEAD_FIELDS, CheckpointConfig, Config, MeshConfig, differences, from_dict
 from llm_jax.data.tokenizer import Tokenizer, from_bytes
 from llm_jax.errors import CheckpointError, ConfigError, MeshError
 from llm_jax.model import Transformer
 from llm_jax.parallel import sharding
 from llm_jax.train import optim
-from llm_jax.train.checkpoint import checkpoint_dir, committed_steps, manager, model_differences
+from llm_jax.train.checkpoint import checkpoint_dir, committed_steps, manager
 from llm_jax.train.state import abstract_params, abstract_state
 
 
@@ -31,21 +31,29 @@ def model_of(cfg: Config) -> Transformer:
     return Transformer(cfg.model, head=tasks.TASKS[cfg.task].head)
 
 
-def export_params(run_dir: Path, out: Path, step: int | None = None) -> int:
-    """Writes the params of a checkpoint (the latest by default) with the config and tokenizer to `out`."""
+def export_params(run_dir: Path, out: Path, step: int | None = None) -> tuple[int, bool]:
+    """Writes the params of a checkpoint (the latest by default) with the config and tokenizer to `out`.
+    Returns the step and whether `out` was written now: the same export made before (the same command run
+    again, after a kill that came too late to matter) is left as it is."""
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists():
-        raise CheckpointError(f"export directory {out} already exists")
-    mngr = manager(run_dir, CheckpointConfig(), read_only=True)
-    steps = mngr.all_steps()
+    steps = committed_steps(run_dir)
     if not steps:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)}")
-    step = max(steps) if step is None else step
+    step = steps[-1] if step is None else step
     if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(run_dir)} (have {sorted(steps)})")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                          meta=ocp.args.JsonRestore()))
-    mngr.close()
+        raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(run_dir)} (have {steps})")
+    mngr = manager(run_dir, CheckpointConfig(), read_only=True)
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if out.exists():
+            if _is_export(out) and (out / "step").read_text().strip() == str(step) and \
+                    json.loads((out / "config.json").read_text()) == meta["config"]:
+                return step, False
+            raise CheckpointError(f"export directory {out} already exists (and is not this export of step {step})")
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        mngr.close()
+    restored = {"state": state, "meta": meta}
     with atomic_directory(out) as tmp, ocp.StandardCheckpointer() as ckpt:
         ckpt.save((tmp / "params").absolute(), restored["state"]["params"])
         (tmp / "config.json").write_text(json.dumps(restored["meta"]["config"], indent=2, sort_keys=True))
@@ -53,7 +61,7 @@ def export_params(run_dir: Path, out: Path, step: int | None = None) -> int:
             (tmp / "eval.json").write_text(json.dumps(restored["meta"]["eval"], indent=2, sort_keys=True))
         (tmp / "tokenizer.model").write_bytes(base64.b64decode(restored["meta"]["tokenizer_model"]))
         (tmp / "step").write_text(f"{step}\n")
-    return step
+    return step, True
 
 
 def _inference_target(cfg: Config):
@@ -122,7 +130,7 @@ def load_params(path: Path, cfg: Config, target_params) -> tuple[dict, list[str]
                           "make one with `llm-jax export`")
     saved = from_dict(json.loads((path / "config.json").read_text()))
     # Another task's export (a language model for a reward model) gives its trunk; the head is this run's.
-    diffs = model_differences(saved, cfg, ignore=("task", *(f"model.{f}" for f in HEAD_FIELDS)))
+    diffs = differences(saved, cfg, keys=("model.",), ignore=tuple(f"model.{f}" for f in HEAD_FIELDS))
     if diffs:
         raise CheckpointError(f"checkpoint.init_from={path} has a different model ({'; '.join(diffs)})")
     mesh = jax.tree.leaves(target_params)[0].sharding.mesh

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -37,18 +36,20 @@ def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict
     run_dir = Path(run_dir)
     setup = build(cfg, run_dir, devices, fresh)
     cfg = setup.cfg
-    writer = Writer(run_dir / "tb", enabled=is_main(), resume_step=setup.start_step if setup.start_step else None)
+    # An earlier attempt's points past the step this one starts from are about to be logged again: cut them.
+    writer = Writer(run_dir / "tb", enabled=is_main(), resume_step=setup.start_step if setup.earlier_attempt else None)
     if is_main():
-        write_atomic(run_dir / "config.json", to_json(cfg))
-        shutil.copy(setup.data.tokenizer_path, run_dir / "tokenizer.model")
-        if not setup.start_step:
+        if not setup.earlier_attempt:  # on disk before config.json, which marks an attempt as begun
             writer.text("config", f"```json\n{to_json(cfg)}\n```")
+            writer.flush()
+        write_atomic(run_dir / "config.json", to_json(cfg))
+        write_atomic(run_dir / "tokenizer.model", setup.data.tokenizer_path.read_bytes())
         print(_describe(setup), flush=True)
     mngr = checkpoint.manager(run_dir, cfg.checkpoint)
     try:
         with PreemptionWatch() as watch:
             state, last_eval = _train_steps(setup, writer, mngr, watch)
-        results = _final_eval(setup, state, writer, last_eval)
+        results = _final_eval(setup, state, last_eval)
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -67,17 +68,26 @@ def evaluate(setup: Setup, params, max_batches: int) -> tuple[dict, int]:
     return {k: math.fsum(float(sums[k]) for sums in per_batch) for k in per_batch[0]}, len(batches)
 
 
-def evaluate_and_log(setup: Setup, params, writer: Writer, step_done: int) -> Evaluation:
+def evaluation(setup: Setup, params, step_done: int, writer: Writer | None = None) -> Evaluation:
+    """An evaluation of the held-out split, logged to `writer` if given; at the last step also what the task
+    reports at the end (finish), so that all of it is on disk before the last checkpoint commits and a run
+    resumed from that checkpoint logs nothing twice."""
     sums, n_batches = evaluate(setup, params, setup.cfg.train.eval_batches)
     scores = {k: float(v) for k, v in setup.task.scalars(sums, "eval").items()}
-    writer.scalars(step_done, scores)
-    return Evaluation(step_done, sums, n_batches, scores)
+    result = Evaluation(step_done, sums, n_batches, scores)
+    if step_done == setup.cfg.train.steps and is_main():  # the compressors run on process 0 only
+        result.summary = setup.task.finish(setup.data, result)
+    if writer is not None:
+        writer.scalars(step_done, {**scores, **(result.summary.scalars if result.summary else {})})
+    return result
 
 
 def _describe(setup: Setup) -> str:
     cfg, mesh = setup.cfg, setup.mesh
     shape = "×".join(f"{k}={v}" for k, v in mesh.shape.items())
-    start = f", resuming from step {setup.start_step}" if setup.start_step else ""
+    start = (f", resuming from step {setup.start_step}" if setup.start_step else
+             ", restarting from step 0 (an earlier attempt stopped before its first checkpoint)"
+             if setup.earlier_attempt else "")
     return (f"{cfg.name}: {setup.n_params / 1e6:.2f}M params, {jax.device_count()} × "
             f"{jax.devices()[0].device_kind} ({jax.process_count()} process), mesh {shape}, "
             f"{setup.task.step_shape()}, {setup.task.describe(setup.data)}{start}")
@@ -112,7 +122,7 @@ def _train_steps(setup: Setup, writer: Writer, mngr, watch: PreemptionWatch):
                 log()
                 pending = None
             if eval_now:  # before the save, so that the checkpoint carries its eval scores
-                last_eval = evaluate_and_log(setup, state.params, writer, done)
+                last_eval = evaluation(setup, state.params, done, writer)
                 perf.t0 = None  # evaluation time is not step time
             if save_now:
                 _save(mngr, state, source, meta, last_eval if eval_now else None, writer, done)
@@ -151,19 +161,17 @@ def _log_train(pending, perf: metrics.PerfMeter, writer: Writer, bar, cfg: Confi
                      "tok_s": f"{perf.last.get('perf/tokens_per_sec', float('nan')):,.0f}"}, refresh=False)
 
 
-def _final_eval(setup: Setup, state, writer: Writer, last_eval: Evaluation | None) -> dict:
-    """The results of the run: the evaluation at its last step (made now if the loop did not reach it), and
-    what the task adds to it."""
+def _final_eval(setup: Setup, state, last_eval: Evaluation | None) -> dict:
+    """The results of the run: the evaluation at its last step, with what the task adds to it. A run resumed
+    from its last checkpoint evaluates again without logging: the killed attempt logged it before saving."""
     cfg = setup.cfg
-    if last_eval is None or last_eval.step != cfg.train.steps:  # resumed after the last step
-        last_eval = evaluate_and_log(setup, state.params, writer, cfg.train.steps)
+    if last_eval is None or last_eval.step != cfg.train.steps:
+        last_eval = evaluation(setup, state.params, cfg.train.steps)
     counts = {f"eval/{k}": last_eval.sums[k] for k in setup.task.counts}
     results = {**last_eval.scores, **counts, "params": setup.n_params, "steps": cfg.train.steps,
                "skipped_steps": int(jax.device_get(state.skipped))}
-    if is_main():
-        summary = setup.task.finish(setup.data, last_eval)
-        writer.scalars(cfg.train.steps, summary.scalars)
-        results.update(summary.results)
-        if summary.text:
-            print(summary.text, flush=True)
+    if last_eval.summary:
+        results.update(last_eval.summary.results)
+        if last_eval.summary.text:
+            print(last_eval.summary.text, flush=True)
     return results

@@ -4,14 +4,16 @@ export) and the jitted steps. Errors a user can fix come out here, before anythi
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 
 from llm_jax import tasks
-from llm_jax.config import Config
+from llm_jax.config import Config, differences, from_dict
 from llm_jax.errors import ConfigError, RunDirError
 from llm_jax.experiment import resolve
 from llm_jax.model import Transformer
@@ -35,6 +37,13 @@ class Setup:
     train_fn: object
     eval_fn: object
     n_params: int
+    earlier_attempt: bool  # the run directory holds a run of this config already (resumed or restarted)
+
+
+class RunDir(NamedTuple):
+    resume: bool  # from the latest checkpoint
+    earlier_attempt: bool  # config.json is there: a run of this config got as far as writing it
+    created: bool  # by this attempt, so removed again if it fails before training starts
 
 
 def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setup:
@@ -47,22 +56,22 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
     model = Transformer(cfg.model, head=task.head)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     check_fits(model, optimizer, mesh, cfg.data.seq_len)
-    resume, created = open_run_dir(run_dir, fresh)
+    opened = open_run_dir(run_dir, fresh, cfg)
     try:
         data = load_data(task, run_dir)
         state, shardings = create_state(model, optimizer, mesh, cfg.data.seq_len, jax.random.key(cfg.train.seed))
         if is_main():
             checkpoint.check_writable(run_dir, checkpoint.estimated_bytes(state), cfg.checkpoint.keep)
     except Exception:
-        if created:  # a run that never started leaves nothing behind
+        if opened.created:  # a run that never started leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    state, start_step = _initial_state(cfg, run_dir, resume, state, data)
+    state, start_step = _initial_state(cfg, run_dir, opened.resume, state, data)
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh, shardings,
                                    task)
     eval_fn = step.jit_eval_step(model, mesh, shardings.params, task)
     return Setup(cfg, task, run_dir, mesh, data, state, start_step, train_fn, eval_fn,
-                 metrics.param_count(state.params))
+                 metrics.param_count(state.params), opened.earlier_attempt)
 
 
 def check_batch(cfg: Config, mesh) -> None:
@@ -75,10 +84,13 @@ def check_batch(cfg: Config, mesh) -> None:
 
 
 def load_data(task: Task, run_dir: Path):
-    """A directory of prepared data if the config names one, else the task prepares it once into RUN_DIR/data."""
+    """A directory of prepared data if the config names one, else the task prepares it once into RUN_DIR/data
+    (reused when complete: data directories appear whole, see data/shards.publish)."""
     prepared = task.cfg.data.prepared
     if not prepared:
         if is_main():
+            for stale in run_dir.glob(".data.tmp-*"):  # what a preparation killed half-way left behind
+                shutil.rmtree(stale, ignore_errors=True)
             task.prepare(run_dir / "data")
         barrier("prepared")
     data = task.load(Path(prepared) if prepared else run_dir / "data")
@@ -88,22 +100,33 @@ def load_data(task: Task, run_dir: Path):
     return data
 
 
-def open_run_dir(run_dir: Path, fresh: bool) -> tuple[bool, bool]:
-    """(resume, created): resume when the directory holds a run with checkpoints; --fresh deletes it first."""
+def open_run_dir(run_dir: Path, fresh: bool, cfg: Config) -> RunDir:
+    """How this run continues what the directory holds: from its latest checkpoint; from step 0 when an
+    earlier attempt of the same config stopped before its first checkpoint (what it logged is cut); afresh in
+    an empty or new directory. --fresh deletes the directory first; an attempt of another config without a
+    checkpoint is refused, naming the keys that differ (with a checkpoint, checkpoint.py compares the model)."""
     if fresh and run_dir.exists() and is_main():
         shutil.rmtree(run_dir)
     barrier("fresh")
     if (run_dir / "config.json").exists():
-        if not checkpoint.committed_steps(run_dir):
-            raise RunDirError(f"run directory {run_dir} holds a run with no checkpoint to resume; "
-                              "pass --fresh to delete it and start over")
-        return True, False
+        if checkpoint.committed_steps(run_dir):
+            return RunDir(resume=True, earlier_attempt=True, created=False)
+        try:
+            saved = from_dict(json.loads((run_dir / "config.json").read_text()))
+        except (ValueError, TypeError) as e:  # a config.json another program left (atomic writes leave none)
+            raise RunDirError(f"{run_dir / 'config.json'} is not an llm_jax config ({e}); pass --fresh to "
+                              "delete the directory and start over") from None
+        diffs = differences(saved, cfg)
+        if diffs:
+            raise RunDirError(f"run directory {run_dir} holds a run of another config with no checkpoint "
+                              f"({'; '.join(diffs)}); pass --fresh to delete it and start over")
+        return RunDir(resume=False, earlier_attempt=True, created=False)
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
-    return False, created
+    return RunDir(resume=False, earlier_attempt=False, created=created)
 
 
 def _initial_state(cfg: Config, run_dir: Path, resume: bool, state, data):

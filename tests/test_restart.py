@@ -1,0 +1,144 @@
+"""A run killed at any moment continues when the same command runs again, and ends as an uninterrupted run.
+
+Each kill is a SIGKILL at a named moment (preparing data, compiling, between steps, during an asynchronous
+save, during the final evaluation, during an export), made by a small launcher that wraps one llm_jax
+function to kill its own process there; the restart is the plain command. The chaos test kills a run at
+seeded random times instead, several times over.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from llm_jax.cli.main import main
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS, EVERY = 12, 5
+RUN = (f"train.steps={STEPS}", "train.eval_every=6", "train.eval_batches=2", "train.log_every=1",
+       f"checkpoint.every={EVERY}", "checkpoint.keep=5")
+TAGS = ("train/loss_bits_per_token", "optim/grad_norm", "eval/bits_per_byte")
+
+# Runs `llm-jax ARGV` with the function MODULE.NAME (or MODULE.CLASS.METHOD) wrapped to SIGKILL this process
+# "before" it runs or "after" it returns, at its AT-th call.
+KILLER = """
+import importlib, os, signal, sys
+where, module, name, at, argv = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+target = importlib.import_module(module)
+owner, attr = (getattr(target, name.split(".")[0]), name.split(".")[1]) if "." in name else (target, name)
+original, calls = getattr(owner, attr), []
+def wrapped(*args, **kwargs):
+    calls.append(1)
+    if where == "before" and len(calls) == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = original(*args, **kwargs)
+    if where == "after" and len(calls) == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+setattr(owner, attr, wrapped)
+from llm_jax.cli.main import main
+sys.exit(main(argv))
+"""
+
+# (moment, where, module, function, which call): each leaves the run directory as a kill there would.
+MOMENTS = {
+    "tokenizer training": ("after", "llm_jax.data.prepare", "train_tokenizer", 1),
+    "tokenization": ("after", "llm_jax.data.prepare", "_tokenize", 1),
+    "compilation": ("before", "llm_jax.train.step", "train_step", 1),  # traced, not yet compiled
+    "between steps": ("after", "llm_jax.train.loop", "_log_train", 8),  # checkpoint 5 saved, 6..8 logged
+    "an asynchronous save": ("after", "llm_jax.train.checkpoint", "save", 2),  # step 10's save in flight
+    "the final evaluation": ("before", "llm_jax.train.loop", "evaluation", 2),  # step 12, before its save
+    "writing the results": ("before", "llm_jax.train.loop", "_final_eval", 1),  # the last save in flight
+}
+
+
+def run(argv, killer=None, timeout=300):
+    """`llm-jax ARGV` in a fresh process (KILLER wrapping one function if given); its exit status and stderr."""
+    command = [sys.executable, "-c", KILLER, *map(str, killer), *argv] if killer else \
+        [sys.executable, "-m", "llm_jax", *argv]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stderr
+
+
+def curves(run_dir):
+    """Every logged point of TAGS, duplicates included, in file order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in TAGS if tag in acc.Tags()["scalars"]}
+
+
+def assert_same_run(run_dir, reference):
+    """The losses, every step once, and the results of the uninterrupted run, bit for bit."""
+    got = curves(run_dir)
+    for tag, points in curves(reference).items():
+        assert got.get(tag) == points, f"{tag}: {got.get(tag)} vs {points}"
+    assert json.loads((run_dir / "results.json").read_text()) == json.loads((reference / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def argv(train_args):
+    return lambda run_dir: train_args(run_dir, *RUN)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, argv):
+    """The uninterrupted run, in a process of its own as the restarted ones are."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    status, err = run(argv(run_dir))
+    assert status == 0, err[-2000:]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_a_kill_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path, argv, reference, moment):
+    run_dir = tmp_path / "run"
+    status, err = run(argv(run_dir), killer=MOMENTS[moment])
+    assert status == -signal.SIGKILL, f"not killed at {moment} ({status}): {err[-2000:]}"
+    assert not (run_dir / "results.json").exists()
+    status, err = run(argv(run_dir))
+    assert status == 0, err[-2000:]
+    assert_same_run(run_dir, reference)
+    assert not list(run_dir.glob(".data.tmp-*")) and not list((run_dir / "checkpoints").glob("*tmp*"))
+
+
+@pytest.mark.slow
+def test_a_killed_export_is_redone_and_an_export_made_twice_is_kept(tmp_path, reference, capsys):
+    out = tmp_path / "export"
+    command = ["export", "--run-dir", str(reference), "--out", str(out)]
+    status, err = run(command, killer=("after", "orbax.checkpoint", "StandardCheckpointer.save", 1))
+    assert status == -signal.SIGKILL and not out.exists(), err[-2000:]
+    assert main(command) == 0 and "exported the params of step 12" in capsys.readouterr().out
+    assert main(command) == 0 and "already exported" in capsys.readouterr().out
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore((out / "params").absolute())
+    leaves = jax.tree.leaves(params)
+    assert leaves and all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
+
+
+@pytest.mark.slow
+def test_chaos_killed_at_random_moments_ends_bit_identical(tmp_path, argv, reference):
+    """LLM_JAX_CHAOS_KILLS kills (3 by default) at seeded random times, each followed by the same command."""
+    rng = random.Random(int(os.environ.get("LLM_JAX_CHAOS_SEED", "0")))
+    run_dir, kills = tmp_path / "run", int(os.environ.get("LLM_JAX_CHAOS_KILLS", "3"))
+    for _ in range(kills):
+        proc = subprocess.Popen([sys.executable, "-m", "llm_jax", *argv(run_dir)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(0.5, 12.0))  # start-up, data, compilation and steps all take seconds
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if (run_dir / "results.json").exists():
+            break
+    status, err = run(argv(run_dir))
+    assert status == 0, err[-2000:]
+    assert_same_run(run_dir, reference)
