@@ -142,3 +142,23 @@ def test_chaos_killed_at_random_moments_ends_bit_identical(tmp_path, argv, refer
     status, err = run(argv(run_dir))
     assert status == 0, err[-2000:]
     assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_sft_killed_while_rendering_its_dialogues_ends_as_an_uninterrupted_run(tmp_path, tiny_export):
+    """Chat data (SFT, preference pairs) is published by the same atomic path as pretraining's shards."""
+    dialogues = tmp_path / "dialogues.jsonl"
+    dialogues.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                          {"role": "assistant", "content": f"{w}!"}]}) + "\n"
+                                 for w in ("yes", "no", "maybe", "hello") * 10))
+    sets = [f"data.sources=chat:{dialogues}", f"checkpoint.init_from={tiny_export}", "train.steps=6",
+            "train.eval_every=3", "checkpoint.every=3"]
+    argv = lambda run_dir: ["train", "--config", "sft_tiny", "--run-dir", str(run_dir),  # noqa: E731
+                            *[flag for item in sets for flag in ("--set", item)]]
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    assert run(argv(reference))[0] == 0
+    status, err = run(argv(run_dir), killer=("after", "llm_jax.data.chat.sft", "_prepare_into", 1))
+    assert status == -signal.SIGKILL and not (run_dir / "data").exists(), err[-2000:]
+    status, err = run(argv(run_dir))
+    assert status == 0, err[-2000:]
+    assert_same_run(run_dir, reference)

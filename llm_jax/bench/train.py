@@ -122,7 +122,8 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
 
 def _run_steps(compiled, state, next_batch, steps: int, warmup: int, profile: str | None):
     """The compiling step's first run and `warmup` more, untimed, then `steps` timed ones (traced into
-    `profile`); returns the last state, each timed step's seconds and the host page faults per timed step."""
+    `profile`); returns the last state, each timed step's seconds and the median host page faults of a timed
+    step (the steady state: a step now and then grows the heap once more, which a mean would spread over all)."""
     def one_step(s):
         s, m = compiled(s, next_batch(s))
         jax.block_until_ready(m)
@@ -130,15 +131,14 @@ def _run_steps(compiled, state, next_batch, steps: int, warmup: int, profile: st
 
     for _ in range(1 + warmup):
         state = one_step(state)
-    times = []
+    times, faults = [], []
     with jax.profiler.trace(profile) if profile else contextlib.nullcontext():
-        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(steps):
-            t0 = time.perf_counter()
+            faults_before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             state = one_step(state)
             times.append(time.perf_counter() - t0)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-    return state, times, faults / steps
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+    return state, times, statistics.median(faults)
 
 
 def step_memory(plan) -> dict | None:
@@ -170,7 +170,7 @@ def format_train(r: dict) -> str:
                  **{k: format_bytes(v) for k, v in r["step_memory"].items()})),
             ("compile time", f"{r['compile_s']:.1f} s"),
             # Host memory first touched per step: high when buffers are mapped afresh each step (runtime.py).
-            ("host page faults / step", f"{r['page_faults_per_step']:,.0f}"),
+            ("host page faults / step (median)", f"{r['page_faults_per_step']:,.0f}"),
             ("host malloc", f"{r['malloc']} (llm_jax/runtime.py; LLM_JAX_MALLOC)"),
             ("data", "pipeline (--real-data)" if r["real_data"] else "synthetic")]
     width = max(len(k) for k, _ in rows)
