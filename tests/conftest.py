@@ -83,11 +83,13 @@ def train_args(tiny_overrides):
 
 @pytest.fixture(scope="session")
 def scalars():
-    """scalars(run_dir) -> ({tag: [(step, value), ...]}, the EventAccumulator) of a run's TensorBoard files."""
+    """scalars(run_dir) -> ({tag: [(step, value), ...]}, the EventAccumulator) of a run's TensorBoard files;
+    with every_point=True, points a later one of the same step would hide are kept too, in file order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    def read(run_dir):
-        acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    def read(run_dir, every_point: bool = False):
+        acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "tensors": 0},
+                               purge_orphaned_data=not every_point)
         acc.Reload()
         return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
     return read

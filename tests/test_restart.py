@@ -67,20 +67,17 @@ def run(argv, killer=None, timeout=300):
     return proc.returncode, proc.stderr
 
 
-def curves(run_dir):
-    """Every logged point of TAGS, duplicates included, in file order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0}, purge_orphaned_data=False)
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in TAGS if tag in acc.Tags()["scalars"]}
-
-
-def assert_same_run(run_dir, reference):
-    """The losses, every step once, and the results of the uninterrupted run, bit for bit."""
-    got = curves(run_dir)
-    for tag, points in curves(reference).items():
-        assert got.get(tag) == points, f"{tag}: {got.get(tag)} vs {points}"
-    assert json.loads((run_dir / "results.json").read_text()) == json.loads((reference / "results.json").read_text())
+@pytest.fixture(scope="module")
+def assert_same_run(scalars):
+    """assert_same_run(run_dir, reference): the losses, every step once, and the results of the uninterrupted
+    run, bit for bit."""
+    def check(run_dir, reference):
+        got, expected = scalars(run_dir, every_point=True)[0], scalars(reference, every_point=True)[0]
+        for tag in TAGS:
+            assert tag in expected and got.get(tag) == expected[tag], f"{tag}: {got.get(tag)} vs {expected[tag]}"
+        assert json.loads((run_dir / "results.json").read_text()) == \
+            json.loads((reference / "results.json").read_text())
+    return check
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +96,8 @@ def reference(tmp_path_factory, argv):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", MOMENTS)
-def test_a_kill_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path, argv, reference, moment):
+def test_a_kill_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path, argv, reference, moment,
+                                                                                  assert_same_run):
     run_dir = tmp_path / "run"
     status, err = run(argv(run_dir), killer=MOMENTS[moment])
     assert status == -signal.SIGKILL, f"not killed at {moment} ({status}): {err[-2000:]}"
@@ -125,7 +123,7 @@ def test_a_killed_export_is_redone_and_an_export_made_twice_is_kept(tmp_path, re
 
 
 @pytest.mark.slow
-def test_chaos_killed_at_random_moments_ends_bit_identical(tmp_path, argv, reference):
+def test_chaos_killed_at_random_moments_ends_bit_identical(tmp_path, argv, reference, assert_same_run):
     """LLM_JAX_CHAOS_KILLS kills (3 by default) at seeded random times, each followed by the same command."""
     rng = random.Random(int(os.environ.get("LLM_JAX_CHAOS_SEED", "0")))
     run_dir, kills = tmp_path / "run", int(os.environ.get("LLM_JAX_CHAOS_KILLS", "3"))
@@ -145,7 +143,8 @@ def test_chaos_killed_at_random_moments_ends_bit_identical(tmp_path, argv, refer
 
 
 @pytest.mark.slow
-def test_sft_killed_while_rendering_its_dialogues_ends_as_an_uninterrupted_run(tmp_path, tiny_export):
+def test_sft_killed_while_rendering_its_dialogues_ends_as_an_uninterrupted_run(tmp_path, tiny_export,
+                                                                               assert_same_run):
     """Chat data (SFT, preference pairs) is published by the same atomic path as pretraining's shards."""
     dialogues = tmp_path / "dialogues.jsonl"
     dialogues.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},

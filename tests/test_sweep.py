@@ -1,4 +1,5 @@
 """Sweeps end to end on CPU: runs, skips, resumes, the report, the HParams data, dry runs, early errors."""
+import dataclasses
 import os
 import shutil
 
@@ -9,12 +10,13 @@ from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment, list_session_groups
 
 from llm_jax.cli.main import main
+from llm_jax.config import to_json
 from llm_jax.errors import ConfigError
-from llm_jax.experiment import apply_overrides, load_experiment
-from llm_jax.sweep.plan import _labels
+from llm_jax.experiment import apply_overrides, from_command_line, load_experiment
+from llm_jax.model.flops import flops_per_token
+from llm_jax.sweep.plan import RESTART_AFRESH, _labels, load_sweep, plan, train_args
 from llm_jax.sweep.report import write_report
 from llm_jax.sweep.run import run_sweep
-from llm_jax.model.flops import flops_per_token
 
 TINY = ("model.vocab_size=320", "model.d_model=32", "model.d_ff=64", "data.seq_len=32", "train.batch_size=8",
         "train.steps=12", "train.eval_every=6", "train.log_every=3", "optim.warmup_steps=3",
@@ -124,6 +126,24 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capfd, write_sweep
     out = capfd.readouterr().out
     assert out.count("#SBATCH --nodes=2") == 2 and out.count("--set train.steps=5") >= 2
     assert not sweep_dir.exists()
+
+
+def test_an_attempt_of_the_same_config_restarts_in_place_and_another_is_deleted(tmp_path, capfd, write_sweep):
+    """What `train` itself does with the directory decides the point's state: the same config restarts from
+    step 0 (the sweep keeps the directory), another config's attempt is the sweep's to delete."""
+    path, sweep_dir = write_sweep(), tmp_path / "sweep"
+    sweep = load_sweep(path)
+    same, other = plan(sweep, sweep_dir)
+    trained = {}
+    for run in (same, other):  # the config `train` resolves from the point's command line and writes
+        argv = train_args(sweep, run)
+        trained[run.name] = from_command_line(sweep.base, [v for k, v in zip(argv, argv[1:]) if k == "--set"])
+    for run, cfg in ((same, trained[same.name]), (other, dataclasses.replace(trained[other.name], name="edited"))):
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "config.json").write_text(to_json(cfg))
+    assert run_sweep(path, sweep_dir=sweep_dir, dry_run=True) == 0
+    out = capfd.readouterr().out
+    assert f"{same.name}: restart from step 0" in out and f"{other.name}: {RESTART_AFRESH}" in out
 
 
 def test_slurm_writes_and_submits_a_script_per_point_and_keeps_going(tmp_path, capfd, monkeypatch, write_sweep):

@@ -81,14 +81,14 @@ def run_data(cfg: Config, steps: int = 50) -> str:
             f"of {cfg.train.batch_size}×{cfg.data.seq_len}, {r['batches']} batches)")
 
 
-def run_generate(cfg: Config, steps: int | None = None) -> str:
-    """What `llm-jax bench generate` prints (`steps` is not used: the decode length is fixed)."""
+def run_generate(cfg: Config) -> str:
+    """What `llm-jax bench generate` prints."""
     return "\n".join(f"bench generate {cfg.name}: batch {batch:>2}: {rate:,.0f} tokens/s (KV cache, greedy)"
                      for batch, rate in bench_generate(cfg).items())
 
 
-def run_checkpoint(cfg: Config, steps: int | None = None) -> str:
-    """What `llm-jax bench checkpoint` prints (`steps` is not used: a few saves suffice)."""
+def run_checkpoint(cfg: Config) -> str:
+    """What `llm-jax bench checkpoint` prints."""
     r = bench_checkpoint(cfg)
     return (f"bench checkpoint {cfg.name}: {r['bytes'] / 2**20:.1f} MiB state; a save holds the step up "
             f"{r['held_s'] * 1e3:.0f} ms ({'async' if r['async'] else 'sync'}), the whole write takes "

@@ -59,9 +59,10 @@ def _bench(args: argparse.Namespace) -> int:
         print(train.run(cfg, args.steps, args.warmup, args.real_data, args.profile, args.compare_torch))
     elif args.what == "memory":
         print(memory.run(cfg, args.limit_gib))
+    elif args.what == "data":
+        print(io.run_data(cfg, args.steps))
     else:
-        print({"data": io.run_data, "generate": io.run_generate, "checkpoint": io.run_checkpoint}[args.what](
-            cfg, args.steps))
+        print({"generate": io.run_generate, "checkpoint": io.run_checkpoint}[args.what](cfg))
     return 0
 
 

@@ -211,9 +211,8 @@ def compress_file(checkpoint_dir, in_path, out_path, step: int | None = None, co
     """Compresses in_path into out_path with a checkpoint's model; returns the stats (and seconds taken)."""
     data = _read(Path(in_path))
     cfg, runner, tokenizer = ModelRunner.load(Path(checkpoint_dir), step)
-    params = runner.params
     start = time.perf_counter()
-    blob, stats = compress_with_stats(data, cfg.model, params, tokenizer, context or default_context(cfg))
+    blob, stats = compress_with_stats(data, cfg.model, runner.params, tokenizer, context or default_context(cfg))
     stats["seconds"] = time.perf_counter() - start
     write_atomic(Path(out_path), blob)
     return stats
@@ -224,9 +223,8 @@ def decompress_file(checkpoint_dir, in_path, out_path, step: int | None = None) 
     blob = _read(Path(in_path))
     read_header(blob)  # a clear error before spending time on loading the model
     cfg, runner, tokenizer = ModelRunner.load(Path(checkpoint_dir), step)
-    params = runner.params
     start = time.perf_counter()
-    data = decompress_bytes(blob, cfg.model, params, tokenizer)
+    data = decompress_bytes(blob, cfg.model, runner.params, tokenizer)
     seconds = time.perf_counter() - start
     write_atomic(Path(out_path), data)
     return {"input_bytes": len(blob), "output_bytes": len(data), "seconds": seconds}

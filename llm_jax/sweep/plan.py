@@ -59,7 +59,7 @@ class Run:
     data: Path | None  # the shared prepared data, or None: the run uses data.prepared as its config sets it
     data_overrides: tuple[str, ...] = ()  # the --set of the first point with this data, which prepares it
     metrics: tuple[str, ...] = ()  # the scalars that sum up a run of its task (HParams metrics)
-    cfg: Config | None = None  # the config the run trains with
+    cfg: Config | None = None  # the config the run trains with (data.prepared set to `data` when shared)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -115,8 +115,9 @@ def plan(sweep: Sweep, sweep_dir: Path, extra_overrides=()) -> list[Run]:
         configs[cfg] = name
         hparams = {k: _hparam_value(cfg, k) for k in keys}
         data = _shared_data(cfg, Path(sweep_dir))
+        trains = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=str(data))) if data else cfg
         runs.append(Run(name, Path(sweep_dir) / name, overrides, hparams, data, preparers.setdefault(data, overrides),
-                        tuple(tag for tag, _ in task.summary_scalars), cfg))
+                        tuple(tag for tag, _ in task.summary_scalars), trains))
     return runs
 
 

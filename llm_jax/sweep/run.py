@@ -61,7 +61,8 @@ def run_sweep(path: str | Path, launcher: str = "local", *, sweep_dir: Path | No
 
 def _write_sweep_dir(sweep: Sweep, sweep_dir: Path, runs: list[Run], todo: list[Run], states: dict,
                      extra_overrides) -> None:
-    """sweep.json, the HParams experiment, and each run to start: its stale attempt gone, its session written."""
+    """sweep.json, the HParams experiment, and each run to start: another config's attempt gone, its session
+    written."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     definition = {"name": sweep.name, "base": sweep.base, "grid": {k: list(v) for k, v in sweep.grid.items()},
                   "points": [dict(p) for p in sweep.points], "overrides": list(sweep.overrides),

@@ -103,6 +103,9 @@ class Task:
     counts: ClassVar[tuple[str, ...]]  # sums that count what an evaluation scored, reported in results.json
     sequences_per_example: ClassVar[int] = 1  # rows of seq_len tokens in one example of the batch
     source_kinds: ClassVar[tuple[str, ...]]  # the `kind:` prefixes data.sources may use
+    prepared_type: ClassVar[type]  # what prepare writes and load reads (data/shards.PreparedDir subclasses)
+    # Rendered through the chat template with the fine-tuned model's own tokenizer, which knows the chat tokens.
+    needs_tokenizer: ClassVar[bool] = False
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -114,13 +117,16 @@ class Task:
             if kind not in self.source_kinds:
                 raise ConfigError(f"data.sources entry {source!r}: task={self.name} reads "
                                   f"{', '.join(self.source_kinds)} sources, not {kind!r}")
+        if self.needs_tokenizer and not self.cfg.data.tokenizer:
+            raise ConfigError(f"task={self.name} needs the pretrained model's tokenizer (with its chat tokens): "
+                              "set checkpoint.init_from=EXPORT or data.tokenizer=PATH")
 
     # --- data -----------------------------------------------------------------------------------------------
     def prepare(self, out_dir: Path):
         raise NotImplementedError
 
     def load(self, path: Path):
-        raise NotImplementedError
+        return self.prepared_type.load(path)
 
     def rows(self, data, split: str):
         """The random-access rows (instances of batch_type) of a split of the loaded data."""

@@ -38,12 +38,10 @@ class NextToken(Task):
 class Pretrain(NextToken):
     name = "pretrain"
     source_kinds = corpus.KINDS
+    prepared_type = Prepared
 
     def prepare(self, out_dir: Path) -> Prepared:
         return prepare(self.cfg, out_dir)
-
-    def load(self, path: Path) -> Prepared:
-        return Prepared.load(path)
 
     def rows(self, data: Prepared, split: str) -> pipeline.PackedWindows:
         tokens = data.train_tokens() if split == "train" else data.eval_tokens()

@@ -19,7 +19,6 @@ from llm_jax.data.batches import PairBatch
 from llm_jax.data.chat import pairs, preference
 from llm_jax.tasks.base import Evaluation, Summary, Task
 from llm_jax.tasks.losses import LN2
-from llm_jax.tasks.sft import needs_tokenizer
 
 
 def rewards(model, params, batch: PairBatch) -> tuple[jax.Array, jax.Array]:
@@ -67,16 +66,11 @@ class RewardModel(Task):
                        ("eval/accuracy", "eval accuracy"), ("eval/loss_bits_per_pair", "eval bits/pair"))
     sequences_per_example = 2
     source_kinds = tuple(pairs.LOADERS)
-
-    def check(self) -> None:
-        super().check()
-        needs_tokenizer(self)
+    prepared_type = preference.PreparedPreference
+    needs_tokenizer = True
 
     def prepare(self, out_dir: Path) -> preference.PreparedPreference:
         return preference.prepare_preference(self.cfg, out_dir, self.cfg.data.tokenizer)
-
-    def load(self, path: Path) -> preference.PreparedPreference:
-        return preference.PreparedPreference.load(path)
 
     def sums(self, model, params, batch: PairBatch) -> dict:
         r_chosen_P, r_rejected_P = rewards(model, params, batch)

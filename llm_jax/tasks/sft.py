@@ -10,32 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm_jax.data.chat import dialogue, sft
-from llm_jax.errors import ConfigError
 from llm_jax.tasks.pretrain import NextToken
 
 
 class SFT(NextToken):
     name = "sft"
     source_kinds = tuple(dialogue.LOADERS)
-
-    def check(self) -> None:
-        super().check()
-        needs_tokenizer(self)
+    prepared_type = sft.PreparedSFT
+    needs_tokenizer = True
 
     def prepare(self, out_dir: Path) -> sft.PreparedSFT:
         return sft.prepare_sft(self.cfg, out_dir, self.cfg.data.tokenizer)
-
-    def load(self, path: Path) -> sft.PreparedSFT:
-        return sft.PreparedSFT.load(path)
 
     def describe(self, data: sft.PreparedSFT) -> str:
         train, held = data.meta["splits"]["train"], data.meta["splits"]["eval"]
         return (f"{train['rows']:,} train / {held['rows']:,} eval rows of packed dialogues "
                 f"({train['assistant_tokens']:,} assistant tokens to train on)")
 
-
-def needs_tokenizer(task) -> None:
-    """Chat data is rendered with the fine-tuned model's own tokenizer, which knows the chat tokens."""
-    if not task.cfg.data.tokenizer:
-        raise ConfigError(f"task={task.name} needs the pretrained model's tokenizer (with its chat tokens): set "
-                          "checkpoint.init_from=EXPORT or data.tokenizer=PATH")

@@ -36,24 +36,14 @@ def export_params(run_dir: Path, out: Path, step: int | None = None) -> tuple[in
     Returns the step and whether `out` was written now: the same export made before (the same command run
     again, after a kill that came too late to matter) is left as it is."""
     run_dir, out = Path(run_dir), Path(out)
-    steps = committed_steps(run_dir)
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(run_dir)} (have {steps})")
-    mngr = manager(run_dir, CheckpointConfig(), read_only=True)
-    try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if out.exists():
-            if _is_export(out) and (out / "step").read_text().strip() == str(step) and \
-                    json.loads((out / "config.json").read_text()) == meta["config"]:
-                return step, False
-            raise CheckpointError(f"export directory {out} already exists (and is not this export of step {step})")
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    finally:
-        mngr.close()
-    restored = {"state": state, "meta": meta}
+    step = _saved_step(run_dir, step, f"no checkpoint in {checkpoint_dir(run_dir)}")
+    meta = _restore(run_dir, step, meta=ocp.args.JsonRestore())["meta"]
+    if out.exists():
+        if _is_export(out) and (out / "step").read_text().strip() == str(step) and \
+                json.loads((out / "config.json").read_text()) == meta["config"]:
+            return step, False
+        raise CheckpointError(f"export directory {out} already exists (and is not this export of step {step})")
+    restored = {"state": _restore(run_dir, step, state=ocp.args.StandardRestore())["state"], "meta": meta}
     with atomic_directory(out) as tmp, ocp.StandardCheckpointer() as ckpt:
         ckpt.save((tmp / "params").absolute(), restored["state"]["params"])
         (tmp / "config.json").write_text(json.dumps(restored["meta"]["config"], indent=2, sort_keys=True))
@@ -81,21 +71,11 @@ def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, obj
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore((path / "params").absolute(), _inference_target(cfg).params)
         return cfg, params, Tokenizer.load(path / "tokenizer.model")
-    steps = committed_steps(path)
-    if not steps:
-        raise CheckpointError(f"{path} is neither a run directory with checkpoints nor an `llm-jax export` "
-                              "directory")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(path)} (have {steps})")
-    mngr = manager(path, CheckpointConfig(), read_only=True)
-    try:
-        saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        cfg = from_dict(saved["config"])
-        state = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_inference_target(cfg))))["state"]
-    finally:
-        mngr.close()
+    step = _saved_step(path, step, f"{path} is neither a run directory with checkpoints nor an `llm-jax export` "
+                                   "directory")
+    saved = _restore(path, step, meta=ocp.args.JsonRestore())["meta"]
+    cfg = from_dict(saved["config"])
+    state = _restore(path, step, state=ocp.args.StandardRestore(_inference_target(cfg)))["state"]
     return cfg, state.params, from_bytes(base64.b64decode(saved["tokenizer_model"]))
 
 
@@ -104,14 +84,28 @@ def saved_eval(path: Path, step: int | None = None) -> dict[str, float]:
     path = Path(path)
     if _is_export(path):
         return json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() else {}
-    steps = committed_steps(path)
-    mngr = manager(path, CheckpointConfig(), read_only=True)
+    step = _saved_step(path, step, f"no checkpoint in {checkpoint_dir(path)}")
+    return _restore(path, step, meta=ocp.args.JsonRestore())["meta"].get("eval", {})
+
+
+def _saved_step(run_dir: Path, step: int | None, missing: str) -> int:
+    """`step`, or the latest committed one, checked to exist; `missing` is the error where there is none."""
+    steps = committed_steps(run_dir)
+    if not steps:
+        raise CheckpointError(missing)
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(run_dir)} (have {steps})")
+    return step
+
+
+def _restore(run_dir: Path, step: int, **items) -> dict:
+    """The named items (orbax restore args) of a run directory's checkpoint `step`."""
+    mngr = manager(run_dir, CheckpointConfig(), read_only=True)
     try:
-        saved = mngr.restore(steps[-1] if step is None else step,
-                             args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return mngr.restore(step, args=ocp.args.Composite(**items))
     finally:
         mngr.close()
-    return saved.get("eval", {})
 
 
 def _is_export(path: Path) -> bool:

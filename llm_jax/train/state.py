@@ -48,8 +48,8 @@ def abstract_params(model, mesh, seq_len: int = 8):
 def abstract_state(model, optimizer, mesh, seq_len: int):
     """Shapes, dtypes and shardings of the whole train state on `mesh`, every dimension checked against it,
     allocating nothing (a restore target; a step compiled ahead of time)."""
-    specs = check_fits(model, optimizer, mesh, seq_len)
-    return _laid_out(logical_specs(model, optimizer, seq_len)[1], sharding.tree_shardings(specs, mesh))
+    specs, abstract = _checked_specs(model, optimizer, mesh, seq_len)
+    return _laid_out(abstract, sharding.tree_shardings(specs, mesh))
 
 
 def logical_specs(model, optimizer, seq_len: int):
@@ -60,9 +60,13 @@ def logical_specs(model, optimizer, seq_len: int):
 
 def check_fits(model, optimizer, mesh, seq_len: int):
     """Every parameter dimension against the mesh, before anything compiles; returns the logical specs."""
+    return _checked_specs(model, optimizer, mesh, seq_len)[0]
+
+
+def _checked_specs(model, optimizer, mesh, seq_len: int):
     specs, abstract = logical_specs(model, optimizer, seq_len)
     sharding.check_tree_divisible(specs.params, abstract.params, mesh, prefix="parameter ")
-    return specs
+    return specs, abstract
 
 
 def create_state(model, optimizer, mesh, seq_len: int, rng) -> tuple[TrainState, Any]:

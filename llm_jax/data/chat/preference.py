@@ -101,15 +101,14 @@ class PreparedPreference(PreparedDir):
 def prepare_preference(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedPreference:
     """Renders cfg's preference pairs into out_dir, or reuses what an identical config left there."""
     out_dir = Path(out_dir)
-    meta = publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedPreference.KIND)
-    if meta is None:
-        return PreparedPreference.load(out_dir)
-    s, d = meta["splits"], cfg.data
-    print(f"prepared preference {out_dir}: {meta['records']} records, {meta['pairs']} pairs "
-          f"(skipped: {meta['skipped']}; {s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} "
-          f"dropped by truncation), {s['train']['pairs']} train + {s['eval']['pairs']} eval pairs of 2 x "
-          f"{d.seq_len} tokens, {s['train']['truncated'] + s['eval']['truncated']} truncated")
-    return PreparedPreference.load(out_dir)
+
+    def describe(meta: dict) -> str:
+        s = meta["splits"]
+        return (f"prepared preference {out_dir}: {meta['records']} records, {meta['pairs']} pairs "
+                f"(skipped: {meta['skipped']}; {s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} "
+                f"dropped by truncation), {s['train']['pairs']} train + {s['eval']['pairs']} eval pairs of 2 x "
+                f"{cfg.data.seq_len} tokens, {s['train']['truncated'] + s['eval']['truncated']} truncated")
+    return publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedPreference, describe)
 
 
 def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:

@@ -8,16 +8,17 @@ from typing import Callable
 from llm_jax.config import Config, data_dir
 from llm_jax.data.chat.template import chat_tags
 from llm_jax.data.pieces import PieceTable
-from llm_jax.data.shards import publish
+from llm_jax.data.shards import PreparedDir, publish
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import DataError
 
 
 def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | Path, fmt: int,
-                      prepare_into: Callable[[Config, Path, Tokenizer], dict], kind: str) -> dict | None:
+                      prepare_into: Callable[[Config, Path, Tokenizer], dict], prepared: type[PreparedDir],
+                      describe: Callable[[dict], str]):
     """Data rendered through the chat template (SFT, preference pairs) into out_dir with its tokenizer, by
-    `prepare_into(cfg, tmp, tokenizer) -> meta`; returns the meta, or None when out_dir already holds the
-    same data config's."""
+    `prepare_into(cfg, tmp, tokenizer) -> meta`, unless out_dir already holds the same data config's; prints
+    `describe(meta)` of what it made, and returns out_dir loaded as `prepared`."""
     tokenizer = chat_tokenizer(cfg, tokenizer)
     d = cfg.data
     fields = {"format": fmt, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
@@ -27,10 +28,9 @@ def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | P
         (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
         return {"format": fmt, **prepare_into(cfg, tmp, tokenizer)}
 
-    meta = publish(out_dir, fields, build, kind)
-    if meta is None:
-        print(f"reusing prepared {kind} in {out_dir} (same data config)")
-    return meta
+    meta = publish(out_dir, fields, build, prepared.KIND)
+    print(f"reusing prepared {prepared.KIND} in {out_dir} (same data config)" if meta is None else describe(meta))
+    return prepared.load(out_dir)
 
 
 def chat_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:

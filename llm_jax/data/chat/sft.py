@@ -123,16 +123,15 @@ class PreparedSFT(PreparedDir):
 def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedSFT:
     """Renders and packs cfg's dialogues into out_dir, or reuses what an identical config left there."""
     out_dir = Path(out_dir)
-    meta = publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedSFT.KIND)
-    if meta is None:
-        return PreparedSFT.load(out_dir)
-    s, d = meta["splits"], cfg.data
-    print(f"prepared SFT {out_dir}: {meta['dialogues']} dialogues ({sum(meta['skipped'].values())} skipped, "
-          f"{s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} dropped by truncation), "
-          f"{s['train']['rows']} train + {s['eval']['rows']} eval rows of {d.seq_len + 1}, "
-          f"{s['train']['assistant_tokens']} train assistant tokens, "
-          f"packing {s['train']['packing_efficiency']:.1%}")
-    return PreparedSFT.load(out_dir)
+
+    def describe(meta: dict) -> str:
+        s = meta["splits"]
+        return (f"prepared SFT {out_dir}: {meta['dialogues']} dialogues ({sum(meta['skipped'].values())} skipped, "
+                f"{s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} dropped by truncation), "
+                f"{s['train']['rows']} train + {s['eval']['rows']} eval rows of {cfg.data.seq_len + 1}, "
+                f"{s['train']['assistant_tokens']} train assistant tokens, "
+                f"packing {s['train']['packing_efficiency']:.1%}")
+    return publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedSFT, describe)
 
 
 def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
