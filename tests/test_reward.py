@@ -25,7 +25,7 @@ from llm_jax.sweep.report import summarise_run
 from llm_jax.tasks.reward import RewardModel, pair_sums, scalars as reward_scalars
 from llm_jax.train import optim, step
 from llm_jax.train.export import load_params
-from llm_jax.train.state import create_state
+from llm_jax.train.state import abstract_state, create_state
 
 
 def reward_model(**overrides):
@@ -187,8 +187,8 @@ def test_a_language_model_export_initialises_the_reward_model_trunk(tmp_path, to
         ckpt.save((export / "params").absolute(), lm_params["params"])
     (export / "config.json").write_text(to_json(lm_cfg))
     mesh = sharding.make_mesh(MeshConfig(1, -1, 1))
-    state, _ = create_state(Transformer(cfg.model, head="reward"), optim.make_optimizer(cfg.optim, 10), mesh, 64,
-                            jax.random.key(0))
+    model, optimizer = Transformer(cfg.model, head="reward"), optim.make_optimizer(cfg.optim, 10)
+    state, _ = create_state(model, optimizer, abstract_state(model, optimizer, mesh, 64), 64, jax.random.key(0))
     params, fresh = load_params(export, cfg, state.params)
     assert fresh == ["reward_head"] and "lm_head" not in params
     np.testing.assert_array_equal(params["embed"]["embedding"], lm_params["params"]["embed"]["embedding"])
@@ -220,7 +220,7 @@ def rm_train(mesh_cfg, devices=None, microbatches=1, steps=3):
     ocfg = dataclasses.replace(Config().optim, learning_rate=1e-2, warmup_steps=1)
     optimizer = optim.make_optimizer(ocfg, steps)
     task = RewardModel(Config(task="reward", reward=RewardConfig(center_coef=0.01)))
-    state, shardings = create_state(model, optimizer, mesh, 16, jax.random.key(0))
+    state, shardings = create_state(model, optimizer, abstract_state(model, optimizer, mesh, 16), 16, jax.random.key(0))
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, task)
     rng, history = np.random.default_rng(0), []
     for _ in range(steps):

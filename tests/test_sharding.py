@@ -17,7 +17,7 @@ from llm_jax.parallel import sharding
 from llm_jax.parallel.sharding import make_mesh, mesh_shape
 from llm_jax.tasks.pretrain import Pretrain
 from llm_jax.train import optim, step
-from llm_jax.train.state import create_state
+from llm_jax.train.state import abstract_state, create_state
 
 TASK = Pretrain(Config())
 
@@ -49,7 +49,8 @@ def run(mesh_cfg, devices=None, microbatches=1, steps=STEPS):
     model = Transformer(cfg)
     ocfg = OptimConfig(learning_rate=1e-2, warmup_steps=1)
     optimizer = optim.make_optimizer(ocfg, steps)
-    state, shardings = create_state(model, optimizer, mesh, SEQ, jax.random.key(0))
+    layout = abstract_state(model, optimizer, mesh, SEQ)
+    state, shardings = create_state(model, optimizer, layout, SEQ, jax.random.key(0))
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, TASK)
     batch_shardings = step.batch_shardings(mesh, TASK, microbatched=True)
     history = []
@@ -103,13 +104,12 @@ def test_bad_mesh_is_a_clear_error(mesh_cfg, message):
 
 
 def test_dimension_the_mesh_cannot_split_fails_before_compiling():
-    from llm_jax.train.state import check_fits
     cfg = llama(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
     mesh = make_mesh(MeshConfig(1, 2, 4))
     optimizer = optim.make_optimizer(OptimConfig(), 10)
     with pytest.raises(MeshError, match=r"parameter layers/attn/k/kernel: dimension 2 \(kv_heads=2\) cannot be "
                                         r"split over mesh tensor=4"):
-        check_fits(Transformer(cfg), optimizer, mesh, SEQ)
+        abstract_state(Transformer(cfg), optimizer, mesh, SEQ)
 
 
 def test_unknown_logical_axis_is_an_error():

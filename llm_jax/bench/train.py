@@ -28,7 +28,6 @@ import numpy as np
 from llm_jax import runtime, tasks
 from llm_jax.config import REPO_ROOT, Config
 from llm_jax.errors import ConfigError
-from llm_jax.model import Transformer
 from llm_jax.parallel import sharding
 from llm_jax.tasks.base import Task
 from llm_jax.train import metrics, optim, step
@@ -52,14 +51,14 @@ def bench_setup(cfg: Config, abstract: bool = False) -> Bench:
     # Not checked: the task's data requirements matter only to real_source, which checks them.
     task = tasks.make(cfg, check=False)
     mesh = sharding.make_mesh(cfg.mesh)
-    model = Transformer(cfg.model, head=task.head)
+    model = tasks.model_of(cfg)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     check_batch(cfg, mesh)
+    layout = abstract_state(model, optimizer, mesh, cfg.data.seq_len)
     if abstract:
-        state = abstract_state(model, optimizer, mesh, cfg.data.seq_len)
-        shardings = jax.tree.map(lambda a: a.sharding, state)
+        state, shardings = layout, jax.tree.map(lambda a: a.sharding, layout)
     else:
-        state, shardings = create_state(model, optimizer, mesh, cfg.data.seq_len, jax.random.key(cfg.train.seed))
+        state, shardings = create_state(model, optimizer, layout, cfg.data.seq_len, jax.random.key(cfg.train.seed))
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh, shardings,
                                    task)
     return Bench(task, mesh, state, train_fn)

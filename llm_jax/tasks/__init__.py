@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from llm_jax.config import Config
 from llm_jax.errors import ConfigError
+from llm_jax.model import Transformer
 from llm_jax.tasks.base import Task
 from llm_jax.tasks.pretrain import Pretrain
 from llm_jax.tasks.reward import RewardModel
@@ -20,3 +21,8 @@ def make(cfg: Config, check: bool = True) -> Task:
     if check:
         task.check()
     return task
+
+
+def model_of(cfg: Config) -> Transformer:
+    """The model a run's config trains: its decoder with the head its task needs."""
+    return Transformer(cfg.model, head=TASKS[cfg.task].head)

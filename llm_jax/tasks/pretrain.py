@@ -54,8 +54,7 @@ class Pretrain(NextToken):
         """The compressors on exactly the held-out bytes the model was scored on (the last batch may be
         padded: only windows that exist count)."""
         seq_len, sums = self.cfg.data.seq_len, evaluation.sums
-        n_windows = min(evaluation.n_batches * self.cfg.train.batch_size, (len(data.eval_tokens()) - 1) // seq_len)
-        held_out = pipeline.eval_text(data, seq_len, n_windows)
+        held_out = pipeline.eval_text(data, seq_len, evaluation.n_batches * self.cfg.train.batch_size)
         if len(held_out) != int(sums["bytes"]):
             raise RuntimeError(f"held-out text has {len(held_out)} bytes but the model was scored on "
                                f"{int(sums['bytes'])}: the byte table and the data disagree")

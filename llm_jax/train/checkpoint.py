@@ -131,6 +131,16 @@ def _quarantine(run_dir: Path, step: int, error: Exception) -> None:
           f"trying the previous one", file=sys.stderr, flush=True)
 
 
+def restore_params(run_dir: Path, step: int, target_params):
+    """Only the params of checkpoint `step`, laid out like `target_params` (abstract arrays with shardings):
+    inference and exports never read the optimizer's moments (with Adam, twice the size of the params)."""
+    target = {"params": target_params}
+    with ocp.PyTreeCheckpointer() as ckpt:
+        restored = ckpt.restore((checkpoint_dir(run_dir) / str(step) / "state").absolute(), args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return restored["params"]
+
+
 def restore_data(run_dir: Path, cfg: Config, step: int, source) -> str:
     """Puts the batch source where it was at `step`: its saved state if it fits this process layout, else
     the start of global batch `step` (same global order). Returns which one was used."""

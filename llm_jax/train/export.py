@@ -19,16 +19,9 @@ from llm_jax.atomic import atomic_directory
 from llm_jax.config import HEAD_FIELDS, CheckpointConfig, Config, MeshConfig, differences, from_dict
 from llm_jax.data.tokenizer import Tokenizer, from_bytes
 from llm_jax.errors import CheckpointError, ConfigError, MeshError
-from llm_jax.model import Transformer
 from llm_jax.parallel import sharding
-from llm_jax.train import optim
-from llm_jax.train.checkpoint import checkpoint_dir, committed_steps, manager
-from llm_jax.train.state import abstract_params, abstract_state
-
-
-def model_of(cfg: Config) -> Transformer:
-    """The model a run's config trains: its decoder with the head its task needs."""
-    return Transformer(cfg.model, head=tasks.TASKS[cfg.task].head)
+from llm_jax.train.checkpoint import checkpoint_dir, committed_steps, manager, restore_params
+from llm_jax.train.state import abstract_params
 
 
 def export_params(run_dir: Path, out: Path, step: int | None = None) -> tuple[int, bool]:
@@ -37,30 +30,30 @@ def export_params(run_dir: Path, out: Path, step: int | None = None) -> tuple[in
     again, after a kill that came too late to matter) is left as it is."""
     run_dir, out = Path(run_dir), Path(out)
     step = _saved_step(run_dir, step, f"no checkpoint in {checkpoint_dir(run_dir)}")
-    meta = _restore(run_dir, step, meta=ocp.args.JsonRestore())["meta"]
+    meta = _saved_meta(run_dir, step)
     if out.exists():
         if _is_export(out) and (out / "step").read_text().strip() == str(step) and \
                 json.loads((out / "config.json").read_text()) == meta["config"]:
             return step, False
         raise CheckpointError(f"export directory {out} already exists (and is not this export of step {step})")
-    restored = {"state": _restore(run_dir, step, state=ocp.args.StandardRestore())["state"], "meta": meta}
+    params = restore_params(run_dir, step, _params_target(from_dict(meta["config"])))
     with atomic_directory(out) as tmp, ocp.StandardCheckpointer() as ckpt:
-        ckpt.save((tmp / "params").absolute(), restored["state"]["params"])
-        (tmp / "config.json").write_text(json.dumps(restored["meta"]["config"], indent=2, sort_keys=True))
-        if restored["meta"].get("eval"):
-            (tmp / "eval.json").write_text(json.dumps(restored["meta"]["eval"], indent=2, sort_keys=True))
-        (tmp / "tokenizer.model").write_bytes(base64.b64decode(restored["meta"]["tokenizer_model"]))
+        ckpt.save((tmp / "params").absolute(), params)
+        (tmp / "config.json").write_text(json.dumps(meta["config"], indent=2, sort_keys=True))
+        if meta.get("eval"):
+            (tmp / "eval.json").write_text(json.dumps(meta["eval"], indent=2, sort_keys=True))
+        (tmp / "tokenizer.model").write_bytes(base64.b64decode(meta["tokenizer_model"]))
         (tmp / "step").write_text(f"{step}\n")
     return step, True
 
 
-def _inference_target(cfg: Config):
-    """The abstract train state of `cfg`, laid out on the training mesh if these devices fit it, else FSDP."""
+def _params_target(cfg: Config):
+    """The abstract params of `cfg`, laid out on the training mesh if these devices fit it, else FSDP."""
     try:
         mesh = sharding.make_mesh(cfg.mesh)
     except MeshError:
         mesh = sharding.make_mesh(MeshConfig(1, -1, 1))
-    return abstract_state(model_of(cfg), optim.make_optimizer(cfg.optim, cfg.train.steps), mesh, cfg.data.seq_len)
+    return abstract_params(tasks.model_of(cfg), mesh)
 
 
 def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, object, Tokenizer]:
@@ -69,14 +62,13 @@ def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, obj
     if _is_export(path):
         cfg = from_dict(json.loads((path / "config.json").read_text()))
         with ocp.StandardCheckpointer() as ckpt:
-            params = ckpt.restore((path / "params").absolute(), _inference_target(cfg).params)
+            params = ckpt.restore((path / "params").absolute(), _params_target(cfg))
         return cfg, params, Tokenizer.load(path / "tokenizer.model")
     step = _saved_step(path, step, f"{path} is neither a run directory with checkpoints nor an `llm-jax export` "
                                    "directory")
-    saved = _restore(path, step, meta=ocp.args.JsonRestore())["meta"]
+    saved = _saved_meta(path, step)
     cfg = from_dict(saved["config"])
-    state = _restore(path, step, state=ocp.args.StandardRestore(_inference_target(cfg)))["state"]
-    return cfg, state.params, from_bytes(base64.b64decode(saved["tokenizer_model"]))
+    return cfg, restore_params(path, step, _params_target(cfg)), from_bytes(base64.b64decode(saved["tokenizer_model"]))
 
 
 def saved_eval(path: Path, step: int | None = None) -> dict[str, float]:
@@ -85,7 +77,7 @@ def saved_eval(path: Path, step: int | None = None) -> dict[str, float]:
     if _is_export(path):
         return json.loads((path / "eval.json").read_text()) if (path / "eval.json").is_file() else {}
     step = _saved_step(path, step, f"no checkpoint in {checkpoint_dir(path)}")
-    return _restore(path, step, meta=ocp.args.JsonRestore())["meta"].get("eval", {})
+    return _saved_meta(path, step).get("eval", {})
 
 
 def _saved_step(run_dir: Path, step: int | None, missing: str) -> int:
@@ -99,11 +91,11 @@ def _saved_step(run_dir: Path, step: int | None, missing: str) -> int:
     return step
 
 
-def _restore(run_dir: Path, step: int, **items) -> dict:
-    """The named items (orbax restore args) of a run directory's checkpoint `step`."""
+def _saved_meta(run_dir: Path, step: int) -> dict:
+    """The metadata (config, tokenizer, eval scores) saved with a run directory's checkpoint `step`."""
     mngr = manager(run_dir, CheckpointConfig(), read_only=True)
     try:
-        return mngr.restore(step, args=ocp.args.Composite(**items))
+        return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     finally:
         mngr.close()
 
@@ -129,7 +121,7 @@ def load_params(path: Path, cfg: Config, target_params) -> tuple[dict, list[str]
         raise CheckpointError(f"checkpoint.init_from={path} has a different model ({'; '.join(diffs)})")
     mesh = jax.tree.leaves(target_params)[0].sharding.mesh
     with ocp.StandardCheckpointer() as ckpt:
-        loaded = ckpt.restore((path / "params").absolute(), abstract_params(model_of(saved), mesh))
+        loaded = ckpt.restore((path / "params").absolute(), abstract_params(tasks.model_of(saved), mesh))
     fresh = sorted(set(target_params) - set(loaded))
     return {k: loaded.get(k, v) for k, v in target_params.items()}, fresh
 

@@ -16,13 +16,12 @@ from llm_jax import tasks
 from llm_jax.config import Config, differences, from_dict
 from llm_jax.errors import ConfigError, RunDirError
 from llm_jax.experiment import resolve
-from llm_jax.model import Transformer
 from llm_jax.parallel import sharding
 from llm_jax.parallel.distributed import barrier, is_main
 from llm_jax.tasks.base import Task
 from llm_jax.train import checkpoint, metrics, optim, step
 from llm_jax.train.export import load_params
-from llm_jax.train.state import check_fits, create_state
+from llm_jax.train.state import abstract_state, create_state
 
 
 @dataclass
@@ -53,13 +52,13 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
     task = tasks.make(cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     check_batch(cfg, mesh)
-    model = Transformer(cfg.model, head=task.head)
+    model = tasks.model_of(cfg)
     optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    check_fits(model, optimizer, mesh, cfg.data.seq_len)
+    layout = abstract_state(model, optimizer, mesh, cfg.data.seq_len)
     opened = open_run_dir(run_dir, fresh, cfg)
     try:
         data = load_data(task, run_dir)
-        state, shardings = create_state(model, optimizer, mesh, cfg.data.seq_len, jax.random.key(cfg.train.seed))
+        state, shardings = create_state(model, optimizer, layout, cfg.data.seq_len, jax.random.key(cfg.train.seed))
         if is_main():
             checkpoint.check_writable(run_dir, checkpoint.estimated_bytes(state), cfg.checkpoint.keep)
     except Exception:

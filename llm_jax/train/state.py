@@ -35,43 +35,33 @@ def _boxed_init(model: nn.Module, optimizer: optax.GradientTransformation, seq_l
     return init
 
 
-def _laid_out(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def abstract_params(model, mesh, seq_len: int = 8):
-    """Shapes, dtypes and shardings (by the logical rules on `mesh`) of the model's params, allocating nothing."""
+    """Shapes, dtypes and shardings (by the logical rules on `mesh`) of the model's params, allocating nothing;
+    every dimension checked against the mesh (a restore target for inference and init_from)."""
     boxed = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs(1, seq_len))["params"], jax.random.key(0))
-    return _laid_out(nn.unbox(boxed), sharding.tree_shardings(nn.get_partition_spec(boxed), mesh))
+    return _checked_layout(boxed, mesh, params_of=lambda tree: tree)
 
 
 def abstract_state(model, optimizer, mesh, seq_len: int):
-    """Shapes, dtypes and shardings of the whole train state on `mesh`, every dimension checked against it,
-    allocating nothing (a restore target; a step compiled ahead of time)."""
-    specs, abstract = _checked_specs(model, optimizer, mesh, seq_len)
-    return _laid_out(abstract, sharding.tree_shardings(specs, mesh))
+    """Shapes, dtypes and shardings of the whole train state on `mesh`, allocating nothing: the layout
+    create_state fills, a restore target, a step compiled ahead of time."""
+    boxed = jax.eval_shape(_boxed_init(model, optimizer, seq_len), jax.random.key(0))
+    return _checked_layout(boxed, mesh, params_of=lambda state: state.params)
 
 
-def logical_specs(model, optimizer, seq_len: int):
-    """Logical PartitionSpecs and abstract shapes of the (unboxed) train state, without allocating it."""
-    abstract = jax.eval_shape(_boxed_init(model, optimizer, seq_len), jax.random.key(0))
-    return nn.get_partition_spec(abstract), nn.unbox(abstract)
+def _checked_layout(boxed, mesh, params_of):
+    """The abstract (unboxed) tree laid out by its logical names on `mesh`. Every parameter dimension is
+    checked against the mesh first, so that one it cannot split is a one-line MeshError naming the parameter
+    before anything compiles (the optimizer's moments have the parameters' shapes)."""
+    specs, abstract = nn.get_partition_spec(boxed), nn.unbox(boxed)
+    sharding.check_tree_divisible(params_of(specs), params_of(abstract), mesh, prefix="parameter ")
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        sharding.tree_shardings(specs, mesh))
 
 
-def check_fits(model, optimizer, mesh, seq_len: int):
-    """Every parameter dimension against the mesh, before anything compiles; returns the logical specs."""
-    return _checked_specs(model, optimizer, mesh, seq_len)[0]
-
-
-def _checked_specs(model, optimizer, mesh, seq_len: int):
-    specs, abstract = logical_specs(model, optimizer, seq_len)
-    sharding.check_tree_divisible(specs.params, abstract.params, mesh, prefix="parameter ")
-    return specs, abstract
-
-
-def create_state(model, optimizer, mesh, seq_len: int, rng) -> tuple[TrainState, Any]:
-    """Initialises the train state directly in its sharded layout; returns it and its shardings."""
-    shardings = sharding.tree_shardings(check_fits(model, optimizer, mesh, seq_len), mesh)
+def create_state(model, optimizer, layout, seq_len: int, rng) -> tuple[TrainState, Any]:
+    """Initialises the train state directly in `layout` (abstract_state's); returns it and its shardings."""
+    shardings = jax.tree.map(lambda a: a.sharding, layout)
+    mesh = jax.tree.leaves(layout)[0].sharding.mesh
     boxed_init = _boxed_init(model, optimizer, seq_len)
-    state = sharding.jit_on_mesh(lambda r: nn.unbox(boxed_init(r)), mesh, out_shardings=shardings)(rng)
-    return state, shardings
+    return sharding.jit_on_mesh(lambda r: nn.unbox(boxed_init(r)), mesh, out_shardings=shardings)(rng), shardings
