@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from llm_jax.experiment import load_experiment
 from llm_jax.inference.generate import Generator, Sampling
+from llm_jax.inference.runner import ModelRunner
 from llm_jax.model import Transformer
 
 
@@ -55,7 +56,7 @@ def main() -> None:
         model_cfg = load_experiment("pretrain_tiny").model
         dummy = jnp.zeros((1, 8), jnp.int32)
         params = nn.unbox(Transformer(model_cfg).init(jax.random.key(0), dummy, dummy, dummy + 1))["params"]
-    gen = Generator(model_cfg, params, Sampling(temperature=0))
+    gen = Generator(ModelRunner(model_cfg, params), Sampling(temperature=0))
     print(f"{jax.devices()[0].device_kind}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy")
     print(f"{'batch':>5}  {'KV cache tok/s':>15}  {'no cache tok/s':>15}  speed-up")
     for batch in (1, 16):

@@ -22,9 +22,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # steps faster. tests/test_runtime.py turns it on where it is tested.
 os.environ.setdefault("LLM_JAX_MALLOC", "system")
 # Many tests compile the same few programs (the tiny model's steps): a persistent compilation cache holds
-# the same executables, so the same numbers, and saves most of the compile time. One per session.
-_CACHE = tempfile.mkdtemp(prefix="llm_jax_tests_jax_cache_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# the same executables, so the same numbers, and saves most of the compile time. One per session: made by
+# the process that starts pytest, and inherited by pytest-xdist's workers and the runs' subprocesses.
+_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="llm_jax_tests_jax_cache_")
+if _CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -41,7 +43,7 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not hasattr(session.config, "workerinput"):  # pytest-xdist's workers share the controller's cache
+    if _CACHE:  # made by this process: pytest-xdist's workers use the controller's, which outlives them
         shutil.rmtree(_CACHE, ignore_errors=True)
 
 
@@ -103,9 +105,3 @@ def tiny_export(tmp_path_factory, train_args) -> Path:
     assert main(train_args(root / "run", "train.steps=20", "train.eval_every=1000")) == 0
     assert main(["export", "--run-dir", str(root / "run"), "--out", str(root / "export")]) == 0
     return root / "export"
-
-
-@pytest.fixture(scope="session")
-def tiny_model() -> tuple[str, ...]:
-    """`--set` items of the tiny model alone."""
-    return TINY_MODEL

@@ -1,8 +1,9 @@
 """Checkpoint, resume and fault tolerance, end to end on a tiny corpus.
 
-Resume == uninterrupted (bit for bit on CPU, after SIGKILL), elastic resume on another mesh, preemption by
-SIGTERM/SIGINT (exit 75), damaged checkpoints moved aside, non-finite steps, export / init_from, and the
-run-directory rules (--fresh, bad inputs). Runs that must be killed are subprocesses; the rest run in-process.
+Resume == uninterrupted (bit for bit on CPU; after a SIGKILL at any moment: test_restart.py), elastic resume
+on another mesh, preemption by SIGTERM/SIGINT (exit 75), damaged checkpoints moved aside, non-finite steps,
+export / init_from, and the run-directory rules (--fresh, bad inputs). Runs that get a signal are subprocesses;
+the rest run in-process.
 """
 import hashlib
 import math
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import jax
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import set_flags
 from llm_jax.cli.main import main
 from llm_jax.experiment import apply_overrides, load_experiment
 from llm_jax.train import checkpoint, loop
@@ -44,21 +45,25 @@ def train_argv(train_args):
     return lambda run_dir, *extra, flags=(): train_args(run_dir, *RUN, *extra, flags=flags)
 
 
-def events(run_dir, tag=LOSS):
-    """Every event of `tag`, duplicates included (no purge), in file order."""
-    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "tensors": 0},
-                           purge_orphaned_data=False)
-    acc.Reload()
-    return acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
+@pytest.fixture(scope="module")
+def events(scalars):
+    """events(run_dir, tag): every event of `tag`, duplicates included, in file order."""
+    def read(run_dir, tag=LOSS):
+        acc = scalars(run_dir, every_point=True)[1]
+        return acc.Scalars(tag) if tag in acc.Tags()["scalars"] else []
+    return read
+
+
+@pytest.fixture(scope="module")
+def assert_each_step_once(events):
+    def check(run_dir, total, tag=LOSS):
+        steps = sorted(e.step for e in events(run_dir, tag))
+        assert steps == list(range(1, total + 1)), f"{tag}: steps {steps}"
+    return check
 
 
 def by_step(evs):
     return {e.step: e.value for e in evs}
-
-
-def assert_each_step_once(run_dir, total, tag=LOSS):
-    steps = sorted(e.step for e in events(run_dir, tag))
-    assert steps == list(range(1, total + 1)), f"{tag}: steps {steps}"
 
 
 def committed(run_dir):
@@ -157,7 +162,7 @@ LONG = ("model.d_model=64", "model.d_ff=128", f"train.steps={TOTAL}")
 # ---------------------------------------------------------------------------------------------- resume
 
 @pytest.mark.slow
-def test_resume_continues_the_curve_with_the_same_losses(finished, tmp_path, train_argv):
+def test_resume_continues_the_curve_with_the_same_losses(finished, tmp_path, train_argv, events, assert_each_step_once):
     """Checkpoint 2E lost (as if killed after E): the resumed run retrains E+1..2E, each step once in TB."""
     run = copy_run(finished, tmp_path / "run")
     original = {tag: by_step(events(run, tag)) for tag in (LOSS, GRAD_NORM)}
@@ -176,34 +181,7 @@ def test_resume_continues_the_curve_with_the_same_losses(finished, tmp_path, tra
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_is_bit_identical_to_an_uninterrupted_run(tmp_path, runs, train_argv):
-    killed, whole = tmp_path / "killed", tmp_path / "whole"
-    reference = runs.start("whole", train_argv(whole, *LONG))
-    proc = runs.start("killed", train_argv(killed, *LONG))
-    runs.wait_for_checkpoint(proc, killed, E)
-    assert proc.poll() is None, "the run finished before it could be killed: make it longer"
-    proc.send_signal(signal.SIGKILL)
-    assert runs.wait(proc, 30) == -signal.SIGKILL
-    resumed_from = max(committed(killed))
-    assert E <= resumed_from < TOTAL and not (killed / "results.json").exists()
-
-    t_restart = time.time()
-    rc, restart = runs.run("restart", train_argv(killed, *LONG))
-    assert rc == 0, runs.stderr(restart)[-2000:]
-    assert runs.wait(reference, 240) == 0, runs.stderr(reference)[-2000:]
-    for tag in (LOSS, GRAD_NORM):
-        expected = {s: v for s, v in by_step(events(whole, tag)).items() if s > resumed_from}
-        got = {e.step: e.value for e in events(killed, tag) if e.wall_time >= t_restart}
-        assert sorted(got) == list(range(resumed_from + 1, TOTAL + 1)), tag
-        mismatched = [(s, got[s], expected[s]) for s in sorted(got) if got[s] != expected[s]]
-        assert not mismatched, f"{tag} (resumed from {resumed_from}): first mismatches {mismatched[:3]}"
-    # The curve holds each step once: the killed run's points up to its checkpoint, then the new run's.
-    for tag in (LOSS, GRAD_NORM):
-        assert_each_step_once(killed, TOTAL, tag)
-
-
-@pytest.mark.slow
-def test_elastic_resume_on_another_mesh(tmp_path, monkeypatch, overrides):
+def test_elastic_resume_on_another_mesh(tmp_path, monkeypatch, overrides, events, assert_each_step_once):
     base = load_experiment("pretrain_tiny")
     run = tmp_path / "run"
     cfg8 = apply_overrides(base, overrides("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
@@ -245,7 +223,7 @@ def test_elastic_resume_on_another_mesh(tmp_path, monkeypatch, overrides):
 # ---------------------------------------------------------------------------------------------- run directory
 
 @pytest.mark.slow
-def test_fresh_deletes_the_run_and_starts_over(finished, tmp_path, train_argv):
+def test_fresh_deletes_the_run_and_starts_over(finished, tmp_path, train_argv, events, assert_each_step_once):
     run = copy_run(finished, tmp_path / "run")
     t0 = time.time()
     assert main(train_argv(run, flags=["--fresh"])) == 0
@@ -289,7 +267,7 @@ def test_changed_model_is_refused_and_checkpoints_untouched(finished, capsys, tr
 def test_other_tokenizer_is_refused_and_checkpoints_untouched(finished, tmp_path, capsys, train_argv, overrides):
     other = tmp_path / "other_data"  # the same corpus, tokenized by a unigram model instead of BPE
     assert main(["prepare", "--config", "pretrain_tiny", "--out", str(other)]
-                + [a for item in overrides("data.tokenizer_type=unigram") for a in ("--set", item)]) == 0
+                + set_flags(overrides("data.tokenizer_type=unigram"))) == 0
     capsys.readouterr()
     before = snapshot(finished / "checkpoints")
     assert main(train_argv(finished, f"data.prepared={other}")) == 2
@@ -325,7 +303,7 @@ def test_unwritable_run_dir_is_exit_2_before_training(tmp_path, capsys, where, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_preemption_checkpoints_and_exits_75(tmp_path, runs, sig, train_argv):
+def test_preemption_checkpoints_and_exits_75(tmp_path, runs, sig, train_argv, events, assert_each_step_once):
     run = tmp_path / "run"
     argv = train_argv(run, *LONG)
     proc = runs.start("preempted", argv)
@@ -355,7 +333,8 @@ def _array_data_files(step_dir):
 
 
 @pytest.mark.slow
-def test_unreadable_checkpoint_is_moved_aside_and_the_previous_one_used(finished, tmp_path, capsys, train_argv):
+def test_unreadable_checkpoint_is_moved_aside_and_the_previous_one_used(finished, tmp_path, capsys, train_argv, events,
+                                                                        assert_each_step_once):
     run = copy_run(finished, tmp_path / "run")
     step_dir = run / "checkpoints" / str(2 * E)
     truncated = {}
@@ -379,7 +358,7 @@ def test_unreadable_checkpoint_is_moved_aside_and_the_previous_one_used(finished
 # ---------------------------------------------------------------------------------------------- non-finite
 
 @pytest.mark.slow
-def test_nonfinite_stop_exits_3_without_a_checkpoint_after_it(tmp_path, capsys, train_argv):
+def test_nonfinite_stop_exits_3_without_a_checkpoint_after_it(tmp_path, capsys, train_argv, events):
     run = tmp_path / "run"
     assert main(train_argv(run, "train.nonfinite=stop", "optim.learning_rate=1e30",
                            "checkpoint.every=1")) == 3
@@ -393,7 +372,7 @@ def test_nonfinite_stop_exits_3_without_a_checkpoint_after_it(tmp_path, capsys, 
 
 
 @pytest.mark.slow
-def test_nonfinite_skip_completes_and_counts_skipped_steps(tmp_path, train_argv):
+def test_nonfinite_skip_completes_and_counts_skipped_steps(tmp_path, train_argv, events):
     run = tmp_path / "run"
     assert main(train_argv(run, "train.nonfinite=skip", "optim.learning_rate=1e30")) == 0
     skipped = events(run, "optim/skipped_steps")
@@ -404,7 +383,7 @@ def test_nonfinite_skip_completes_and_counts_skipped_steps(tmp_path, train_argv)
 # ---------------------------------------------------------------------------------------------- export
 
 @pytest.mark.slow
-def test_export_then_init_from_starts_from_the_trained_params(finished, tmp_path, train_argv):
+def test_export_then_init_from_starts_from_the_trained_params(finished, tmp_path, train_argv, events):
     out = tmp_path / "export"
     assert main(["export", "--run-dir", str(finished), "--out", str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "tokenizer.model").is_file()

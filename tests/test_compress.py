@@ -37,9 +37,9 @@ def params_for(cfg, seed=0):
 
 
 @pytest.fixture(scope="module")
-def model(tok):
+def runner(tok):
     cfg = llama(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, compute_dtype="float32")
-    return cfg, params_for(cfg)
+    return ModelRunner(cfg, params_for(cfg))
 
 
 def code_stream(symbols, cum_tables):
@@ -82,39 +82,37 @@ def test_any_bytes_become_tokens_that_decode_back_exactly(tok):
 
 
 @pytest.mark.parametrize("name", ["english", "chinese", "code", "random", "empty", "multiwindow"])
-def test_compression_round_trips_exactly(tok, model, name):
+def test_compression_round_trips_exactly(tok, runner, name):
     rng = np.random.default_rng(1)
     data = {"english": ENGLISH.encode(), "chinese": CHINESE.encode() * 2, "code": CODE.encode(),
             "random": rng.bytes(300) + b"\xc3\x28\xe2\x82", "empty": b"",
             "multiwindow": (ENGLISH + CODE + CHINESE).encode() * 2}[name]
-    cfg, params = model
-    blob, stats = compress_with_stats(data, cfg, params, tok, CONTEXT)
+    blob, stats = compress_with_stats(data, runner, tok, CONTEXT)
     if name == "multiwindow":
         assert stats["tokens"] > 2 * CONTEXT  # crosses window boundaries
-    assert decompress_bytes(blob, cfg, params, tok) == data
+    assert decompress_bytes(blob, runner, tok) == data
     # Payload within 1% (+ a few bytes) of the model's cross-entropy: the quantisation and coder cost little.
     assert stats["payload_bytes"] <= 1.01 * stats["cross_entropy_bytes"] + 16
     assert len(blob) == HEADER_SIZE + stats["payload_bytes"]
 
 
-def test_another_model_or_corruption_gives_a_clear_error_and_no_file(tok, model, tmp_path):
-    cfg, params = model
-    blob = compress_bytes(ENGLISH.encode(), cfg, params, tok, CONTEXT)
+def test_another_model_or_corruption_gives_a_clear_error_and_no_file(tok, runner, tmp_path):
+    blob = compress_bytes(ENGLISH.encode(), runner, tok, CONTEXT)
     with pytest.raises(CheckpointError, match="different checkpoint"):
-        decompress_bytes(blob, cfg, params_for(cfg, seed=1), tok)
+        decompress_bytes(blob, ModelRunner(runner.cfg, params_for(runner.cfg, seed=1)), tok)
     with pytest.raises(DataError, match="truncated or corrupt"):
-        decompress_bytes(blob[:HEADER_SIZE + (len(blob) - HEADER_SIZE) // 2], cfg, params, tok)
+        decompress_bytes(blob[:HEADER_SIZE + (len(blob) - HEADER_SIZE) // 2], runner, tok)
     flipped = bytearray(blob)
     flipped[HEADER_SIZE + 3] ^= 0x10
     with pytest.raises(DataError, match="truncated or corrupt"):
-        decompress_bytes(bytes(flipped), cfg, params, tok)
+        decompress_bytes(bytes(flipped), runner, tok)
     with pytest.raises(DataError, match="not an llm_jax compressed file"):
-        decompress_bytes(b"LLMX" + blob[4:], cfg, params, tok)
+        decompress_bytes(b"LLMX" + blob[4:], runner, tok)
 
 
-def test_files_round_trip_and_a_failed_decompression_writes_nothing(tok, model, tmp_path, monkeypatch):
-    cfg, params = model
-    loaded = {"params": params}
+def test_files_round_trip_and_a_failed_decompression_writes_nothing(tok, runner, tmp_path, monkeypatch):
+    cfg = runner.cfg
+    loaded = {"params": runner.params}
     checkpoint = SimpleNamespace(model=cfg, data=SimpleNamespace(seq_len=CONTEXT))
     monkeypatch.setattr(ModelRunner, "load",
                         lambda path, step=None: (checkpoint, ModelRunner(cfg, loaded["params"]), tok))

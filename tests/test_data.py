@@ -2,7 +2,10 @@
 import dataclasses
 import gzip
 import json
+import os
 import pickle
+import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +183,9 @@ def _config(data_dir, **data) -> Config:
 def prepared(tmp_path_factory) -> Prepared:
     data_dir = tmp_path_factory.mktemp("corpus")
     _write_corpus(data_dir)
-    return prepare(_config(data_dir), tmp_path_factory.mktemp("prep") / "data")
+    out = tmp_path_factory.mktemp("prep") / "data"
+    prepare(_config(data_dir), out)
+    return Prepared.load(out)
 
 
 def test_prepare_writes_shards_and_meta(prepared):
@@ -188,7 +193,7 @@ def test_prepare_writes_shards_and_meta(prepared):
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == prepared.tokenizer.vocab_size <= 320
     assert sorted(p.name for p in prepared.path.iterdir()) == [
         "eval-00000.bin", "meta.json", "tokenizer.model", "train-00000.bin"]
-    train, eval_ = prepared.train_tokens(), prepared.eval_tokens()
+    train, eval_ = prepared.tokens("train"), prepared.tokens("eval")
     assert (len(train), len(eval_)) == (meta["splits"]["train"]["tokens"], meta["splits"]["eval"]["tokens"])
     assert abs(len(eval_) / (len(train) + len(eval_)) - 0.2) < 0.01
     stream = np.concatenate([train[:], eval_[:]])
@@ -200,9 +205,10 @@ def test_prepare_writes_shards_and_meta(prepared):
 
 def test_prepare_is_reused_and_refuses_another_config(prepared, capsys):
     cfg = _config(prepared.meta["config"]["data_dir"])
-    again = prepare(cfg, prepared.path)
+    prepare(cfg, prepared.path)
     assert "reusing" in capsys.readouterr().out
-    np.testing.assert_array_equal(again.eval_tokens()[:], prepared.eval_tokens()[:])
+    again = Prepared.load(prepared.path)
+    np.testing.assert_array_equal(again.tokens("eval")[:], prepared.tokens("eval")[:])
     with pytest.raises(DataError, match=r"different config \(eval_fraction differ\)"):
         prepare(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.3)), prepared.path)
 
@@ -219,6 +225,19 @@ def test_prepare_is_atomic(tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_publish_removes_what_a_killed_publish_left_and_nothing_else(prepared, tmp_path):
+    """A publish killed half-way leaves its temporary directory beside the target; the next publish there
+    removes it, but not those of live processes (another job preparing the same shared data) or other hosts."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    mine = f".data.tmp-{socket.gethostname()}."
+    stale, live, elsewhere = f"{mine}{gone.pid}.a", f"{mine}{os.getppid()}.b", f".data.tmp-elsewhere.{gone.pid}.c"
+    for name in (stale, live, elsewhere):
+        (tmp_path / name).mkdir()
+    prepare(_config(prepared.meta["config"]["data_dir"], tokenizer=str(prepared.tokenizer_path)), tmp_path / "data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, elsewhere, "data"])
+
+
 def test_given_tokenizer_larger_than_model_vocab_is_an_error(prepared, tmp_path):
     cfg = _config(tmp_path, tokenizer=str(prepared.path / "tokenizer.model"))
     cfg = dataclasses.replace(cfg, model=ModelConfig(vocab_size=260))
@@ -229,9 +248,10 @@ def test_given_tokenizer_larger_than_model_vocab_is_an_error(prepared, tmp_path)
 def test_token_array_spans_shards(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_module, "SHARD_TOKENS", 100)
     cfg = _config(prepared.meta["config"]["data_dir"], tokenizer=str(prepared.path / "tokenizer.model"))
-    sharded = prepare(cfg, tmp_path / "sharded")
+    prepare(cfg, tmp_path / "sharded")
+    sharded = Prepared.load(tmp_path / "sharded")
     assert len(sharded.meta["splits"]["train"]["shards"]) > 3
-    train, whole = sharded.train_tokens(), prepared.train_tokens()[:]
+    train, whole = sharded.tokens("train"), prepared.tokens("train")[:]
     np.testing.assert_array_equal(train[:], whole)
     np.testing.assert_array_equal(train[95:305], whole[95:305])
     assert train[-1] == whole[-1] and train[150] == whole[150]
@@ -270,7 +290,7 @@ def test_train_batches_shard_across_processes(prepared):
 
 
 def test_train_batches_deterministic_resumable_and_reshuffled_each_epoch(prepared):
-    n = len(pipeline.PackedWindows(prepared.train_tokens(), T, prepared.tokenizer.byte_lengths(), EOS))
+    n = len(pipeline.PackedWindows(prepared.tokens("train"), T, prepared.tokenizer.byte_lengths(), EOS))
     it = train_source(prepared, 1, 1, seed=3, process_index=0, process_count=1)
     rows = [_rows(it.next_batch())[0] for _ in range(2 * n)]
     epoch0, epoch1 = np.stack(rows[:n]), np.stack(rows[n:])
@@ -306,7 +326,7 @@ def test_batch_size_errors_name_the_key(prepared):
 
 
 def test_eval_batches_in_order_padded_and_split_across_processes(prepared):
-    windows = pipeline.PackedWindows(prepared.eval_tokens(), T, prepared.tokenizer.byte_lengths(), EOS)
+    windows = pipeline.PackedWindows(prepared.tokens("eval"), T, prepared.tokenizer.byte_lengths(), EOS)
     whole = eval_batches(prepared, T, 6, 0, 1)
     assert len(whole) == -(-len(windows) // 6) and len(windows) % 6  # the last batch is padded
     rows = np.concatenate([b.inputs for b in whole])

@@ -9,6 +9,7 @@ from llm_jax.cli.main import main
 from llm_jax.config import gpt2, llama
 from llm_jax.errors import ConfigError
 from llm_jax.inference.generate import Generator, Sampling, check_sampling, filter_logits, left_pad
+from llm_jax.inference.runner import ModelRunner
 from llm_jax.model import Transformer
 
 VOCAB = 61
@@ -42,7 +43,7 @@ def test_kv_cache_decoding_equals_the_full_forward_pass(scan, padding):
     positions = np.maximum(np.arange(T)[None] - starts[:, None], 0).astype(np.int32)
     full = jax.jit(Transformer(cfg).apply)({"params": params}, tokens, positions, segments)
 
-    gen = Generator(cfg, params)
+    gen = Generator(ModelRunner(cfg, params))
     decode = jax.jit(lambda p, c, t, pos, seg: gen.model.apply({"params": p, "cache": c}, t, pos, seg,
                                                                mutable=["cache"]))
     cache = gen.runner.empty_cache(2, T)
@@ -61,7 +62,7 @@ def test_kv_cache_decoding_equals_the_full_forward_pass(scan, padding):
 @pytest.mark.slow
 def test_batched_prompts_of_different_lengths_decode_like_each_alone():
     cfg = tiny()
-    gen = Generator(cfg, params_for(cfg), Sampling(temperature=0))
+    gen = Generator(ModelRunner(cfg, params_for(cfg)), Sampling(temperature=0))
     prompts = [[5, 9, 11, 3, 7, 21, 2], [8, 4], [30, 31, 32, 33]]
     together = gen.generate(prompts, 6)
     alone = [gen.generate([p], 6)[0] for p in prompts]
@@ -72,9 +73,9 @@ def test_batched_prompts_of_different_lengths_decode_like_each_alone():
 def test_greedy_is_deterministic_and_sampling_repeats_under_a_seed():
     cfg = tiny()
     params = params_for(cfg)
-    greedy = Generator(cfg, params, Sampling(temperature=0))
+    greedy = Generator(ModelRunner(cfg, params), Sampling(temperature=0))
     assert greedy.generate([[1, 2, 3]], 8) == greedy.generate([[1, 2, 3]], 8)
-    sampler = Generator(cfg, params, Sampling(temperature=1.5, top_k=20, top_p=0.95))
+    sampler = Generator(ModelRunner(cfg, params), Sampling(temperature=1.5, top_k=20, top_p=0.95))
     a, b = sampler.generate([[1, 2, 3]] * 4, 10, seed=3), sampler.generate([[1, 2, 3]] * 4, 10, seed=3)
     assert a == b
     assert a != sampler.generate([[1, 2, 3]] * 4, 10, seed=4)
@@ -95,7 +96,7 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
 
 def test_generation_stops_at_a_stop_token_and_at_the_budget():
     cfg = tiny()
-    gen = Generator(cfg, params_for(cfg), Sampling(temperature=0))
+    gen = Generator(ModelRunner(cfg, params_for(cfg)), Sampling(temperature=0))
     free = gen.generate([[1, 2, 3], [4, 5]], 8)
     stop = free[0][2]  # the third token row 0 produces greedily
     streamed = []
@@ -117,11 +118,12 @@ def test_decoding_with_other_params_needs_no_new_generator():
     """What a policy being trained needs: the same jitted steps, the params given at each call."""
     cfg = tiny()
     params, other = params_for(cfg), params_for(cfg, seed=1)
-    shared = Generator(cfg, params, Sampling(temperature=0))
+    shared = Generator(ModelRunner(cfg, params), Sampling(temperature=0))
     prompts = [[5, 9, 11], [8, 4]]
-    assert shared.generate(prompts, 6, params=other) == Generator(cfg, other, Sampling(temperature=0)).generate(
-        prompts, 6)
+    alone = Generator(ModelRunner(cfg, other), Sampling(temperature=0)).generate(prompts, 6)
+    assert shared.generate(prompts, 6, params=other) == alone
     assert shared.generate(prompts, 6) != shared.generate(prompts, 6, params=other)
+    assert shared._prefill._cache_size() == shared._step._cache_size() == 1  # one compilation for both params
 
 
 @pytest.mark.slow
@@ -187,7 +189,7 @@ def test_generate_and_sample_report_an_empty_prompt_or_no_tokens_as_config_error
     """Library callers get the same one-line errors as the CLI, before anything is compiled or printed."""
     import io
     from llm_jax.inference.stream import sample
-    gen = Generator(tiny(), {"unused": jnp.zeros(1)})  # the checks come before the params are used
+    gen = Generator(ModelRunner(tiny(), {"unused": jnp.zeros(1)}))  # the checks come before the params are used
     for prompts, max_new_tokens, message in (([[1, 2]], 0, "max_new_tokens=0: must be >= 1"),
                                              ([[1, 2], []], 4, "prompt 1 is empty"),
                                              ([], 4, "no prompts")):
@@ -245,7 +247,7 @@ def test_generation_on_a_mesh_matches_one_device():
     mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
     on_mesh = jax.device_put(params, sharding.tree_shardings(nn.get_partition_spec(boxed)["params"], mesh))
     prompts = [[5, 9, 11, 3], [8, 4], [30, 31, 32], [7]]
-    alone = Generator(cfg, params, Sampling(temperature=0)).generate(prompts, 6)
-    sharded = Generator(cfg, on_mesh, Sampling(temperature=0))
+    alone = Generator(ModelRunner(cfg, params), Sampling(temperature=0)).generate(prompts, 6)
+    sharded = Generator(ModelRunner(cfg, on_mesh), Sampling(temperature=0))
     assert sharded.generate(prompts, 6) == alone
     assert len(jax.tree.leaves(on_mesh)[0].sharding.device_set) == 8

@@ -250,16 +250,3 @@ def test_slurm_requeue_script_runs_so(tmp_path, srun_status, script_status, requ
     expected = ["srun llm-jax train --config pretrain_tiny"] + (["scontrol requeue 4242"] if requeued else [])
     assert calls.read_text().splitlines() == expected
 
-
-def test_sweep_passes_requeue_to_the_slurm_script(tmp_path, capsys, corpus):
-    from llm_jax.cli.main import main as cli
-    sweep = tmp_path / "s.py"
-    sweep.write_text("from llm_jax.sweep.plan import Sweep\n\n\ndef sweep():\n    return Sweep(base='pretrain_tiny', "
-                     f"grid={{'model.n_layers': (1, 2)}}, overrides=('data.sources=text:{corpus}/*.txt',))\n")
-    argv = ["sweep", str(sweep), "--sweep-dir", str(tmp_path / "sweep"), "--dry-run", "--launcher"]
-    assert cli([*argv, "slurm", "--requeue"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("#SBATCH --requeue") == 2 and out.count('scontrol requeue "$SLURM_JOB_ID"') == 2
-    assert cli([*argv, "slurm"]) == 0 and "scontrol" not in capsys.readouterr().out
-    assert cli([*argv, "tpu", "--requeue"]) == 2
-    assert "launcher tpu takes no option requeue" in capsys.readouterr().err

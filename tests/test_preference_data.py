@@ -9,7 +9,7 @@ from llm_jax.config import Config, DataConfig, TrainConfig
 from llm_jax.data.batches import stack
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.chat.pairs import Pair, PairStats, iter_pair_groups, parse_pair
-from llm_jax.data.chat.preference import prepare_preference, render_answers, render_pair
+from llm_jax.data.chat.preference import PreparedPreference, prepare_preference, render_answers, render_pair
 from llm_jax.data.chat.sft import PreparedSFT
 from llm_jax.data.prepare import Prepared
 from llm_jax.data.chat.template import render_prompt
@@ -47,6 +47,11 @@ def write_jsonl(path, records):
 
 # --- records ---------------------------------------------------------------------------------------------
 
+def pair_groups(source, data_dir, stats=None):
+    """The pair groups of one source's records."""
+    return [group for _, group in iter_pair_groups((source,), data_dir, stats)]
+
+
 def test_hh_rlhf_real_pairs():
     assert parse_pair(HELLO, "x") == Pair((Message(U, "Hello, How are you?"),), "Hello, I’m doing quite well.",
                                           "Hello, I am doing well. What is your name?", 0.0)
@@ -83,7 +88,7 @@ def test_generic_forms(tmp_path):
                HELLO]
     write_jsonl(tmp_path / "p.jsonl", records)
     stats = PairStats()
-    groups = list(iter_pair_groups("pairs:*.jsonl", tmp_path, stats))
+    groups = pair_groups("pairs:*.jsonl", tmp_path, stats)
     assert groups == [[Pair((Message(U, "What is two?"),), "Two.", "Three.", 1.5)],
                       [Pair((Message(S, "Be brief."), Message(U, "Hi")), "Hello!", "Go away.", 0.0)],
                       [parse_pair(HELLO, "x")]]
@@ -106,12 +111,12 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, error):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "chosen": "a", "rejected": "b"}) + "\n" + line + "\n")
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: .*{re.escape(error)}"):
-        list(iter_pair_groups(f"pairs:{path}", tmp_path))
+        pair_groups(f"pairs:{path}", tmp_path)
 
 
 def test_unknown_kind_fails_before_reading(tmp_path):
     with pytest.raises(DataError, match=r"'nope:x'.*known: hh, pairs, qa_feedback"):
-        list(iter_pair_groups("nope:x", tmp_path))
+        pair_groups("nope:x", tmp_path)
 
 
 def qa_record(k, labels, predictions=None):
@@ -125,7 +130,7 @@ def test_qa_feedback_expands_labels(tmp_path):
                qa_record(1, [2, 0, 0, 0, 0, 1], ["a", "b", "same", "same"])]
     (tmp_path / "qa.json").write_text(json.dumps(records))
     stats = PairStats()
-    groups = list(iter_pair_groups("qa_feedback:qa.json", tmp_path, stats))
+    groups = pair_groups("qa_feedback:qa.json", tmp_path, stats)
     assert [[(p.chosen, p.rejected) for p in g] for g in groups] == [
         [("Answer 0.1", "Answer 0.2"), ("Answer 0.3", "Answer 0.1"), ("Answer 0.2", "Answer 0.3"),
          ("Answer 0.4", "Answer 0.3")],
@@ -134,7 +139,7 @@ def test_qa_feedback_expands_labels(tmp_path):
     assert (stats.n_records, stats.n_pairs) == (2, 5) and stats.skipped == {"tie": 6, "identical answers": 1}
     (tmp_path / "qa.json").write_text(json.dumps([records[0], qa_record(1, [1, 2])]))
     with pytest.raises(DataError, match=r"qa.json: record 1: 'preference' must be a list of 6"):
-        list(iter_pair_groups("qa_feedback:qa.json", tmp_path))
+        pair_groups("qa_feedback:qa.json", tmp_path)
 
 
 # --- rendering -------------------------------------------------------------------------------------------
@@ -191,10 +196,15 @@ def config(tmp_path, sources=("pairs:pairs.jsonl",), n_pairs=40, n_questions=10)
     return Config(task="reward", data=data)
 
 
+def prepared_pairs(cfg, out, tok) -> PreparedPreference:
+    prepare_preference(cfg, out, tok)
+    return PreparedPreference.load(out)
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tok):
     tmp = tmp_path_factory.mktemp("pref")
-    return prepare_preference(config(tmp), tmp / "prepared", tok)
+    return prepared_pairs(config(tmp), tmp / "prepared", tok)
 
 
 def all_rows(prepared, split):
@@ -237,9 +247,9 @@ def test_rows_hold_the_rendered_pairs(prepared, tok):
 
 
 def test_a_source_split_does_not_move_when_sources_are_added(tmp_path, tok):
-    one = prepare_preference(config(tmp_path), tmp_path / "one", tok)
+    one = prepared_pairs(config(tmp_path), tmp_path / "one", tok)
     both_cfg = config(tmp_path, sources=("pairs:pairs.jsonl", "qa_feedback:qa.json"))
-    both = prepare_preference(both_cfg, tmp_path / "both", tok)
+    both = prepared_pairs(both_cfg, tmp_path / "both", tok)
     for split in ("train", "eval"):
         n = one.meta["splits"][split]["pairs"]
         assert both.meta["splits"][split]["sources"]["pairs:pairs.jsonl"] == n
@@ -257,9 +267,9 @@ def test_a_source_split_does_not_move_when_sources_are_added(tmp_path, tok):
 
 def test_prepare_is_reused_and_checks_seq_len(tmp_path, tok, capsys):
     cfg = config(tmp_path, n_pairs=12)
-    first = prepare_preference(cfg, tmp_path / "p", tok)
+    first = prepared_pairs(cfg, tmp_path / "p", tok)
     assert "prepared preference" in capsys.readouterr().out
-    again = prepare_preference(cfg, tmp_path / "p", tok)
+    again = prepared_pairs(cfg, tmp_path / "p", tok)
     assert "reusing prepared preference pairs" in capsys.readouterr().out and again.meta == first.meta
     with pytest.raises(DataError, match="prepared for data.seq_len=48"):
         first.rows("train", 16)

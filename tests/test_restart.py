@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -18,7 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import set_flags
 from llm_jax.cli.main import main
+from llm_jax.train.checkpoint import committed_steps
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, EVERY = 12, 5
@@ -97,14 +100,20 @@ def reference(tmp_path_factory, argv):
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_a_kill_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path, argv, reference, moment,
-                                                                                  assert_same_run):
+                                                                                  assert_same_run, scalars):
     run_dir = tmp_path / "run"
     status, err = run(argv(run_dir), killer=MOMENTS[moment])
     assert status == -signal.SIGKILL, f"not killed at {moment} ({status}): {err[-2000:]}"
     assert not (run_dir / "results.json").exists()
+    resumed_from, restarted = max(committed_steps(run_dir), default=0), time.time()
     status, err = run(argv(run_dir))
     assert status == 0, err[-2000:]
     assert_same_run(run_dir, reference)
+    # It resumed from its last checkpoint: the steps up to it are the killed run's points, the rest are new.
+    events = scalars(run_dir, every_point=True)[1]
+    for tag in TAGS[:2]:
+        new = [e.step for e in events.Scalars(tag) if e.wall_time >= restarted]
+        assert new == list(range(resumed_from + 1, STEPS + 1)), f"{tag} (resumed from {resumed_from}): {new}"
     assert not list(run_dir.glob(".data.tmp-*")) and not list((run_dir / "checkpoints").glob("*tmp*"))
 
 
@@ -152,8 +161,7 @@ def test_sft_killed_while_rendering_its_dialogues_ends_as_an_uninterrupted_run(t
                                  for w in ("yes", "no", "maybe", "hello") * 10))
     sets = [f"data.sources=chat:{dialogues}", f"checkpoint.init_from={tiny_export}", "train.steps=6",
             "train.eval_every=3", "checkpoint.every=3"]
-    argv = lambda run_dir: ["train", "--config", "sft_tiny", "--run-dir", str(run_dir),  # noqa: E731
-                            *[flag for item in sets for flag in ("--set", item)]]
+    argv = lambda run_dir: ["train", "--config", "sft_tiny", "--run-dir", str(run_dir), *set_flags(sets)]  # noqa: E731
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     assert run(argv(reference))[0] == 0
     status, err = run(argv(run_dir), killer=("after", "llm_jax.data.chat.sft", "_prepare_into", 1))

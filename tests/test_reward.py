@@ -15,7 +15,7 @@ from flax import linen as nn
 from llm_jax import tasks
 from llm_jax.cli.main import main
 from llm_jax.config import Config, MeshConfig, RewardConfig, llama, to_json, validate
-from llm_jax.data.batches import PairBatch, positions_from_segments
+from llm_jax.data.batches import PairBatch, positions_from_segments, split_microbatches
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.errors import ConfigError
 from llm_jax.experiment import apply_overrides, load_experiment
@@ -229,7 +229,7 @@ def rm_train(mesh_cfg, devices=None, microbatches=1, steps=3):
         batch = PairBatch(inputs=rng.integers(8, 64, (8, 2, 16)).astype(np.int32) * segment_ids,
                           positions=positions_from_segments(segment_ids), segment_ids=segment_ids,
                           margin=rng.random(8).astype(np.float32), valid=(rng.random(8) < 0.8).astype(np.float32))
-        batch = PairBatch(*(v.reshape(microbatches, 8 // microbatches, *v.shape[1:]) for v in batch))
+        batch = split_microbatches(microbatches, batch)
         state, metrics = train_fn(state, sharding.global_batch(batch, step.batch_shardings(mesh, task, True)))
         history.append({k: float(v) for k, v in metrics.items()})
     return history

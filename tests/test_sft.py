@@ -7,6 +7,7 @@ from llm_jax.cli.main import main
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.chat.template import render_prompt
 from llm_jax.inference.generate import Generator, Sampling
+from llm_jax.inference.runner import ModelRunner
 from llm_jax.train.export import load_for_inference
 
 QA = [("what is the capital of france?", "paris."), ("what color is the sky?", "blue, mostly."),
@@ -28,7 +29,7 @@ def test_fine_tuned_model_reproduces_its_answers_greedily(tmp_path, capsys, tiny
     assert "assistant tokens to train on" in out and "gzip" not in out  # SFT scores answers, no compressors
 
     cfg, params, tok = load_for_inference(sft_run)
-    gen = Generator(cfg.model, params, Sampling(temperature=0))
+    gen = Generator(ModelRunner(cfg.model, params), Sampling(temperature=0))
     end = tok.special_ids["<|end|>"]
     prompts = [render_prompt([Message("user", q)], tok).tolist() for q, _ in QA]
     answers = gen.generate(prompts, 16, stop_ids=[end, tok.eos_id])

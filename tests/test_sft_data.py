@@ -9,9 +9,10 @@ import pytest
 from llm_jax.config import Config, DataConfig, TrainConfig
 from llm_jax.data.batches import TokenBatch, stack
 from llm_jax.data.chat.dialogue import Message
-from llm_jax.data.chat.sft import pack, prepare_sft, row_arrays, row_batch
+from llm_jax.data.chat.sft import PreparedSFT, pack, prepare_sft, row_arrays, row_batch
 from llm_jax.data.chat.template import render
 from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.errors import DataError
 from llm_jax.tasks.losses import token_nats, weighted_sums
 from llm_jax.tasks.sft import SFT
 
@@ -42,10 +43,15 @@ def config(tmp_path, n_dialogues=60, eval_fraction=0.2, seq_len=SEQ_LEN, extra=(
     return dataclasses.replace(Config(), data=data)
 
 
+def prepared_sft(cfg, out, tok) -> PreparedSFT:
+    prepare_sft(cfg, out, tok)
+    return PreparedSFT.load(out)
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tok):
     tmp = tmp_path_factory.mktemp("sft")
-    return prepare_sft(config(tmp), tmp / "prepared", tok)
+    return prepared_sft(config(tmp), tmp / "prepared", tok)
 
 
 def test_hand_checked_row():
@@ -152,7 +158,7 @@ def test_truncated_away_examples_are_dropped_and_counted(tmp_path, tok):
     long_prompt = json.dumps({"messages": [{"role": U, "content": "Hello, how are you? " * 40},
                                            {"role": A, "content": "Fine."}]})
     cfg = config(tmp_path, n_dialogues=30, eval_fraction=0.1, extra=[long_prompt] * 5)
-    prepared = prepare_sft(cfg, tmp_path / "p", tok)
+    prepared = prepared_sft(cfg, tmp_path / "p", tok)
     splits = prepared.meta["splits"]
     assert splits["train"]["dropped_truncated"] + splits["eval"]["dropped_truncated"] == 5
     assert prepared.meta["dialogues"] == 35 and splits["train"]["dialogues"] + splits["eval"]["dialogues"] == 35
@@ -162,14 +168,22 @@ def test_truncated_away_examples_are_dropped_and_counted(tmp_path, tok):
 def test_prepare_is_reused_and_skips_are_counted(tmp_path, tok, capsys):
     bad = json.dumps({"messages": [{"role": U, "content": "no answer"}]})
     cfg = config(tmp_path, n_dialogues=20, extra=[bad])
-    first = prepare_sft(cfg, tmp_path / "p", tok)
+    first = prepared_sft(cfg, tmp_path / "p", tok)
     assert first.meta["skipped"] == {"does not end with the assistant": 1}
-    again = prepare_sft(cfg, tmp_path / "p", tok)
+    again = prepared_sft(cfg, tmp_path / "p", tok)
     assert "reusing" in capsys.readouterr().out and again.meta == first.meta
     with pytest.raises(Exception, match="seq_len"):
         prepare_sft(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=16)), tmp_path / "p", tok)
     with pytest.raises(Exception, match="prepared for data.seq_len=80"):
         first.rows("train", 16)
+
+
+def test_a_missing_array_is_named_when_loading(tmp_path, tok):
+    prepare_sft(config(tmp_path, n_dialogues=20), tmp_path / "p", tok)
+    (tmp_path / "p" / "eval-mask.npy").unlink()
+    with pytest.raises(DataError, match=f"^{tmp_path / 'p' / 'eval-mask.npy'}: missing \\(a damaged or partly "
+                                        r"copied data directory\); prepare it again$"):
+        PreparedSFT.load(tmp_path / "p")
 
 
 def test_two_processes_make_the_global_batch(prepared):
@@ -230,6 +244,6 @@ def test_a_tokenizer_without_chat_tokens_gets_text_tags_and_eos(tmp_path):
     answer = list(tok.encode("Paris.")) + [tok.eos_id]
     assert ids[mask].tolist() == answer  # exactly the answer and the EOS that ends it are trained
     assert ids.tolist()[-len(answer) - len(tags["assistant"]):-len(answer)] == list(tags["assistant"])
-    prepared = prepare_sft(config(tmp_path, n_dialogues=20), tmp_path / "p", f"{model}.model")
+    prepared = prepared_sft(config(tmp_path, n_dialogues=20), tmp_path / "p", f"{model}.model")
     batch = prepared.rows("train", SEQ_LEN)[0]
     assert batch.weights.sum() > 0 and (batch.inputs >= 0).all()

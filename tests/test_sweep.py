@@ -170,6 +170,16 @@ def test_slurm_writes_and_submits_a_script_per_point_and_keeps_going(tmp_path, c
     assert "| n_layers=1 | not started | 0 |" in write_report(sweep_dir).read_text()
 
 
+def test_sweep_passes_requeue_to_the_slurm_script(tmp_path, capsys, write_sweep):
+    argv = ["sweep", str(write_sweep()), "--sweep-dir", str(tmp_path / "sweep"), "--dry-run", "--launcher"]
+    assert main([*argv, "slurm", "--requeue"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("#SBATCH --requeue") == 2 and out.count('scontrol requeue "$SLURM_JOB_ID"') == 2
+    assert main([*argv, "slurm"]) == 0 and "scontrol" not in capsys.readouterr().out
+    assert main([*argv, "tpu", "--requeue"]) == 2
+    assert "launcher tpu takes no option requeue" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("grid, points, message", [
     ('{"model.n_layer": (1, 2)}', "()", "did you mean model.n_layers?"),
     ('{"model.n_layers": (1, 0)}', "()", "point n_layers=0: model.n_layers=0 must be positive"),

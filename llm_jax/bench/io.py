@@ -20,6 +20,7 @@ from llm_jax import tasks
 from llm_jax.bench.train import bench_setup, real_source
 from llm_jax.config import Config
 from llm_jax.inference.generate import Generator, Sampling
+from llm_jax.inference.runner import ModelRunner
 from llm_jax.model import Transformer
 from llm_jax.train import checkpoint
 
@@ -42,7 +43,7 @@ def bench_generate(cfg: Config, prompt_len: int = 32, new_tokens: int = 128) -> 
     """Decode tokens/s with the KV cache (greedy, random weights) at batch 1 and 16."""
     dummy = np.zeros((1, 8), np.int32)
     params = nn.unbox(Transformer(cfg.model).init(jax.random.key(0), dummy, dummy, dummy + 1))["params"]
-    generator = Generator(cfg.model, params, Sampling(temperature=0))
+    generator = Generator(ModelRunner(cfg.model, params), Sampling(temperature=0))
     rates = {}
     for batch in (1, 16):
         prompts = np.random.default_rng(0).integers(8, cfg.model.vocab_size, (batch, prompt_len)).tolist()

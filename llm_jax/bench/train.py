@@ -189,7 +189,7 @@ def torch_reference():
 def run(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool = False, profile: str | None = None,
         compare_torch: bool = False) -> str:
     """What `llm-jax bench train` prints."""
-    if compare_torch and tasks.make(cfg, check=False).head != "lm":
+    if compare_torch and tasks.TASKS[cfg.task].head != "lm":
         raise ConfigError(f"--compare-torch: the PyTorch reference is a language model, task={cfg.task} is not")
     result = bench_train(cfg, steps, warmup, real_data, profile)
     lines = [f"bench train {cfg.name}", format_train(result)]

@@ -42,7 +42,7 @@ def _eval(args: argparse.Namespace) -> int:
     texts = [text for _, text in read_texts(args.text, args.jsonl, args.field)]
     cfg, runner, tokenizer = ModelRunner.load(Path(args.checkpoint), args.step)
     context = args.context or cfg.data.seq_len
-    totals = evaluate_texts(cfg, runner, tokenizer, texts, context, args.stride or max(1, context // 2))
+    totals = evaluate_texts(runner, tokenizer, texts, context, args.stride or max(1, context // 2))
     print(format_report(report(totals, texts), args.json))
     return 0
 

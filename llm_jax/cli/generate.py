@@ -32,9 +32,9 @@ def _generator(args: argparse.Namespace, prompt: str | None = None):
     from llm_jax.inference.runner import ModelRunner
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     check_sampling(sampling, args.max_tokens, prompt=prompt)  # before loading: a bad flag costs nothing
-    cfg, runner, tokenizer = ModelRunner.load(Path(args.checkpoint), args.step)
-    check_sampling(sampling, args.max_tokens, model=cfg.model)  # the bounds only the model knows
-    return Generator(cfg.model, runner.params, sampling), tokenizer
+    _, runner, tokenizer = ModelRunner.load(Path(args.checkpoint), args.step)
+    check_sampling(sampling, args.max_tokens, model=runner.cfg)  # the bounds only the model knows
+    return Generator(runner, sampling), tokenizer
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -5,12 +5,7 @@ import argparse
 from pathlib import Path
 
 from llm_jax.cli.args import experiment_args, resolve
-
-# Options of the launchers (llm_jax/launch/) that a sweep passes through, with their types (unset: left out).
-_LAUNCHER_OPTIONS = (("num_processes", int), ("devices_per_process", int), ("port", int), ("nodes", int),
-                     ("gpus_per_node", int), ("cpus_per_task", int), ("tasks", str), ("time", str),
-                     ("partition", str), ("account", str), ("setup", str), ("log_dir", str), ("tpu_name", str),
-                     ("zone", str), ("project", str), ("accelerator_type", str), ("runtime_version", str))
+from llm_jax.launch.main import add_sweep_options
 
 
 def add_commands(sub) -> None:
@@ -43,13 +38,7 @@ def _sweep_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, default=1, help="local launcher: runs at a time")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every point (repeatable)")
-    group = parser.add_argument_group("launcher options", "as for launch/<kind> (see llm_jax/launch/)")
-    for name, typ in _LAUNCHER_OPTIONS:
-        group.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
-    group.add_argument("--repo", dest="repo_url_or_dir", default=None, help="tpu: git URL or local checkout")
-    group.add_argument("--queued", action="store_true", default=None, help="tpu: request a queued resource")
-    group.add_argument("--requeue", action="store_true", default=None,
-                       help="slurm: requeue a run's job when it is preempted (exit 75), to resume it")
+    parser.set_defaults(launcher_option_names=add_sweep_options(parser))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -68,8 +57,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from llm_jax.sweep.run import run_sweep
-    names = {name for name, _ in _LAUNCHER_OPTIONS} | {"repo_url_or_dir", "queued", "requeue"}
-    options = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    options = {name: getattr(args, name) for name in args.launcher_option_names if hasattr(args, name)}
     return run_sweep(args.sweep, args.launcher, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None,
                      dry_run=args.dry_run, parallel=args.parallel, launcher_options=options,
                      extra_overrides=args.overrides)

@@ -49,9 +49,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from llm_jax import tasks
-    cfg = resolve(args)
-    tasks.make(cfg).prepare(Path(args.out))
-    print(f"prepared data in {args.out}; train on it with --set data.prepared={args.out}")
+    task = tasks.make(resolve(args))
+    task.prepare(Path(args.out))
+    data = task.load(Path(args.out))  # what training will read: damaged or reused data fails here, not there
+    print(f"prepared data in {args.out} ({task.describe(data)}); train on it with --set data.prepared={args.out}")
     return 0
 
 

@@ -32,7 +32,6 @@ _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG EBOOK
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages"}
 _POEM_HEADINGS = ("title", "rhythmic", "chapter", "type")
 _POEM_TEXTS = ("paragraphs", "para", "content")
-KINDS = ("python_stdlib", "text", "gutenberg", "jsonl", "chinese_poetry", "squad")
 
 
 def iter_documents(sources: tuple[str, ...], data_dir: Path, max_bytes: int = 0) -> Iterator[str]:
@@ -66,11 +65,9 @@ def _resolve(source: str, data_dir: Path) -> tuple[Reader, list[Path]]:
         if not sep or not field:
             raise DataError(f"data.sources entry {source!r} must look like jsonl:GLOB#FIELD")
         return functools.partial(_jsonl_documents, field=field), glob_source(source, pattern, data_dir)
-    readers = {"text": _whole_file, "gutenberg": _gutenberg_book, "chinese_poetry": _poetry_documents,
-               "squad": _squad_contexts}
-    if kind not in readers:
+    if kind not in READERS:
         raise DataError(f"data.sources entry {source!r}: unknown kind {kind!r} (known: {', '.join(KINDS)})")
-    return readers[kind], glob_source(source, pattern, data_dir)
+    return READERS[kind], glob_source(source, pattern, data_dir)
 
 
 def glob_source(source: str, pattern: str, data_dir: Path) -> list[Path]:
@@ -201,3 +198,8 @@ def _squad_contexts(path: Path) -> Iterator[str]:
         for paragraph in article.get("paragraphs", []):
             if isinstance(paragraph.get("context"), str):
                 yield paragraph["context"]
+
+
+READERS: dict[str, Reader] = {  # the kinds whose pattern is a plain glob, each file read by its reader
+    "text": _whole_file, "gutenberg": _gutenberg_book, "chinese_poetry": _poetry_documents, "squad": _squad_contexts}
+KINDS = ("python_stdlib", "jsonl", *READERS)

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import TYPE_CHECKING
 
 import grain
 import numpy as np
 from absl import flags
 
 from llm_jax.data.batches import TokenBatch, positions_from_segments, split_microbatches, stack
-from llm_jax.data.prepare import Prepared
 from llm_jax.data.shards import TokenArray
 from llm_jax.errors import DataError
+
+if TYPE_CHECKING:  # prepare.py builds its rows from PackedWindows
+    from llm_jax.data.prepare import Prepared
 
 
 class PackedWindows:
@@ -120,22 +123,11 @@ def ordered_batches(source, global_batch: int, process_index: int, process_count
 
 def eval_text(prepared: Prepared, seq_len: int, n_windows: int) -> bytes:
     """The exact UTF-8 bytes of the targets of the first n_windows eval windows (all there are, if fewer)."""
-    tokens = prepared.eval_tokens()
-    n_windows = min(n_windows, len(packed_windows(prepared, tokens, seq_len, "eval")))
-    return prepared.tokenizer.decode_bytes(tokens[1:n_windows * seq_len + 1])
+    n_windows = min(n_windows, len(prepared.rows("eval", seq_len)))
+    return prepared.tokenizer.decode_bytes(prepared.tokens("eval")[1:n_windows * seq_len + 1])
 
 
 def _local_batch(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
         raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
     return global_batch // process_count
-
-
-def packed_windows(prepared: Prepared, tokens: TokenArray, seq_len: int, split: str) -> PackedWindows:
-    """The packed windows of one split's tokens; a split shorter than one window is a DataError."""
-    packed = PackedWindows(tokens, seq_len, prepared.tokenizer.byte_lengths(), prepared.tokenizer.eos_id)
-    if not len(packed):
-        fix = "raise data.eval_fraction" if split == "eval" else "use more data or a smaller data.eval_fraction"
-        raise DataError(f"the {split} split of {prepared.path} has {len(tokens)} tokens, fewer than one window "
-                        f"of data.seq_len+1={seq_len + 1}; {fix} or lower data.seq_len")
-    return packed

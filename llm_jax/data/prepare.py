@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from llm_jax.config import Config, data_dir
 from llm_jax.data.corpus import iter_documents
-from llm_jax.data.shards import PreparedDir, TokenArray, publish
-from llm_jax.data.tokenizer import Tokenizer, text_chunks, train_tokenizer
+from llm_jax.data.pipeline import PackedWindows
+from llm_jax.data.shards import SPLITS, PreparedDir, TokenArray, token_dtype
+from llm_jax.data.tokenizer import Tokenizer, check_fits, text_chunks, train_tokenizer
 from llm_jax.errors import DataError
 
 FORMAT = 1  # bump when the layout or the tokenization changes: old directories then stop matching
@@ -36,45 +37,44 @@ class Prepared(PreparedDir):
     """Pretraining token shards (train and eval splits)."""
     KIND = "token shards"
 
-    def train_tokens(self) -> TokenArray:
-        return self._tokens("train")
-
-    def eval_tokens(self) -> TokenArray:
-        return self._tokens("eval")
-
-    def expected_sizes(self) -> list[tuple[Path, int]]:
-        itemsize = np.dtype(self.meta["dtype"]).itemsize
-        return [(self.path / name, n * itemsize) for split in ("train", "eval")
-                for name, n in zip(self.meta["splits"][split]["shards"], self.meta["splits"][split]["shard_tokens"])]
-
-    def _tokens(self, split: str) -> TokenArray:
+    def tokens(self, split: str) -> TokenArray:
         info = self.meta["splits"][split]
         return TokenArray([self.path / n for n in info["shards"]], info["shard_tokens"], self.meta["dtype"])
 
+    def rows(self, split: str, seq_len: int) -> PackedWindows:
+        """The split's packed windows (data/pipeline.py), for any seq_len; a split shorter than one window is a
+        DataError."""
+        tokens = self.tokens(split)
+        windows = PackedWindows(tokens, seq_len, self.tokenizer.byte_lengths(), self.tokenizer.eos_id)
+        if not len(windows):
+            fix = "raise data.eval_fraction" if split == "eval" else "use more data or a smaller data.eval_fraction"
+            raise DataError(f"the {split} split of {self.path} has {len(tokens)} tokens, fewer than one window "
+                            f"of data.seq_len+1={seq_len + 1}; {fix} or lower data.seq_len")
+        return windows
 
-def prepare(cfg: Config, out_dir: Path) -> Prepared:
-    """Tokenizes cfg's corpus into out_dir, or reuses what an identical data config left there."""
-    out_dir = Path(out_dir)
+    def expected_sizes(self) -> list[tuple[Path, int]]:
+        itemsize = np.dtype(self.meta["dtype"]).itemsize
+        return [(self.path / name, n * itemsize) for split in SPLITS
+                for name, n in zip(self.meta["splits"][split]["shards"], self.meta["splits"][split]["shard_tokens"])]
+
+
+def prepare(cfg: Config, out_dir: Path) -> None:
+    """Tokenizes cfg's corpus into out_dir, unless an identical data config left it there (Prepared.load reads it)."""
     given = _given_tokenizer(cfg)
-    meta = publish(out_dir, _fingerprint_fields(cfg, given),
-                   lambda tmp: {"format": FORMAT, **_prepare_into(cfg, tmp, given)}, Prepared.KIND)
-    if meta is None:
-        print(f"reusing prepared data in {out_dir} (same data config)")
-        return Prepared.load(out_dir)
-    prepared = Prepared.load(out_dir)
-    splits = prepared.meta["splits"]
-    print(f"prepared {out_dir}: {meta['documents']} documents, {meta['text_bytes'] / 1e6:.1f} MB of text, "
-          f"{splits['train']['tokens']} train + {splits['eval']['tokens']} eval tokens")
-    return prepared
+
+    def describe(meta: dict) -> str:
+        splits = meta["splits"]
+        return (f"prepared {out_dir}: {meta['documents']} documents, {meta['text_bytes'] / 1e6:.1f} MB of text, "
+                f"{splits['train']['tokens']} train + {splits['eval']['tokens']} eval tokens")
+    Prepared.publish(out_dir, _fingerprint_fields(cfg, given),
+                     lambda tmp: {"format": FORMAT, **_prepare_into(cfg, tmp, given)}, describe)
 
 
 def _given_tokenizer(cfg: Config) -> Tokenizer | None:
     if not cfg.data.tokenizer:
         return None
     tokenizer = Tokenizer.load(Path(cfg.data.tokenizer).expanduser())
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"data.tokenizer={cfg.data.tokenizer} has {tokenizer.vocab_size} pieces, more than "
-                        f"model.vocab_size={cfg.model.vocab_size}")
+    check_fits(tokenizer, cfg.model.vocab_size, f"data.tokenizer={cfg.data.tokenizer}")
     return tokenizer
 
 
@@ -102,15 +102,15 @@ def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer | None) -> dict:
                                     cfg.data.tokenizer_train_bytes)
     else:
         (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
-    dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
-    n_tokens = _tokenize(documents(), tokenizer, tmp / "stream.bin", np.dtype(dtype).newbyteorder("<"), n_bytes)
+    dtype = token_dtype(tokenizer.vocab_size).newbyteorder("<")
+    n_tokens = _tokenize(documents(), tokenizer, tmp / "stream.bin", dtype, n_bytes)
     n_eval = max(1, round(n_tokens * cfg.data.eval_fraction))
-    stream = np.memmap(tmp / "stream.bin", np.dtype(dtype).newbyteorder("<"), mode="r")
+    stream = np.memmap(tmp / "stream.bin", dtype, mode="r")
     splits = {"train": _write_shards(stream[:n_tokens - n_eval], tmp, "train"),
               "eval": _write_shards(stream[n_tokens - n_eval:], tmp, "eval")}
     del stream
     os.remove(tmp / "stream.bin")
-    return {"dtype": dtype, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+    return {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "tokenizer_sha256": tokenizer.sha256, "documents": n_docs, "text_bytes": n_bytes, "splits": splits}
 
 

@@ -1,10 +1,10 @@
 """Prepared data on disk: directories published atomically and reused when their config fingerprint
 matches, and memory-mapped arrays read from them (token shards, .npy rows) that grain workers can pickle.
 
-Every task's `prepare` writes through `publish`: files go to a temporary directory beside the target,
-meta.json (with the fingerprint of the config fields that made it) is written last, and the directory is
-renamed into place, so a crash leaves nothing half-written and a second process publishing the same data
-uses the first one's copy.
+Every task's `prepare` writes through `PreparedDir.publish`: files go to a temporary directory beside the
+target, meta.json (with the fingerprint of the config fields that made it) is written last, and the directory
+is renamed into place, so a crash leaves nothing half-written (the next publish removes what it left) and a
+second process publishing the same data uses the first one's copy.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import json
 import operator
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -104,6 +105,9 @@ class NpyRows:
         return f"{type(self).__name__}({next(iter(self.paths.values())).parent}, rows={len(self)})"
 
 
+SPLITS = ("train", "eval")
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedDir:
     """A directory of tokenized data: meta.json plus the tokenizer it was made with. KIND names what the
@@ -112,6 +116,34 @@ class PreparedDir:
     meta: dict
     tokenizer: Tokenizer
     KIND: ClassVar[str] = ""
+
+    @classmethod
+    def publish(cls, out_dir: Path, fields: dict, build: Callable[[Path], dict],
+                describe: Callable[[dict], str]) -> None:
+        """Makes out_dir hold this KIND of data made from `fields`, unless it already does: `build(tmp)` writes
+        the files into a temporary directory beside it and returns the meta, meta.json is written last, and the
+        directory is renamed into place. Prints describe(meta), or that the data was reused."""
+        out_dir = Path(out_dir)
+        fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out_dir)
+        if matches_fingerprint(out_dir, fingerprint, fields):
+            print(f"reusing prepared {cls.KIND} in {out_dir} (same data config)")
+            return
+        tmp = _temporary(out_dir)
+        try:
+            meta = {"fingerprint": fingerprint, "kind": cls.KIND, "config": fields, **build(tmp)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            if out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            try:
+                os.rename(tmp, out_dir)
+            except OSError:  # another process published the same data first: use theirs
+                if not matches_fingerprint(out_dir, fingerprint, fields):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(describe(meta))
 
     @classmethod
     def load(cls, out_dir: str | Path):
@@ -128,63 +160,93 @@ class PreparedDir:
         prepared = cls(out_dir, meta, tokenizer)
         for path, size in prepared.expected_sizes():
             found = path.stat().st_size if path.is_file() else None
-            if found != size:
+            if found is None or found != size:
                 raise DataError(f"{path}: {'missing' if found is None else f'{found} bytes'}"
                                 f"{'' if size is None else f', {size} expected'} (a damaged or partly copied data "
                                 "directory); prepare it again")
         return prepared
 
     def expected_sizes(self) -> list[tuple[Path, int | None]]:
-        """Each data file with the size its description implies: here .npy arrays, from their own headers
-        (None: a header that promises more than the file holds)."""
-        sizes = []
-        for path in sorted(self.path.glob("*.npy")):
-            try:
-                array = np.load(path, mmap_mode="r")
-                sizes.append((path, array.offset + array.nbytes))
-            except ValueError:  # numpy refuses to map an array whose file is shorter than its header says
-                sizes.append((path, None))
-        return sizes
+        """Every data file the meta describes, with the size that implies (None: unknown, the file is damaged
+        or missing)."""
+        raise NotImplementedError
+
+    def rows(self, split: str, seq_len: int):
+        """The random-access rows of a split (the batch rows of the task that trains on this KIND)."""
+        raise NotImplementedError
 
     @property
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.model"
 
-    def check_seq_len(self, seq_len: int) -> None:
-        """Data rendered into fixed rows (SFT, preference pairs) fits only the seq_len it was made for."""
+
+class PreparedArrays(PreparedDir):
+    """Data rendered into fixed rows for one seq_len (SFT, preference pairs): per split, the .npy arrays
+    `{split}-{name}.npy` of equal length, one per name in ARRAYS, read as rows by `row_source`."""
+    ARRAYS: ClassVar[tuple[str, ...]] = ()
+
+    def array_paths(self, split: str) -> dict[str, Path]:
+        return {name: self.path / f"{split}-{name}.npy" for name in self.ARRAYS}
+
+    def expected_sizes(self) -> list[tuple[Path, int | None]]:
+        """Each array's size from its own .npy header."""
+        sizes = []
+        for path in (path for split in SPLITS for path in self.array_paths(split).values()):
+            try:
+                array = np.load(path, mmap_mode="r")
+                sizes.append((path, array.offset + array.nbytes))
+            except (FileNotFoundError, ValueError):  # ValueError: a file shorter than its header says
+                sizes.append((path, None))
+        return sizes
+
+    def rows(self, split: str, seq_len: int) -> NpyRows:
         if seq_len != self.meta["seq_len"]:
             raise DataError(f"{self.path} was prepared for data.seq_len={self.meta['seq_len']}, not {seq_len}; "
                             "prepare it again for this seq_len")
-
-    def nonempty(self, rows, split: str):
+        rows = self.row_source(self.array_paths(split))
         if not len(rows):
             raise DataError(f"the {split} split of {self.path} is empty; use more data or change "
                             "data.eval_fraction")
         return rows
 
+    def row_source(self, paths: dict[str, Path]) -> NpyRows:
+        """The rows over one split's arrays."""
+        raise NotImplementedError
 
-def publish(out_dir: Path, fields: dict, build: Callable[[Path], dict], kind: str) -> dict | None:
-    """Writes a data directory under a temporary name and renames it into place, so a crash leaves nothing
-    half-written. `build(tmp)` writes the files and returns the meta. Returns that meta, or None when
-    out_dir already holds data made from the same `fields` (then nothing is rebuilt)."""
-    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    if matches_fingerprint(out_dir, fingerprint, fields):
-        return None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every id of the vocabulary (on disk)."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _temporary(out_dir: Path) -> Path:
+    """A new directory beside out_dir, .NAME.tmp-HOST.PID.RANDOM: named for its writer, so that a later publish
+    can tell what a killed process left from what a live one is writing."""
+    return Path(tempfile.mkdtemp(prefix=f"{_host_prefix(out_dir)}{os.getpid()}.", dir=out_dir.parent))
+
+
+def _host_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.tmp-{socket.gethostname()}."
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Removes what publishing out_dir left when killed half-way: the temporaries of this host's processes that
+    are gone. Those of live ones (a concurrent job preparing the same shared data) are left alone."""
+    prefix = _host_prefix(out_dir)
+    for tmp in out_dir.parent.iterdir():
+        pid = tmp.name[len(prefix):].partition(".")[0] if tmp.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
     try:
-        meta = {"fingerprint": fingerprint, "kind": kind, "config": fields, **build(tmp)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # another process published the same data first: use theirs
-            if not matches_fingerprint(out_dir, fingerprint, fields):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return meta
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def matches_fingerprint(out_dir: Path, fingerprint: str, fields: dict) -> bool:

@@ -95,6 +95,12 @@ class Tokenizer(PieceTable):
         return [list(itertools.chain.from_iterable(itertools.islice(ids, len(ps)))) for ps in pieces]
 
 
+def check_fits(tokenizer: PieceTable, vocab_size: int, name: str) -> None:
+    """A model of model.vocab_size=vocab_size embeddings reads every id of the tokenizer (called `name`)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(f"{name} has {tokenizer.vocab_size} pieces, more than model.vocab_size={vocab_size}; "
+                        "raise model.vocab_size")
+
 
 def _piece_bytes(sp: spm.SentencePieceProcessor, i: int) -> bytes:
     if sp.is_byte(i):

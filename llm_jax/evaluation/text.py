@@ -11,7 +11,6 @@ The compressors see each text separately too; their bits are summed over texts.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llm_jax import tasks
 from llm_jax.data.batches import TokenBatch, positions_from_segments
 from llm_jax.data.corpus import jsonl_records, read_text
 from llm_jax.errors import ConfigError, DataError
 from llm_jax.evaluation import baselines
 from llm_jax.inference.runner import ModelRunner
-from llm_jax.tasks.losses import compression_rates
+from llm_jax.tasks.losses import compression_rates, next_token_sums
 
 
 @dataclass(frozen=True)
@@ -68,18 +66,18 @@ def read_texts(paths: list[str], jsonl: list[str], field: str) -> list[tuple[str
     return texts
 
 
-def objective(cfg, runner: ModelRunner):
+def objective(runner: ModelRunner):
     """(params, TokenBatch) -> summed nats, tokens and bytes: the pretraining task's objective, so that
     model.logits_chunk applies as in training."""
-    task, model = tasks.make(dataclasses.replace(cfg, task="pretrain"), check=False), runner.model()
-    return lambda params, batch: task.sums(model, params, batch)
+    model = runner.model()
+    return lambda params, batch: next_token_sums(model, params, batch)
 
 
-def evaluate_texts(cfg, runner: ModelRunner, tokenizer, texts: list[str], context: int, stride: int,
+def evaluate_texts(runner: ModelRunner, tokenizer, texts: list[str], context: int, stride: int,
                    batch_size: int = 16) -> dict:
     """Summed nats, tokens and bytes of every text under the model, scored in windows (see module doc)."""
     runner.check_length(context, "--context")
-    sums = runner.jit_batch(objective(cfg, runner), TokenBatch.axes())
+    sums = runner.jit_batch(objective(runner), TokenBatch.axes())
     batch_size = runner.round_rows(batch_size)
     byte_lengths = tokenizer.byte_lengths()
     all_windows = [w for ids in tokenizer.encode_batch(texts) for w in windows(ids, tokenizer.eos_id, context, stride)]
@@ -109,7 +107,8 @@ def report(totals: dict, texts: list[str]) -> dict:
     if int(totals["bytes"]) != n_bytes:
         raise RuntimeError(f"scored {int(totals['bytes'])} bytes but the texts have {n_bytes}: the byte table "
                            "and the tokenizer disagree")
-    compressors = {k: sum(baselines.bits_per_byte(d)[k] * len(d) for d in data) / n_bytes for k in baselines.LABELS}
+    per_text = [(baselines.bits_per_byte(d), len(d)) for d in data]  # each compressor runs once per text
+    compressors = {k: sum(bits[k] * size for bits, size in per_text) / n_bytes for k in baselines.LABELS}
     rates = compression_rates(totals)
     return {"texts": len(texts), "bytes": n_bytes, "tokens": int(totals["tokens"]),
             "bits_per_token": float(rates["bits_per_token"]), "bits_per_byte": float(rates["bits_per_byte"]),

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.atomic import write_atomic
-from llm_jax.config import ModelConfig
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import CheckpointError, DataError
 from llm_jax.inference.arithmetic import CODE_BITS, Decoder, Encoder, decode_symbol, quantise
@@ -83,10 +82,10 @@ def to_tokens(data: bytes, tokenizer: Tokenizer) -> list[int]:
 
 # ---- the model's next-token distributions, computed identically on both sides ----
 
-def model_sha256(cfg_model: ModelConfig, params) -> bytes:
+def model_sha256(runner: ModelRunner) -> bytes:
     """sha256 over the model config and every param leaf (path, dtype, shape, bytes) in tree order."""
-    h = hashlib.sha256(repr(cfg_model).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    h = hashlib.sha256(repr(runner.cfg).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(runner.params)[0]:
         host = np.ascontiguousarray(jax.device_get(leaf))
         h.update(f"{jax.tree_util.keystr(path)}|{host.dtype}|{host.shape}".encode())
         h.update(host.tobytes())
@@ -96,13 +95,12 @@ def model_sha256(cfg_model: ModelConfig, params) -> bytes:
 class Predictor:
     """One jitted decode step at batch 1; windows of `context` tokens, each from a fresh cache fed EOS first."""
 
-    def __init__(self, cfg_model: ModelConfig, params, tokenizer: Tokenizer, context: int):
-        self.params, self.context, self.eos = params, context, tokenizer.eos_id
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, context: int):
+        self.runner, self.context, self.eos = runner, context, tokenizer.eos_id
         self.vocab = tokenizer.vocab_size  # the model's table may be larger; those ids are never coded
-        self.runner = ModelRunner(cfg_model, params)
-        self.runner.check_length(context, "compression context")
-        self.model = self.runner.model(decode=True)
-        self._step = self.runner.jit(self._step_fn, donate_argnums=(1,))
+        runner.check_length(context, "compression context")
+        self.model = runner.model(decode=True)
+        self._step = runner.jit(self._step_fn, donate_argnums=(1,))
         self.cache = None
 
     def _step_fn(self, params, cache, token_1x1, position_1x1):
@@ -117,23 +115,22 @@ class Predictor:
             self.cache = self.runner.empty_cache(1, self.context)
             previous = self.eos
         inputs = np.array([[previous]], np.int32), np.array([[position]], np.int32)
-        logits_V, self.cache = self._step(self.params, self.cache, *inputs)
+        logits_V, self.cache = self._step(self.runner.params, self.cache, *inputs)
         return np.asarray(jax.device_get(logits_V))[:self.vocab]
 
 
 # ---- bytes in, bytes out ----
 
-def compress_with_stats(data: bytes, cfg_model: ModelConfig, params, tokenizer: Tokenizer,
-                        context: int) -> tuple[bytes, dict]:
+def compress_with_stats(data: bytes, runner: ModelRunner, tokenizer: Tokenizer, context: int) -> tuple[bytes, dict]:
     """The compressed blob and its stats (sizes, tokens, the model's cross-entropy in bits)."""
     tokens = to_tokens(data, tokenizer)
-    predictor, encoder, ce_bits = Predictor(cfg_model, params, tokenizer, context), Encoder(), 0.0
+    predictor, encoder, ce_bits = Predictor(runner, tokenizer, context), Encoder(), 0.0
     for i, token in enumerate(tokens):
         p_V, cum_V1 = quantise(predictor.logits(i, tokens[i - 1] if i else 0))
         ce_bits -= float(np.log2(p_V[token]))
         encoder.encode(int(cum_V1[token]), int(cum_V1[token + 1]), int(cum_V1[-1]))
     payload = encoder.finish() if tokens else b""
-    header = _HEADER.pack(MAGIC, VERSION, model_sha256(cfg_model, params), bytes.fromhex(tokenizer.sha256),
+    header = _HEADER.pack(MAGIC, VERSION, model_sha256(runner), bytes.fromhex(tokenizer.sha256),
                           len(data), len(tokens), context, zlib.crc32(data))
     blob = header + payload
     return blob, {"input_bytes": len(data), "output_bytes": len(blob), "payload_bytes": len(payload),
@@ -143,8 +140,8 @@ def compress_with_stats(data: bytes, cfg_model: ModelConfig, params, tokenizer: 
                   "model_bits_per_byte": ce_bits / len(data) if data else 0.0}
 
 
-def compress_bytes(data: bytes, cfg_model: ModelConfig, params, tokenizer: Tokenizer, context: int) -> bytes:
-    return compress_with_stats(data, cfg_model, params, tokenizer, context)[0]
+def compress_bytes(data: bytes, runner: ModelRunner, tokenizer: Tokenizer, context: int) -> bytes:
+    return compress_with_stats(data, runner, tokenizer, context)[0]
 
 
 def read_header(blob: bytes) -> dict:
@@ -159,25 +156,25 @@ def read_header(blob: bytes) -> dict:
             "context": context, "crc32": crc}
 
 
-def check_same_model(header: dict, cfg_model: ModelConfig, params, tokenizer: Tokenizer) -> None:
+def check_same_model(header: dict, runner: ModelRunner, tokenizer: Tokenizer) -> None:
     theirs, ours = header["tokenizer_sha256"].hex(), tokenizer.sha256
     if theirs != ours:
         raise CheckpointError(f"compressed with a different tokenizer (tokenizer sha256 {theirs[:12]}… vs "
                               f"{ours[:12]}…)")
-    theirs, ours = header["model_sha256"].hex(), model_sha256(cfg_model, params).hex()
+    theirs, ours = header["model_sha256"].hex(), model_sha256(runner).hex()
     if theirs != ours:
         raise CheckpointError(f"compressed with a different checkpoint (params sha256 {theirs[:12]}… vs "
                               f"{ours[:12]}…)")
 
 
-def decompress_bytes(blob: bytes, cfg_model: ModelConfig, params, tokenizer: Tokenizer) -> bytes:
+def decompress_bytes(blob: bytes, runner: ModelRunner, tokenizer: Tokenizer) -> bytes:
     header = read_header(blob)
-    check_same_model(header, cfg_model, params, tokenizer)
+    check_same_model(header, runner, tokenizer)
     if header["tokens"] == 0:
         if header["bytes"]:
             raise DataError("corrupt header: no tokens for a non-empty file")
         return b""
-    predictor, decoder = Predictor(cfg_model, params, tokenizer, header["context"]), Decoder(blob[HEADER_SIZE:])
+    predictor, decoder = Predictor(runner, tokenizer, header["context"]), Decoder(blob[HEADER_SIZE:])
     tokens: list[int] = []
     lengths_V = tokenizer.byte_lengths()
     n_bytes = 0
@@ -212,7 +209,7 @@ def compress_file(checkpoint_dir, in_path, out_path, step: int | None = None, co
     data = _read(Path(in_path))
     cfg, runner, tokenizer = ModelRunner.load(Path(checkpoint_dir), step)
     start = time.perf_counter()
-    blob, stats = compress_with_stats(data, cfg.model, runner.params, tokenizer, context or default_context(cfg))
+    blob, stats = compress_with_stats(data, runner, tokenizer, context or default_context(cfg))
     stats["seconds"] = time.perf_counter() - start
     write_atomic(Path(out_path), blob)
     return stats
@@ -222,9 +219,9 @@ def decompress_file(checkpoint_dir, in_path, out_path, step: int | None = None) 
     """Restores out_path from in_path; nothing is written unless the data decodes and its checksum matches."""
     blob = _read(Path(in_path))
     read_header(blob)  # a clear error before spending time on loading the model
-    cfg, runner, tokenizer = ModelRunner.load(Path(checkpoint_dir), step)
+    _, runner, tokenizer = ModelRunner.load(Path(checkpoint_dir), step)
     start = time.perf_counter()
-    data = decompress_bytes(blob, cfg.model, runner.params, tokenizer)
+    data = decompress_bytes(blob, runner, tokenizer)
     seconds = time.perf_counter() - start
     write_atomic(Path(out_path), data)
     return {"input_bytes": len(blob), "output_bytes": len(data), "seconds": seconds}

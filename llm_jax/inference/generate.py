@@ -103,16 +103,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
 class Generator:
     """Jitted prefill and decode steps for one model; reuse it across calls to keep the compilations.
 
-    Runs through a ModelRunner (runner.py): on the mesh the params are laid out on, with the model's
+    Runs through the given ModelRunner (runner.py): on the mesh its params are laid out on, with the model's
     logical sharding rules in force (batch over data and fsdp, heads over tensor, the KV cache sharded like
     the keys). The params are an argument of the jitted steps, so `generate(..., params=...)` decodes with
-    other values of the same shapes (a policy being trained) without compiling again.
+    other values of the same shapes as the runner's (a policy being trained) without compiling again.
     """
 
-    def __init__(self, cfg: ModelConfig, params, sampling: Sampling = Sampling()):
-        self.cfg, self.params, self.sampling = cfg, params, sampling
-        self.runner = ModelRunner(cfg, params)
-        self.model = self.runner.model(decode=True)
+    def __init__(self, runner: ModelRunner, sampling: Sampling = Sampling()):
+        self.runner, self.sampling = runner, sampling
+        self.model = runner.model(decode=True)
         self._prefill = self.runner.jit(self._prefill_fn)
         self._step = self.runner.jit(self._step_fn, donate_argnums=(1,))
 
@@ -131,7 +130,7 @@ class Generator:
                  on_tokens: Callable[[list[int | None]], None] | None = None, params=None) -> list[list[int]]:
         """New tokens for each prompt (a stop token included, nothing after it). `on_tokens` receives each
         step's token per row (None for rows already stopped), for streaming."""
-        params = self.params if params is None else params
+        params = self.runner.params if params is None else params
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         tokens, positions, segments, lengths = left_pad(prompts, pad_id)

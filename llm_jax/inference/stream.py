@@ -13,7 +13,7 @@ from llm_jax.data.chat.template import chat_tags, render_prompt
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import ConfigError
-from llm_jax.inference.generate import Generator
+from llm_jax.inference.generate import Generator, check_sampling
 
 
 class TextStream:
@@ -46,8 +46,8 @@ def sample(generator: Generator, tokenizer: Tokenizer, prompt: str, max_tokens: 
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ConfigError(f"prompt {prompt!r}: encodes to no tokens; generation needs at least 1")
-    if max_tokens < 1:  # checked here too, so that nothing is printed before the error
-        raise ConfigError(f"max_tokens={max_tokens}: must be >= 1")
+    # Here, not only in generate(), which would raise after the prompt is printed.
+    check_sampling(generator.sampling, max_tokens, model=generator.runner.cfg, name=str)
     out.write(prompt)
     stream = TextStream(tokenizer, out, stop_ids(tokenizer))
     tokens = generator.generate([ids], max_tokens, seed=seed, stop_ids=sorted(stop_ids(tokenizer)),

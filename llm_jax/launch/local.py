@@ -48,9 +48,9 @@ def multiprocess_commands(args: list[str], num_processes: int, devices_per_proce
             for i in range(num_processes)]
 
 
-def run_local(args: list[str], env: dict[str, str] | None = None) -> int:
-    """Runs `llm-jax ARGS` here, with `env` added to this environment; returns its exit status."""
-    process = subprocess.Popen(local_command(args), env=_run_env(env or {}))
+def run_local(args: list[str]) -> int:
+    """Runs `llm-jax ARGS` here; returns its exit status."""
+    process = subprocess.Popen(local_command(args))
     try:
         return _supervise([process])[1]
     finally:
@@ -106,9 +106,15 @@ def launch_multiprocess(opts, args: list[str]) -> int:
     return run_multiprocess(args, opts.num_processes, opts.devices_per_process, port)
 
 
+def process_lines(commands: list[tuple[dict[str, str], list[str]]]) -> list[str]:
+    """Each process of `commands` (as multiprocess_commands gives them) as a shell line: the environment
+    additions as the process gets them, then its argv. What a dry run prints."""
+    return [shlex.join([f"{key}={value}" for key, value in _effective_env(additions).items()] + argv)
+            for additions, argv in commands]
+
+
 def _print_processes(commands: list[tuple[dict[str, str], list[str]]]) -> int:
-    for additions, argv in commands:
-        print(shlex.join([f"{key}={value}" for key, value in _effective_env(additions).items()] + argv))
+    print("\n".join(process_lines(commands)))
     return 0
 
 

@@ -15,7 +15,7 @@ the launched command's (75: preempted after saving a checkpoint; the same comman
 
 For sweeps: local_command, multiprocess_commands (local.py), slurm_script (slurm.py) and tpu_commands
 (tpu.py) are pure builders; run_local and run_multiprocess (local.py) start the processes and return an
-exit status.
+exit status. add_sweep_options gives `llm-jax sweep` the options of these launchers, declared here once.
 """
 from __future__ import annotations
 
@@ -65,6 +65,14 @@ def _multiprocess_args(p: argparse.ArgumentParser) -> None:
 
 
 def _slurm_args(p: argparse.ArgumentParser) -> None:
+    _slurm_job_args(p)
+    p.add_argument("--job-name", help="default: the --config name in the llm-jax arguments, else llm-jax")
+    p.add_argument("--out", help="also write the script to this file (and submit that file)")
+    p.set_defaults(launch=launch_slurm)
+
+
+def _slurm_job_args(p: argparse.ArgumentParser) -> None:
+    """The options of a job, which a sweep gives all of its points' jobs (it names each job and script)."""
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--tasks", choices=("node", "gpu"), default="node",
@@ -73,13 +81,10 @@ def _slurm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time", default="24:00:00", help="time limit, e.g. 24:00:00")
     p.add_argument("--partition")
     p.add_argument("--account")
-    p.add_argument("--job-name", help="default: the --config name in the llm-jax arguments, else llm-jax")
     p.add_argument("--setup", default="", help="shell lines before srun, e.g. 'source .venv/bin/activate'")
     p.add_argument("--log-dir", default="slurm_logs", help="where each job's output goes (JOBNAME-JOBID.out)")
-    p.add_argument("--out", help="also write the script to this file (and submit that file)")
     p.add_argument("--requeue", action="store_true", help="when the run is preempted (exit 75, checkpoint "
                    "saved), requeue the job: it resumes from the checkpoint")
-    p.set_defaults(launch=launch_slurm)
 
 
 def _tpu_args(p: argparse.ArgumentParser) -> None:
@@ -89,10 +94,43 @@ def _tpu_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queued", action="store_true", help="first request the slice as a queued resource")
     p.add_argument("--accelerator-type", help="with --queued: e.g. v4-32, v5litepod-16, v6e-8")
     p.add_argument("--runtime-version", help="with --queued: the TPU VM image (default: Google's for JAX)")
-    p.add_argument("--repo", default=".", help="a git URL to clone, or the checkout to copy (default: .)")
+    p.add_argument("--repo", dest="repo_url_or_dir", metavar="URL_OR_DIR", default=".",
+                   help="a git URL to clone, or the checkout to copy (default: .)")
     p.add_argument("--setup", default=TPU_SETUP,
                    help="shell commands run on each worker before installing (default: a Python 3.11 venv)")
     p.set_defaults(launch=launch_tpu)
+
+
+def add_sweep_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Adds the options of the launchers a sweep drives (its --launcher) to the sweep's parser, as a group;
+    returns their names, which are those of the keyword arguments of the launchers' builders."""
+    group = parser.add_argument_group("launcher options", "as for launch/<kind> (see llm_jax/launch/)")
+    added = {}
+    for kind, add_arguments in (("local-multiprocess", _multiprocess_args), ("slurm", _slurm_job_args),
+                                ("tpu", _tpu_args)):
+        add_arguments(_SweepOptions(group, kind, added))
+    return list(added)
+
+
+class _SweepOptions:
+    """Stands in for a launcher's parser, to declare its options in a sweep's group as well. An option is
+    left out unless given, so that the launcher's own default applies and a required one (tpu's --zone) is
+    checked only with that launcher; one of two launchers (--setup) is added once, its help naming both."""
+
+    def __init__(self, group: argparse._ArgumentGroup, kind: str, added: dict[str, argparse.Action]):
+        self.group, self.kind, self.added = group, kind, added
+
+    def add_argument(self, *flags: str, **kwargs) -> None:
+        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        about = f"{self.kind}: {kwargs['help']}" if kwargs.get("help") else self.kind
+        if dest in self.added:
+            self.added[dest].help += f"; {about}"
+        else:
+            kwargs.update(default=argparse.SUPPRESS, required=False, help=about)
+            self.added[dest] = self.group.add_argument(*flags, **kwargs)
+
+    def set_defaults(self, **defaults) -> None:
+        pass  # the launcher's entry point: a sweep calls the launchers' builders itself
 
 
 def main(argv: list[str] | None = None) -> int:

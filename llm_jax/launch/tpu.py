@@ -66,10 +66,11 @@ def tpu_commands(args: list[str], *, tpu_name: str, zone: str, project: str | No
 
 def launch_tpu(opts, args: list[str]) -> int:
     """`launch tpu`: prints the gcloud commands (--dry-run) or runs them in order until one fails."""
-    if not _is_git_url(opts.repo) and not (Path(opts.repo) / "setup.py").is_file():
-        raise LaunchError(f"--repo {opts.repo}: no setup.py there; give the llm_jax checkout or a git URL")
+    repo = opts.repo_url_or_dir
+    if not _is_git_url(repo) and not (Path(repo) / "setup.py").is_file():
+        raise LaunchError(f"--repo {repo}: no setup.py there; give the llm_jax checkout or a git URL")
     commands = tpu_commands(args, tpu_name=opts.tpu_name, zone=opts.zone, project=opts.project,
-                            accelerator_type=opts.accelerator_type, queued=opts.queued, repo_url_or_dir=opts.repo,
+                            accelerator_type=opts.accelerator_type, queued=opts.queued, repo_url_or_dir=repo,
                             setup=opts.setup, runtime_version=opts.runtime_version)
     if opts.dry_run:
         print("\n".join(commands))

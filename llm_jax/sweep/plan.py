@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_jax import tasks
-from llm_jax.config import Config, from_dict, to_dict
-from llm_jax.errors import ConfigError
+from llm_jax.config import Config, to_dict
+from llm_jax.errors import ConfigError, RunDirError
 from llm_jax.experiment import EXPERIMENTS_DIR, apply_overrides, load_experiment, resolve
 from llm_jax.train.checkpoint import committed_steps
+from llm_jax.train.setup import saved_differences
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,13 @@ class Sweep:
 class Run:
     name: str
     run_dir: Path
-    overrides: tuple[str, ...]  # every --set of the point: the sweep's, the caller's, then its own
+    # Every --set its `train` gets: the sweep's, the caller's, the point's own, then data.prepared=`data`.
+    overrides: tuple[str, ...]
+    cfg: Config  # the config `train` resolves from those overrides, and writes to RUN_DIR/config.json
     hparams: dict  # every swept key -> its value in this run's config
     data: Path | None  # the shared prepared data, or None: the run uses data.prepared as its config sets it
-    data_overrides: tuple[str, ...] = ()  # the --set of the first point with this data, which prepares it
-    metrics: tuple[str, ...] = ()  # the scalars that sum up a run of its task (HParams metrics)
-    cfg: Config | None = None  # the config the run trains with (data.prepared set to `data` when shared)
+    data_overrides: tuple[str, ...]  # the --set, less data.prepared, of the first point with this data: prepare
+    metrics: tuple[str, ...]  # the scalars that sum up a run of its task (HParams metrics)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -113,11 +115,11 @@ def plan(sweep: Sweep, sweep_dir: Path, extra_overrides=()) -> list[Run]:
         if cfg in configs or any(r.name == name for r in runs):
             raise ConfigError(f"sweep {sweep.name!r}: points {configs.get(cfg, name)} and {name} are the same run")
         configs[cfg] = name
-        hparams = {k: _hparam_value(cfg, k) for k in keys}
         data = _shared_data(cfg, Path(sweep_dir))
-        trains = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=str(data))) if data else cfg
-        runs.append(Run(name, Path(sweep_dir) / name, overrides, hparams, data, preparers.setdefault(data, overrides),
-                        tuple(tag for tag, _ in task.summary_scalars), trains))
+        trains = (*overrides, f"data.prepared={data}") if data else overrides
+        runs.append(Run(name, Path(sweep_dir) / name, trains, resolve(apply_overrides(base, list(trains))),
+                        {k: _hparam_value(cfg, k) for k in keys}, data, preparers.setdefault(data, overrides),
+                        tuple(tag for tag, _ in task.summary_scalars)))
     return runs
 
 
@@ -154,8 +156,7 @@ def _shared_data(cfg: Config, sweep_dir: Path) -> Path | None:
 
 
 def train_args(sweep: Sweep, run: Run) -> list[str]:
-    sets = [*run.overrides, *([f"data.prepared={run.data}"] if run.data else [])]
-    return ["train", "--config", sweep.base, "--run-dir", str(run.run_dir), *_set_flags(sets)]
+    return ["train", "--config", sweep.base, "--run-dir", str(run.run_dir), *_set_flags(run.overrides)]
 
 
 def prepare_args(sweep: Sweep, run: Run) -> list[str]:
@@ -179,8 +180,8 @@ def run_state(run: Run) -> str:
         return f"resume from step {steps[-1]}"
     if (run.run_dir / "config.json").exists():
         try:
-            same = from_dict(json.loads((run.run_dir / "config.json").read_text())) == run.cfg
-        except (ValueError, TypeError):  # not a config llm_jax wrote
+            same = not saved_differences(run.run_dir, run.cfg)
+        except RunDirError:
             same = False
         return "restart from step 0 (an earlier attempt left no checkpoint)" if same else RESTART_AFRESH
     return "new"

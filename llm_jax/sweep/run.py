@@ -25,7 +25,8 @@ from pathlib import Path
 
 from llm_jax.atomic import write_atomic
 from llm_jax.errors import PREEMPTED_EXIT, LaunchError
-from llm_jax.launch.local import free_port, local_command, multiprocess_commands, run_local, run_multiprocess
+from llm_jax.launch.local import (free_port, local_command, multiprocess_commands, process_lines, run_local,
+                                  run_multiprocess)
 from llm_jax.launch.slurm import slurm_script
 from llm_jax.launch.tpu import tpu_commands
 from llm_jax.sweep.hparams import write_experiment, write_session
@@ -137,7 +138,7 @@ def _launch_multiprocess(sweep: Sweep, todo: list[Run], options: dict, dry_run: 
         for run in todo:
             commands = multiprocess_commands(train_args(sweep, run), options["num_processes"],
                                              options["devices_per_process"], port)
-            _show(run, [shlex.join([f"{k}={v}" for k, v in env.items()] + argv) for env, argv in commands])
+            _show(run, process_lines(commands))
         return {}
     return _one_after_another(todo, lambda run: run_multiprocess(train_args(sweep, run), **options))
 

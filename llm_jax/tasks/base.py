@@ -26,8 +26,8 @@ need no change (docs/architecture.md).
 
 Tasks whose batches the model itself produces (PPO, GRPO, RLOO: generate -> score -> update) plug in through
 `train_source`. The loop calls `source.next_batch(state)` once per step with the train state about to be
-updated. A rollout source builds an inference/generate.Generator on its first call, from the model config
-and that state's params; the Generator's jitted steps take the params as an argument
+updated. A rollout source builds an inference/generate.Generator on its first call, from a ModelRunner of
+the model config and that state's params; the Generator's jitted steps take the params as an argument
 (`generate(..., params=state.params)`), so every later rollout reuses the compilation. The source scores the
 completions with a reward model or a verifier loaded once (inference/score.py), computes advantages and the
 reference log-probabilities with the frozen params of checkpoint.init_from, and returns this process's rows
@@ -47,6 +47,7 @@ from typing import Any, ClassVar, Protocol
 
 from llm_jax.config import Config
 from llm_jax.data import pipeline
+from llm_jax.data.tokenizer import check_fits
 from llm_jax.errors import ConfigError
 from llm_jax.model import flops
 
@@ -122,11 +123,15 @@ class Task:
                               "set checkpoint.init_from=EXPORT or data.tokenizer=PATH")
 
     # --- data -----------------------------------------------------------------------------------------------
-    def prepare(self, out_dir: Path):
+    def prepare(self, out_dir: Path) -> None:
+        """Writes this config's data into out_dir, unless it holds them already; load(out_dir) reads them."""
         raise NotImplementedError
 
     def load(self, path: Path):
-        return self.prepared_type.load(path)
+        """The prepared data in path, its tokenizer checked to fit the model."""
+        data = self.prepared_type.load(path)
+        check_fits(data.tokenizer, self.cfg.model.vocab_size, str(data.tokenizer_path))
+        return data
 
     def rows(self, data, split: str):
         """The random-access rows (instances of batch_type) of a split of the loaded data."""

@@ -40,15 +40,11 @@ class Pretrain(NextToken):
     source_kinds = corpus.KINDS
     prepared_type = Prepared
 
-    def prepare(self, out_dir: Path) -> Prepared:
-        return prepare(self.cfg, out_dir)
-
-    def rows(self, data: Prepared, split: str) -> pipeline.PackedWindows:
-        tokens = data.train_tokens() if split == "train" else data.eval_tokens()
-        return pipeline.packed_windows(data, tokens, self.cfg.data.seq_len, split)
+    def prepare(self, out_dir: Path) -> None:
+        prepare(self.cfg, out_dir)
 
     def describe(self, data: Prepared) -> str:
-        return f"{len(data.train_tokens()):,} train / {len(data.eval_tokens()):,} eval tokens"
+        return f"{len(data.tokens('train')):,} train / {len(data.tokens('eval')):,} eval tokens"
 
     def finish(self, data: Prepared, evaluation: Evaluation) -> Summary:
         """The compressors on exactly the held-out bytes the model was scored on (the last batch may be

@@ -69,8 +69,8 @@ class RewardModel(Task):
     prepared_type = preference.PreparedPreference
     needs_tokenizer = True
 
-    def prepare(self, out_dir: Path) -> preference.PreparedPreference:
-        return preference.prepare_preference(self.cfg, out_dir, self.cfg.data.tokenizer)
+    def prepare(self, out_dir: Path) -> None:
+        preference.prepare_preference(self.cfg, out_dir, self.cfg.data.tokenizer)
 
     def sums(self, model, params, batch: PairBatch) -> dict:
         r_chosen_P, r_rejected_P = rewards(model, params, batch)

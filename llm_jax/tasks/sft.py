@@ -19,8 +19,8 @@ class SFT(NextToken):
     prepared_type = sft.PreparedSFT
     needs_tokenizer = True
 
-    def prepare(self, out_dir: Path) -> sft.PreparedSFT:
-        return sft.prepare_sft(self.cfg, out_dir, self.cfg.data.tokenizer)
+    def prepare(self, out_dir: Path) -> None:
+        sft.prepare_sft(self.cfg, out_dir, self.cfg.data.tokenizer)
 
     def describe(self, data: sft.PreparedSFT) -> str:
         train, held = data.meta["splits"]["train"], data.meta["splits"]["eval"]

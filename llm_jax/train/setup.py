@@ -84,19 +84,13 @@ def check_batch(cfg: Config, mesh) -> None:
 
 def load_data(task: Task, run_dir: Path):
     """A directory of prepared data if the config names one, else the task prepares it once into RUN_DIR/data
-    (reused when complete: data directories appear whole, see data/shards.publish)."""
+    (reused when complete: data directories appear whole, see data/shards.PreparedDir.publish)."""
     prepared = task.cfg.data.prepared
     if not prepared:
         if is_main():
-            for stale in run_dir.glob(".data.tmp-*"):  # what a preparation killed half-way left behind
-                shutil.rmtree(stale, ignore_errors=True)
             task.prepare(run_dir / "data")
         barrier("prepared")
-    data = task.load(Path(prepared) if prepared else run_dir / "data")
-    if data.tokenizer.vocab_size > task.cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer has {data.tokenizer.vocab_size} pieces but model.vocab_size="
-                          f"{task.cfg.model.vocab_size}; raise model.vocab_size")
-    return data
+    return task.load(Path(prepared) if prepared else run_dir / "data")
 
 
 def open_run_dir(run_dir: Path, fresh: bool, cfg: Config) -> RunDir:
@@ -110,12 +104,7 @@ def open_run_dir(run_dir: Path, fresh: bool, cfg: Config) -> RunDir:
     if (run_dir / "config.json").exists():
         if checkpoint.committed_steps(run_dir):
             return RunDir(resume=True, earlier_attempt=True, created=False)
-        try:
-            saved = from_dict(json.loads((run_dir / "config.json").read_text()))
-        except (ValueError, TypeError) as e:  # a config.json another program left (atomic writes leave none)
-            raise RunDirError(f"{run_dir / 'config.json'} is not an llm_jax config ({e}); pass --fresh to "
-                              "delete the directory and start over") from None
-        diffs = differences(saved, cfg)
+        diffs = saved_differences(run_dir, cfg)
         if diffs:
             raise RunDirError(f"run directory {run_dir} holds a run of another config with no checkpoint "
                               f"({'; '.join(diffs)}); pass --fresh to delete it and start over")
@@ -126,6 +115,17 @@ def open_run_dir(run_dir: Path, fresh: bool, cfg: Config) -> RunDir:
     except OSError as e:
         raise RunDirError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
     return RunDir(resume=False, earlier_attempt=False, created=created)
+
+
+def saved_differences(run_dir: Path, cfg: Config) -> list[str]:
+    """The keys in which the config an earlier attempt saved in RUN_DIR/config.json differs from cfg
+    (config.differences); a config.json llm_jax did not write is a RunDirError."""
+    try:
+        saved = from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (ValueError, TypeError) as e:  # a config.json another program left (atomic writes leave none)
+        raise RunDirError(f"{run_dir / 'config.json'} is not an llm_jax config ({e}); pass --fresh to "
+                          "delete the directory and start over") from None
+    return differences(saved, cfg)
 
 
 def _initial_state(cfg: Config, run_dir: Path, resume: bool, state, data):

@@ -119,25 +119,21 @@ def _transcript(text: str, where: str) -> list[Message]:
 
 # --- sources ---------------------------------------------------------------------------------------------
 
-def iter_pair_groups(source: str, data_dir: Path, stats: PairStats | None = None) -> Iterator[list[Pair]]:
-    """Yields, per record of one `kind:GLOB` source, its valid pairs (records with none are not yielded);
-    unusable pairs are counted in stats.skipped by reason."""
+def iter_pair_groups(sources: tuple[str, ...], data_dir: Path,
+                     stats: PairStats | None = None) -> Iterator[tuple[str, list[Pair]]]:
+    """Yields (source, its valid pairs) per record of the `kind:GLOB` sources, in order (records with none are
+    not yielded); unusable pairs are counted in stats.skipped by reason."""
     stats = PairStats() if stats is None else stats
-    loader, paths = _resolve(source, Path(data_dir))
-    for path in paths:
-        for results in loader(path):
-            stats.n_records += 1
-            group = [r for r in results if isinstance(r, Pair)]
-            stats.skipped.update(r for r in results if isinstance(r, str))
-            stats.n_pairs += len(group)
-            if group:
-                yield group
-
-
-def check_sources(sources: tuple[str, ...], data_dir: Path) -> None:
-    """Every source's kind is known and its pattern matches files: bad sources fail before any reading."""
-    for source in sources:
-        _resolve(source, Path(data_dir))
+    plans = [(source, *_resolve(source, Path(data_dir))) for source in sources]  # bad sources fail before reading
+    for source, loader, paths in plans:
+        for path in paths:
+            for results in loader(path):
+                stats.n_records += 1
+                group = [r for r in results if isinstance(r, Pair)]
+                stats.skipped.update(r for r in results if isinstance(r, str))
+                stats.n_pairs += len(group)
+                if group:
+                    yield source, group
 
 
 def _resolve(source: str, data_dir: Path) -> tuple[Loader, list[Path]]:

@@ -1,9 +1,10 @@
 """Reward-model data: preference pairs (pairs.py) rendered through the chat template into PairBatch rows.
 
 Preparation (prepare_preference, once per data config and tokenizer):
-  1. per source, its groups shuffled with the fixed SPLIT_SEED; the LAST max(1, round(n * data.eval_fraction))
-     groups of that order are held out for eval, so a source's eval pairs do not change when sources are added
-     and the pairs of one question never straddle the split; train and eval concatenate the sources in order;
+  1. per source, its groups split by prepared.split_indices (shuffled with the fixed SPLIT_SEED, the LAST
+     max(1, round(n * data.eval_fraction)) groups of that order held out for eval), so a source's eval pairs
+     do not change when sources are added and the pairs of one question never straddle the split; train and
+     eval concatenate the sources in order;
   2. each pair rendered by render_pair to two sequences of at most seq_len tokens, prompt + answer + <|end|>;
      when the longer one does not fit, the prompt loses its oldest tokens (it keeps at least half of seq_len,
      all of it if shorter) and the answers their ends, the same prompt cut for both answers;
@@ -27,16 +28,14 @@ import numpy as np
 from llm_jax.config import Config, data_dir
 from llm_jax.data.batches import PairBatch, positions_from_segments
 from llm_jax.data.chat.dialogue import Message
-from llm_jax.data.chat.pairs import Pair, PairStats, check_sources, iter_pair_groups
-from llm_jax.data.chat.prepared import publish_chat_data
+from llm_jax.data.chat.pairs import Pair, PairStats, iter_pair_groups
+from llm_jax.data.chat.prepared import publish_chat_data, split_indices
 from llm_jax.data.chat.template import chat_tags, render_prompt
-from llm_jax.data.shards import NpyRows, PreparedDir
+from llm_jax.data.shards import NpyRows, PreparedArrays, token_dtype
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import DataError
 
 FORMAT = 1  # bump when the layout, the split or the truncation changes: old directories then stop matching
-SPLIT_SEED = 0  # the train/eval split; fixed so that every run sees the same split
-ARRAYS = ("tokens", "lengths", "margins")
 
 
 # --- rendering -------------------------------------------------------------------------------------------
@@ -89,17 +88,18 @@ class PairRows(NpyRows):
 
 # --- preparation -----------------------------------------------------------------------------------------
 
-class PreparedPreference(PreparedDir):
+class PreparedPreference(PreparedArrays):
     """Rendered preference pairs (train and eval splits)."""
     KIND = "preference pairs"
+    ARRAYS = ("tokens", "lengths", "margins")
 
-    def rows(self, split: str, seq_len: int) -> PairRows:
-        self.check_seq_len(seq_len)
-        return self.nonempty(PairRows({k: self.path / f"{split}-{k}.npy" for k in ARRAYS}), split)
+    def row_source(self, paths: dict[str, Path]) -> PairRows:
+        return PairRows(paths)
 
 
-def prepare_preference(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedPreference:
-    """Renders cfg's preference pairs into out_dir, or reuses what an identical config left there."""
+def prepare_preference(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> None:
+    """Renders cfg's preference pairs into out_dir, unless an identical config left them there
+    (PreparedPreference.load reads them)."""
     out_dir = Path(out_dir)
 
     def describe(meta: dict) -> str:
@@ -108,24 +108,23 @@ def prepare_preference(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | 
                 f"(skipped: {meta['skipped']}; {s['train']['dropped_truncated'] + s['eval']['dropped_truncated']} "
                 f"dropped by truncation), {s['train']['pairs']} train + {s['eval']['pairs']} eval pairs of 2 x "
                 f"{cfg.data.seq_len} tokens, {s['train']['truncated'] + s['eval']['truncated']} truncated")
-    return publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedPreference, describe)
+    publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedPreference, describe)
 
 
 def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
     sources, root = cfg.data.sources, data_dir(cfg)
-    check_sources(sources, root)
-    stats, splits = PairStats(), {"train": [], "eval": []}
-    for source in sources:
-        groups = list(iter_pair_groups(source, root, stats))
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(groups))
-        n_eval = max(1, round(len(groups) * cfg.data.eval_fraction))
-        for split, idx in (("train", order[:len(order) - n_eval]), ("eval", order[len(order) - n_eval:])):
+    stats, by_source = PairStats(), {source: [] for source in sources}
+    for source, group in iter_pair_groups(sources, root, stats):
+        by_source[source].append(group)
+    splits = {"train": [], "eval": []}
+    for source, groups in by_source.items():
+        for split, idx in split_indices(len(groups), cfg.data.eval_fraction).items():
             splits[split] += [(source, pair) for i in idx for pair in groups[i]]
     if not stats.n_pairs:
         raise DataError(f"data.sources={list(sources)} yielded no usable preference pair "
                         f"(skipped: {dict(stats.skipped)})")
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.data.seq_len, "dtype": np.dtype(dtype).name,
+    dtype = token_dtype(tokenizer.vocab_size)
+    return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.data.seq_len, "dtype": dtype.name,
             "records": stats.n_records, "pairs": stats.n_pairs, "skipped": dict(stats.skipped),
             "splits": {split: _write_split(pairs, sources, tokenizer, cfg.data.seq_len, tmp / split, dtype)
                        for split, pairs in splits.items()}}
@@ -137,7 +136,7 @@ def _write_split(pairs: list[tuple[str, Pair]], sources: tuple[str, ...], tokeni
     kept = [r for r in rendered if not isinstance(r[2], str)]
     n = len(kept)
     tokens, lengths, margins = (np.lib.format.open_memmap(f"{prefix}-{k}.npy", "w+", t, shape)
-                                for k, t, shape in zip(ARRAYS, (dtype, np.int32, np.float32),
+                                for k, t, shape in zip(PreparedPreference.ARRAYS, (dtype, np.int32, np.float32),
                                                        ((n, 2, seq_len), (n, 2), (n,))))
     tokens[:] = tokenizer.pad_id
     for i, (_, margin, sequences, _) in enumerate(kept):

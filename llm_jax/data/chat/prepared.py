@@ -1,24 +1,28 @@
 """What preparing chat-rendered data shares (SFT rows, preference pairs): the tokenizer, checked against the
-model and told when it lacks chat tokens, and the data directory published with its fingerprint."""
+model and told when it lacks chat tokens, the seeded train/eval split, and the data directory published with
+its fingerprint."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from llm_jax.config import Config, data_dir
 from llm_jax.data.chat.template import chat_tags
 from llm_jax.data.pieces import PieceTable
-from llm_jax.data.shards import PreparedDir, publish
-from llm_jax.data.tokenizer import Tokenizer
-from llm_jax.errors import DataError
+from llm_jax.data.shards import PreparedDir
+from llm_jax.data.tokenizer import Tokenizer, check_fits
+
+SPLIT_SEED = 0  # the train/eval split (and so SFT's packing order); fixed so that every run sees the same split
 
 
 def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | Path, fmt: int,
                       prepare_into: Callable[[Config, Path, Tokenizer], dict], prepared: type[PreparedDir],
-                      describe: Callable[[dict], str]):
+                      describe: Callable[[dict], str]) -> None:
     """Data rendered through the chat template (SFT, preference pairs) into out_dir with its tokenizer, by
     `prepare_into(cfg, tmp, tokenizer) -> meta`, unless out_dir already holds the same data config's; prints
-    `describe(meta)` of what it made, and returns out_dir loaded as `prepared`."""
+    `describe(meta)` of what it made. `prepared.load(out_dir)` reads it."""
     tokenizer = chat_tokenizer(cfg, tokenizer)
     d = cfg.data
     fields = {"format": fmt, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
@@ -28,9 +32,7 @@ def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | P
         (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
         return {"format": fmt, **prepare_into(cfg, tmp, tokenizer)}
 
-    meta = publish(out_dir, fields, build, prepared.KIND)
-    print(f"reusing prepared {prepared.KIND} in {out_dir} (same data config)" if meta is None else describe(meta))
-    return prepared.load(out_dir)
+    prepared.publish(Path(out_dir), fields, build, describe)
 
 
 def chat_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:
@@ -38,10 +40,16 @@ def chat_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:
     chat tokens (an imported model's) gets text tags (template.chat_tags), and is told so."""
     if not isinstance(tokenizer, PieceTable):
         tokenizer = Tokenizer.load(Path(tokenizer).expanduser())
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than "
-                        f"model.vocab_size={cfg.model.vocab_size}")
+    check_fits(tokenizer, cfg.model.vocab_size, "the tokenizer")
     if len(chat_tags(tokenizer)["user"]) > 1:
         print("the tokenizer has no chat tokens of its own: role tags are written as text (<|user|> ...) and a "
               "turn ends with EOS")
     return tokenizer
+
+
+def split_indices(n: int, eval_fraction: float) -> dict[str, np.ndarray]:
+    """The indices of n items shuffled with the fixed SPLIT_SEED, by split: the LAST max(1, round(n *
+    eval_fraction)) of that order are held out for eval, the rest are train, each split in that order."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_eval = max(1, round(n * eval_fraction))
+    return {"train": order[:n - n_eval], "eval": order[n - n_eval:]}

@@ -6,8 +6,9 @@ tokens (content and the assistant's closing <|end|>), 0 elsewhere.
 
 Preparation (prepare_sft, once per data config and tokenizer):
   1. every dialogue of iter_dialogues, in order, rendered by template.render(d, tok, max_len=seq_len + 1);
-  2. the dialogues shuffled with the fixed SPLIT_SEED; the LAST max(1, round(n * data.eval_fraction)) of that
-     order are held out for eval (so eval mixes all sources), the rest are train, each split in that order;
+  2. the dialogues split by prepared.split_indices: shuffled with the fixed SPLIT_SEED, the LAST
+     max(1, round(n * data.eval_fraction)) of that order held out for eval (so eval mixes all sources), the
+     rest train, each split in that order;
   3. an example whose loss_mask has no True left after the cut is dropped and counted (dropped_truncated);
   4. best-fit packing, per split, in that order: each example goes into the open row with the least room that
      still holds it whole (a new row if none does); no example is split across rows;
@@ -30,15 +31,13 @@ import numpy as np
 from llm_jax.config import Config, data_dir
 from llm_jax.data.batches import TokenBatch, positions_from_segments
 from llm_jax.data.chat.dialogue import DialogueStats, Message, iter_dialogues
-from llm_jax.data.chat.prepared import publish_chat_data
+from llm_jax.data.chat.prepared import publish_chat_data, split_indices
 from llm_jax.data.chat.template import render
-from llm_jax.data.shards import NpyRows, PreparedDir
+from llm_jax.data.shards import NpyRows, PreparedArrays, token_dtype
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import DataError
 
 FORMAT = 1  # bump when the layout, the split or the packing changes: old directories then stop matching
-SPLIT_SEED = 0  # the train/eval split and the packing order; fixed so that every run sees the same split
-ARRAYS = ("tokens", "segments", "mask")
 
 Example = tuple[np.ndarray, np.ndarray]  # (ids, loss_mask) of one rendered dialogue
 
@@ -110,18 +109,18 @@ class PackedRows(NpyRows):
 
 # --- preparation -----------------------------------------------------------------------------------------
 
-class PreparedSFT(PreparedDir):
+class PreparedSFT(PreparedArrays):
     """Packed dialogue rows (train and eval splits)."""
     KIND = "packed dialogues"
+    ARRAYS = ("tokens", "segments", "mask")
 
-    def rows(self, split: str, seq_len: int) -> PackedRows:
-        self.check_seq_len(seq_len)
-        rows = PackedRows({k: self.path / f"{split}-{k}.npy" for k in ARRAYS}, self.tokenizer.byte_lengths())
-        return self.nonempty(rows, split)
+    def row_source(self, paths: dict[str, Path]) -> PackedRows:
+        return PackedRows(paths, self.tokenizer.byte_lengths())
 
 
-def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> PreparedSFT:
-    """Renders and packs cfg's dialogues into out_dir, or reuses what an identical config left there."""
+def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> None:
+    """Renders and packs cfg's dialogues into out_dir, unless an identical config left them there
+    (PreparedSFT.load reads them)."""
     out_dir = Path(out_dir)
 
     def describe(meta: dict) -> str:
@@ -131,7 +130,7 @@ def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | P
                 f"{s['train']['rows']} train + {s['eval']['rows']} eval rows of {cfg.data.seq_len + 1}, "
                 f"{s['train']['assistant_tokens']} train assistant tokens, "
                 f"packing {s['train']['packing_efficiency']:.1%}")
-    return publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedSFT, describe)
+    publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedSFT, describe)
 
 
 def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
@@ -141,13 +140,11 @@ def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
     if not examples:
         raise DataError(f"data.sources={list(cfg.data.sources)} yielded no trainable dialogue "
                         f"(skipped: {dict(stats.skipped)})")
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(examples))
-    n_eval = max(1, round(len(examples) * cfg.data.eval_fraction))
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    dtype = token_dtype(tokenizer.vocab_size)
     splits = {split: _write_split([examples[i] for i in idx], tmp, split, cfg.data.seq_len + 1,
                                   tokenizer.pad_id, dtype)
-              for split, idx in (("train", order[:len(order) - n_eval]), ("eval", order[len(order) - n_eval:]))}
-    return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.data.seq_len, "dtype": np.dtype(dtype).name,
+              for split, idx in split_indices(len(examples), cfg.data.eval_fraction).items()}
+    return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.data.seq_len, "dtype": dtype.name,
             "dialogues": stats.n_yielded, "skipped": dict(stats.skipped), "splits": splits}
 
 
@@ -161,7 +158,7 @@ def _write_split(examples: list[Example | None], out: Path, split: str, capacity
     kept = [e for e in examples if e is not None]
     rows = pack([len(ids) for ids, _ in kept], capacity)
     arrays = {k: np.lib.format.open_memmap(out / f"{split}-{k}.npy", "w+", t, (len(rows), capacity))
-              for k, t in zip(ARRAYS, (dtype, np.uint16, np.uint8))}
+              for k, t in zip(PreparedSFT.ARRAYS, (dtype, np.uint16, np.uint8))}
     for r, row in enumerate(rows):
         for k, v in row_arrays([kept[i] for i in row], capacity, pad_id, dtype).items():
             arrays[k][r] = v

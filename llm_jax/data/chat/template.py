@@ -24,6 +24,8 @@ joins the dialogue as Message("assistant", text), which re-renders to exactly th
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from llm_jax.data.chat.dialogue import ROLES, Message, dialogue_problem
@@ -76,6 +78,17 @@ def chat_tags(tokenizer: Tokenizer) -> dict[str, tuple[int, ...]]:
     missing, collide, or fall back to unk/eos) gets text tags: "<|user|>\n" encoded as ordinary tokens, and EOS
     as the end of a turn, so that SFT, reward models and chat still work on imported models.
     """
+    tags = _TAGS.get(tokenizer)
+    if tags is None:
+        tags = _TAGS[tokenizer] = _chat_tags(tokenizer)
+    return tags
+
+
+# Tags by tokenizer: encoding text tags costs as much as rendering a short dialogue, which asks for them per row.
+_TAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _chat_tags(tokenizer: Tokenizer) -> dict[str, tuple[int, ...]]:
     special = tokenizer.special_ids  # keyed by the token text, "<|user|>" -> id
     ids = list(special.values())
     if len(set(ids)) == len(ids) and not {tokenizer.unk_id, tokenizer.eos_id} & set(ids):
