@@ -121,10 +121,22 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """Preference optimisation without a reward model (tasks/dpo.py). With h = (log π(chosen) - log ref(chosen))
+    - (log π(rejected) - log ref(rejected)), log-probabilities summed over each answer's tokens:
+    sigmoid (DPO) -(1-ε) log σ(βh) - ε log σ(-βh), ε = label_smoothing; ipo (h - 1/(2β))²."""
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo
+    label_smoothing: float = 0.0  # sigmoid only: the assumed probability that a pair's label is flipped
+    reference: str = ""  # an export whose params are the frozen reference; empty: checkpoint.init_from's
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "default"
     # The training algorithm (tasks/): pretrain (next-token prediction on documents), sft (on dialogues, loss
-    # on the answers), reward (a pairwise reward model on preference pairs).
+    # on the answers), reward (a pairwise reward model on preference pairs), dpo (a policy trained directly on
+    # preference pairs against a frozen reference).
     task: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -133,6 +145,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 CHOICES = {
@@ -145,6 +158,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "train.nonfinite": ("skip", "stop"),
+    "dpo.loss": ("sigmoid", "ipo"),
 }
 
 
@@ -200,6 +214,9 @@ def validate(cfg: Config) -> Config:
     if cfg.reward.center_coef < 0 or m.reward_init_std < 0:
         raise ConfigError(f"reward.center_coef={cfg.reward.center_coef} and model.reward_init_std="
                           f"{m.reward_init_std} must not be negative")
+    if cfg.dpo.beta <= 0 or not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.beta={cfg.dpo.beta} must be positive and dpo.label_smoothing="
+                          f"{cfg.dpo.label_smoothing} in [0, 0.5)")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     return cfg

@@ -57,7 +57,7 @@ def test_vocabulary_chunked_loss_equals_the_plain_one_in_value_and_gradient(shap
 
     def nats_and_grads(chunk):
         model = Transformer(dataclasses.replace(cfg, logits_chunk=chunk))
-        return jax.value_and_grad(lambda p: Pretrain(Config()).sums(model, p, batch)["nats"])(params)
+        return jax.value_and_grad(lambda p: Pretrain(Config()).sums(model, p, batch, {})["nats"])(params)
 
     plain, plain_grads = nats_and_grads(0)
     chunked, chunked_grads = nats_and_grads(16)

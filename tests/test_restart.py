@@ -74,9 +74,9 @@ def run(argv, killer=None, timeout=300):
 def assert_same_run(scalars):
     """assert_same_run(run_dir, reference): the losses, every step once, and the results of the uninterrupted
     run, bit for bit."""
-    def check(run_dir, reference):
+    def check(run_dir, reference, tags=TAGS):
         got, expected = scalars(run_dir, every_point=True)[0], scalars(reference, every_point=True)[0]
-        for tag in TAGS:
+        for tag in tags:
             assert tag in expected and got.get(tag) == expected[tag], f"{tag}: {got.get(tag)} vs {expected[tag]}"
         assert json.loads((run_dir / "results.json").read_text()) == \
             json.loads((reference / "results.json").read_text())
@@ -169,3 +169,21 @@ def test_sft_killed_while_rendering_its_dialogues_ends_as_an_uninterrupted_run(t
     status, err = run(argv(run_dir))
     assert status == 0, err[-2000:]
     assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_dpo_killed_between_steps_ends_as_an_uninterrupted_run(tmp_path, tiny_export, assert_same_run):
+    """The frozen reference is not in the checkpoint: the restarted run loads it again from the export."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"say {w}", "chosen": f"{w}!", "rejected": f"no {w}"}) + "\n"
+                             for w in ("yes", "no", "maybe", "hello") * 10))
+    sets = [f"data.sources=pairs:{pairs}", f"checkpoint.init_from={tiny_export}", *RUN, "train.batch_size=8"]
+    argv = lambda run_dir: ["train", "--config", "dpo_tiny", "--run-dir", str(run_dir), *set_flags(sets)]  # noqa: E731
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    assert run(argv(reference))[0] == 0
+    status, err = run(argv(run_dir), killer=MOMENTS["between steps"])
+    assert status == -signal.SIGKILL and committed_steps(run_dir) == [EVERY], err[-2000:]
+    status, err = run(argv(run_dir))
+    assert status == 0, err[-2000:]
+    assert_same_run(run_dir, reference, tags=("train/loss_bits_per_pair", "train/kl_to_reference", "optim/grad_norm",
+                                              "eval/accuracy", "eval/chosen_bits_per_byte"))

@@ -205,8 +205,8 @@ def test_a_reward_model_needs_preference_data_and_the_reverse():
         tasks.make(apply_overrides(cfg, ["data.sources=text:docs/*.txt", "data.tokenizer=t.model"]))
     with pytest.raises(ConfigError, match="task=pretrain reads .* sources, not 'pairs'"):
         tasks.make(apply_overrides(Config(), ["data.sources=pairs:pairs.jsonl"]))
-    with pytest.raises(ConfigError, match="task='dpo' is not one of pretrain, sft, reward"):
-        tasks.make(apply_overrides(cfg, ["task=dpo"]))
+    with pytest.raises(ConfigError, match="task='ppo' is not one of pretrain, sft, reward, dpo"):
+        tasks.make(apply_overrides(cfg, ["task=ppo"]))
     for key in ("data.format=preference", "model.head=reward"):  # the two keys `task` replaced
         with pytest.raises(ConfigError, match="unknown config key"):
             apply_overrides(cfg, [key])
@@ -230,7 +230,7 @@ def rm_train(mesh_cfg, devices=None, microbatches=1, steps=3):
                           positions=positions_from_segments(segment_ids), segment_ids=segment_ids,
                           margin=rng.random(8).astype(np.float32), valid=(rng.random(8) < 0.8).astype(np.float32))
         batch = split_microbatches(microbatches, batch)
-        state, metrics = train_fn(state, sharding.global_batch(batch, step.batch_shardings(mesh, task, True)))
+        state, metrics = train_fn(state, sharding.global_batch(batch, step.batch_shardings(mesh, task, True)), {})
         history.append({k: float(v) for k, v in metrics.items()})
     return history
 

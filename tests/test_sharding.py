@@ -55,7 +55,7 @@ def run(mesh_cfg, devices=None, microbatches=1, steps=STEPS):
     batch_shardings = step.batch_shardings(mesh, TASK, microbatched=True)
     history = []
     for batch in packed_batches(steps, microbatches):
-        state, metrics = train_fn(state, sharding.global_batch(batch, batch_shardings))
+        state, metrics = train_fn(state, sharding.global_batch(batch, batch_shardings), {})
         history.append({k: float(v) for k, v in metrics.items()})
     return history, state
 

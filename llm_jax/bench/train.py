@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import runtime, tasks
@@ -42,7 +43,8 @@ class Bench(NamedTuple):
     task: Task
     mesh: jax.sharding.Mesh
     state: Any
-    train_fn: Any
+    frozen: dict  # stand-ins for the task's frozen params (DPO's reference): the policy's values, copied
+    train_fn: Any  # (state, batch, frozen) -> (state, metrics)
 
 
 def bench_setup(cfg: Config, abstract: bool = False) -> Bench:
@@ -57,11 +59,13 @@ def bench_setup(cfg: Config, abstract: bool = False) -> Bench:
     layout = abstract_state(model, optimizer, mesh, cfg.data.seq_len)
     if abstract:
         state, shardings = layout, jax.tree.map(lambda a: a.sharding, layout)
+        frozen = {name: layout.params for name in task.frozen_exports()}
     else:
         state, shardings = create_state(model, optimizer, layout, cfg.data.seq_len, jax.random.key(cfg.train.seed))
+        frozen = {name: jax.tree.map(jnp.copy, state.params) for name in task.frozen_exports()}
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh, shardings,
                                    task)
-    return Bench(task, mesh, state, train_fn)
+    return Bench(task, mesh, state, frozen, train_fn)
 
 
 def synthetic_batch(task: Task, batch_size: int | None = None, seed: int = 0):
@@ -99,9 +103,10 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
             fixed = sharding.global_batch(synthetic_batch(bench.task), shardings)
             next_batch = lambda state: fixed
         t0 = time.perf_counter()
-        compiled = bench.train_fn.lower(bench.state, next_batch(bench.state)).compile()
+        compiled = bench.train_fn.lower(bench.state, next_batch(bench.state), bench.frozen).compile()
         compile_s = time.perf_counter() - t0
-        state, times, faults_per_step = _run_steps(compiled, bench.state, next_batch, steps, warmup, profile)
+        run_step = lambda s, b: compiled(s, b, bench.frozen)  # noqa: E731
+        state, times, faults_per_step = _run_steps(run_step, bench.state, next_batch, steps, warmup, profile)
     median = statistics.median(times)
     tokens_per_sec = bench.task.tokens_per_step / median
     flops = bench.task.flops_per_token
@@ -119,12 +124,12 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
             "malloc": runtime.malloc_mode}
 
 
-def _run_steps(compiled, state, next_batch, steps: int, warmup: int, profile: str | None):
+def _run_steps(run_step, state, next_batch, steps: int, warmup: int, profile: str | None):
     """The compiling step's first run and `warmup` more, untimed, then `steps` timed ones (traced into
     `profile`); returns the last state, each timed step's seconds and the median host page faults of a timed
     step (the steady state: a step now and then grows the heap once more, which a mean would spread over all)."""
     def one_step(s):
-        s, m = compiled(s, next_batch(s))
+        s, m = run_step(s, next_batch(s))
         jax.block_until_ready(m)
         return s
 

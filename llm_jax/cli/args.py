@@ -23,3 +23,18 @@ def checkpoint_args(parser: argparse.ArgumentParser, what: str = "a run director
                     "`llm-jax export` directory") -> None:
     parser.add_argument("--checkpoint", required=True, help=what)
     parser.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
+
+
+def sampling_args(parser: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    """The sampling flags of the commands that generate (see inference/generate.py)."""
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def sampling_of(args: argparse.Namespace):
+    """The generate.Sampling of sampling_args' flags."""
+    from llm_jax.inference.generate import Sampling
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

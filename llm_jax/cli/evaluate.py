@@ -1,11 +1,12 @@
-"""`llm-jax eval | score | compress | decompress`: what a trained model says about given text."""
+"""`llm-jax eval | score | compare | compress | decompress`: what a trained model says about given text, and
+which of two policies a reward model prefers."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from llm_jax.cli.args import checkpoint_args
+from llm_jax.cli.args import checkpoint_args, sampling_args, sampling_of
 
 
 def add_commands(sub) -> None:
@@ -25,6 +26,7 @@ def add_commands(sub) -> None:
     score.add_argument("--output", help="write one JSON line of rewards per input line here (default: stdout)")
     score.add_argument("--batch-size", type=int, default=32)
     score.set_defaults(fn=_score)
+    _compare_args(sub)
     for name, fn, what in (("compress", _compress, "compress a file losslessly with a model (arithmetic coding)"),
                            ("decompress", _decompress, "restore a file made by `compress` (same checkpoint)")):
         cmd = sub.add_parser(name, help=what)
@@ -34,6 +36,33 @@ def add_commands(sub) -> None:
         if name == "compress":
             cmd.add_argument("--context", type=int, help="tokens per window (default: the checkpoint's data.seq_len)")
         cmd.set_defaults(fn=fn)
+
+
+def _compare_args(sub) -> None:
+    cmp = sub.add_parser(
+        "compare", help="judge a policy against a baseline with a reward model on held-out prompts",
+        description="Both language models answer the same held-out prompts with the same sampling settings and "
+        "seed; the judge scores the answers. Reports the policy's win rate (a tie counts half) with a 95% "
+        "percentile-bootstrap interval over prompts, each model's mean normalised reward and answer length, and "
+        "the KL of the policy to the baseline on the policy's answers (unbiased only at temperature 1 without "
+        "top-k/top-p, the defaults).")
+    what = "a run directory (its latest checkpoint) or an `llm-jax export` of a "
+    cmp.add_argument("--policy", required=True, metavar="A", help=what + "language model: the one judged")
+    cmp.add_argument("--baseline", required=True, metavar="B", help=what + "language model with A's tokenizer")
+    cmp.add_argument("--judge", required=True, metavar="RM", help=what + "reward model")
+    cmp.add_argument("--prompts", required=True, metavar="SOURCE[,SOURCE...]",
+                     help="preference sources (hh:GLOB, pairs:GLOB, qa_feedback:GLOB): their held-out prompts, "
+                          "split as reward-model and DPO training split them")
+    cmp.add_argument("--samples", type=int, default=64, metavar="N", help="how many held-out prompts (the first N)")
+    sampling_args(cmp, max_tokens=128, temperature=1.0)
+    cmp.add_argument("--eval-fraction", type=float, default=0.1,
+                     help="the data.eval_fraction of the split that holds the prompts out")
+    cmp.add_argument("--data-dir", help="where GLOBs are looked up (default: $LLM_JAX_DATA, else ../shared/data)")
+    cmp.add_argument("--batch-size", type=int, default=16, help="prompts generated and scored at once")
+    cmp.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    cmp.add_argument("--out", metavar="FILE", help="write one JSON line per prompt: the prompt, both answers "
+                                                    "and their rewards")
+    cmp.set_defaults(fn=_compare)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -53,6 +82,22 @@ def _score(args: argparse.Namespace) -> int:
                          args.step, args.batch_size)
     # With the scores on stdout, the summary goes to stderr so that the JSONL stays clean.
     print(describe(summary), file=sys.stderr if args.output is None else sys.stdout, flush=True)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from llm_jax.config import Config, data_dir
+    from llm_jax.inference.compare import compare, format_report, kl_warning, parse_sources, write_answers
+    sampling = sampling_of(args)
+    summary, rows = compare(Path(args.policy), Path(args.baseline), Path(args.judge), parse_sources(args.prompts),
+                            Path(args.data_dir) if args.data_dir else data_dir(Config()), samples=args.samples,
+                            max_tokens=args.max_tokens, sampling=sampling, seed=args.seed,
+                            eval_fraction=args.eval_fraction, batch_size=args.batch_size)
+    if args.out:
+        write_answers(Path(args.out), rows)
+    if kl_warning(sampling):
+        print(f"llm-jax: warning: {kl_warning(sampling)}", file=sys.stderr)
+    print(format_report(summary, args.json))
     return 0
 
 

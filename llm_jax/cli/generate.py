@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llm_jax.cli.args import checkpoint_args
+from llm_jax.cli.args import checkpoint_args, sampling_args, sampling_of
 
 
 def add_commands(sub) -> None:
@@ -20,17 +20,13 @@ def add_commands(sub) -> None:
 
 def _generation_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     checkpoint_args(parser)
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0: off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    parser.add_argument("--seed", type=int, default=0)
+    sampling_args(parser, max_tokens, temperature=0.8)
 
 
 def _generator(args: argparse.Namespace, prompt: str | None = None):
-    from llm_jax.inference.generate import Generator, Sampling, check_sampling
+    from llm_jax.inference.generate import Generator, check_sampling
     from llm_jax.inference.runner import ModelRunner
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = sampling_of(args)
     check_sampling(sampling, args.max_tokens, prompt=prompt)  # before loading: a bad flag costs nothing
     _, runner, tokenizer = ModelRunner.load(Path(args.checkpoint), args.step)
     check_sampling(sampling, args.max_tokens, model=runner.cfg)  # the bounds only the model knows

@@ -2,7 +2,7 @@
 
   train.py     train, prepare, export, show-masks
   generate.py  sample, chat
-  evaluate.py  eval, score, compress, decompress
+  evaluate.py  eval, score, compare, compress, decompress
   interop.py   import-hf, export-hf
   tools.py     bench, sweep, report
 

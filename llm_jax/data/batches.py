@@ -89,6 +89,40 @@ class PairBatch(NamedTuple):
                          margin=np.zeros(shape, np.float32), valid=np.ones(shape, np.float32))
 
 
+class PairTokenBatch(NamedTuple):
+    """Pairs of answers to one prompt for a policy's next-token log-probabilities (DPO): TokenBatch's entries
+    with a pair axis, row 0 of each (2, T) entry the chosen sequence, row 1 the rejected one. `weights` are 1
+    exactly on targets that are answer tokens (the prompt and padding count nothing); `valid` is 0 only on
+    padding pairs."""
+    inputs: Any  # int32 (P, 2, T)
+    targets: Any  # int32 (P, 2, T)
+    segment_ids: Any  # int32 (P, 2, T): 1 on real tokens, 0 on padding
+    positions: Any  # int32 (P, 2, T)
+    weights: Any  # float32 (P, 2, T)
+    target_bytes: Any  # int32 (P, 2, T)
+    valid: Any  # float32 (P,)
+
+    @staticmethod
+    def axes() -> "PairTokenBatch":
+        sequences = ("batch", None, "length")
+        return PairTokenBatch(*(sequences,) * 6, ("batch",))
+
+    @staticmethod
+    def padding(seq_len: int, pad_id: int) -> "PairTokenBatch":
+        zeros_2xT = np.zeros((2, seq_len), np.int32)
+        return PairTokenBatch(inputs=zeros_2xT + pad_id, targets=zeros_2xT + pad_id, segment_ids=zeros_2xT,
+                              positions=zeros_2xT, weights=zeros_2xT.astype(np.float32), target_bytes=zeros_2xT,
+                              valid=np.zeros((), np.float32))
+
+    @staticmethod
+    def synthetic(shape: tuple[int, ...], seq_len: int, vocab_size: int,
+                  rng: np.random.Generator) -> "PairTokenBatch":
+        """Random answers filling every row, the first quarter of each a prompt."""
+        tokens = TokenBatch.synthetic((*shape, 2), seq_len, vocab_size, rng)
+        weights = tokens.weights * (np.arange(seq_len) >= seq_len // 4)
+        return PairTokenBatch(*tokens._replace(weights=weights), valid=np.ones(shape, np.float32))
+
+
 def stack(rows: list) -> Any:
     """One batch of rows (instances of one batch class without the leading axis)."""
     return type(rows[0])(*(np.stack(entries) for entries in zip(*rows)))

@@ -39,7 +39,7 @@ from llm_jax.atomic import write_atomic
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import CheckpointError, DataError
 from llm_jax.inference.arithmetic import CODE_BITS, Decoder, Encoder, decode_symbol, quantise
-from llm_jax.inference.runner import ModelRunner
+from llm_jax.inference.runner import ModelRunner, default_context
 
 MAGIC = b"LLMZ"
 VERSION = 1
@@ -191,12 +191,6 @@ def decompress_bytes(blob: bytes, runner: ModelRunner, tokenizer: Tokenizer) -> 
 
 
 # ---- files ----
-
-def default_context(cfg) -> int:
-    """The training sequence length, capped by a learned position table."""
-    m = cfg.model
-    return min(cfg.data.seq_len, m.max_seq_len) if m.position == "learned" else cfg.data.seq_len
-
 
 def _read(path: Path) -> bytes:
     if not path.is_file():

@@ -24,6 +24,12 @@ from llm_jax.parallel import sharding
 HEAD_NAMES = {"lm": "language model", "reward": "reward model"}
 
 
+def default_context(cfg: Config) -> int:
+    """The context a model was trained for: its training sequence length, capped by a learned position table."""
+    m = cfg.model
+    return min(cfg.data.seq_len, m.max_seq_len) if m.position == "learned" else cfg.data.seq_len
+
+
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, params, head: str = "lm"):
         self.cfg, self.params, self.head = model_cfg, params, head

@@ -16,6 +16,7 @@ import collections
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -53,6 +54,30 @@ class Scorer:
             out.append(np.asarray(self._forward(self.runner.params, rows))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
+    def answer_rewards(self, items: list[tuple[tuple[Message, ...], list[str]]], tokenizer) -> list[list[float]]:
+        """Raw rewards of the answers of each (prompt, answers) item, rendered as in training (render_answers:
+        one prompt cut for all the answers of an item)."""
+        sequences, counts = [], []
+        for prompt, answers in items:
+            sequences += render_answers(prompt, answers, tokenizer, self.seq_len)
+            counts.append(len(answers))
+        raw, out = self.rewards(sequences, tokenizer.pad_id).tolist(), []
+        for n in counts:
+            out.append(raw[:n])
+            raw = raw[n:]
+        return out
+
+
+def eval_normaliser(checkpoint: Path, step: int | None = None) -> tuple[Callable[[float], float], float | None,
+                                                                         float | None]:
+    """(normalise, mean, std): r -> (r - mean) / std with the eval reward statistics a reward model's checkpoint
+    or export holds (saved at the end of training); the identity, with mean and std None, when it holds none."""
+    stats = saved_eval(Path(checkpoint), step)
+    mean, std = stats.get("eval/reward_mean"), stats.get("eval/reward_std")
+    if mean is None or not std:
+        return (lambda r: r), None, None
+    return (lambda r: (r - mean) / std), mean, std
+
 
 def read_items(path: Path) -> list[tuple[int, object]]:
     """(line, item) for each line: item is a Pair, a (prompt, answer) response, or the reason a pair is unusable."""
@@ -89,21 +114,11 @@ def score_file(checkpoint: Path, input_path: Path, output: Path | None, step: in
     items = read_items(Path(input_path))
     cfg, runner, tokenizer = ModelRunner.load(Path(checkpoint), step, head="reward")
     scorer = Scorer(runner, cfg.data.seq_len, batch_size)
-    stats = saved_eval(Path(checkpoint), step)
-    mean, std = stats.get("eval/reward_mean"), stats.get("eval/reward_std")
-    normalise = (lambda r: (r - mean) / std) if mean is not None and std else (lambda r: r)
-
-    sequences, owners = [], []  # owners[k]: index into items of sequence k
-    for i, (_, item) in enumerate(items):
-        if isinstance(item, str):
-            continue
-        prompt, answers = (item.prompt, [item.chosen, item.rejected]) if isinstance(item, Pair) else (item[0], [item[1]])
-        sequences += render_answers(prompt, answers, tokenizer, cfg.data.seq_len)
-        owners += [i] * len(answers)
-    raw = scorer.rewards(sequences, tokenizer.pad_id)
-    per_item = collections.defaultdict(list)
-    for i, r in zip(owners, raw.tolist()):
-        per_item[i].append(r)
+    normalise, mean, std = eval_normaliser(Path(checkpoint), step)
+    scored = [i for i, (_, item) in enumerate(items) if not isinstance(item, str)]
+    rewards = scorer.answer_rewards([(item.prompt, [item.chosen, item.rejected]) if isinstance(item, Pair) else
+                                     (item[0], [item[1]]) for item in (items[i][1] for i in scored)], tokenizer)
+    per_item = collections.defaultdict(list, zip(scored, rewards))
 
     lines, skipped, correct, n_pairs, n_responses = [], collections.Counter(), 0.0, 0, 0
     for i, (lineno, item) in enumerate(items):
@@ -126,7 +141,7 @@ def score_file(checkpoint: Path, input_path: Path, output: Path | None, step: in
     else:
         write_atomic(output, text)
     return {"responses": n_responses, "pairs": n_pairs, "accuracy": correct / n_pairs if n_pairs else None,
-            "skipped": dict(skipped), "normalised": mean is not None and bool(std), "reward_mean": mean,
+            "skipped": dict(skipped), "normalised": mean is not None, "reward_mean": mean,
             "reward_std": std}
 
 

@@ -5,11 +5,12 @@ from llm_jax.config import Config
 from llm_jax.errors import ConfigError
 from llm_jax.model import Transformer
 from llm_jax.tasks.base import Task
+from llm_jax.tasks.dpo import DPO
 from llm_jax.tasks.pretrain import Pretrain
 from llm_jax.tasks.reward import RewardModel
 from llm_jax.tasks.sft import SFT
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (Pretrain, SFT, RewardModel)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (Pretrain, SFT, RewardModel, DPO)}
 
 
 def make(cfg: Config, check: bool = True) -> Task:

@@ -16,13 +16,12 @@ A task owns, for the config it was made from:
              reward summary), tokens_per_step and flops_per_token (MFU, training FLOPs)
 It is chosen by one config key, `task`, so a config cannot pair one task's objective with another's data.
 
-Adding a task (DPO, say): a module in tasks/ with a Task subclass and an entry in tasks/__init__.py's
-TASKS, plus what is new about its data: DPO's are preference pairs (data/chat/preference.py) with the
-reference model's log-probabilities of each answer, so a batch type in data/batches.py with those entries,
-filled by the task's source with the frozen params of checkpoint.init_from; its head is "lm"; its sums are
-the DPO loss of the policy's summed answer log-probabilities (tasks/losses.token_nats) against the
-reference's; its config (beta) a section of config.py. The loop, step, metrics, reports, bench and sweeps
-need no change (docs/architecture.md).
+Adding a task: a module in tasks/ with a Task subclass and an entry in tasks/__init__.py's TASKS, plus what is
+new about its data (a batch type in data/batches.py, a prepared_type) and its config (a section of config.py).
+A task whose objective reads models it does not train (DPO's reference) names their exports in
+frozen_exports(): they are loaded once, laid out like the trained params, and passed to `sums` as `frozen`.
+The loop, step, metrics, reports, bench and sweeps need no change (docs/architecture.md; tasks/dpo.py is the
+worked example).
 
 Tasks whose batches the model itself produces (PPO, GRPO, RLOO: generate -> score -> update) plug in through
 `train_source`. The loop calls `source.next_batch(state)` once per step with the train state about to be
@@ -150,8 +149,15 @@ class Task:
                                         process_count, max_batches, padding)
 
     # --- objective ------------------------------------------------------------------------------------------
-    def sums(self, model, params, batch) -> dict:
+    def sums(self, model, params, batch, frozen: dict) -> dict:
+        """The objective's sums over a batch; `frozen` holds the params of frozen_exports, by name."""
         raise NotImplementedError
+
+    def frozen_exports(self) -> dict[str, tuple[str, Path]]:
+        """Exports whose params the objective reads but never trains (DPO's reference): name -> (the config key
+        that names the export, its path). Loaded once, laid out like the trained params, passed to sums as
+        `frozen`, never checkpointed."""
+        return {}
 
     def scalars(self, sums: dict, prefix: str) -> dict:
         raise NotImplementedError

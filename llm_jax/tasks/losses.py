@@ -1,8 +1,8 @@
 """Next-token loss as sums (nats, target tokens, target bytes), so that accumulation over microbatches,
 devices and eval batches divides once, by the true totals; bits per token and bits per byte from them.
 
-Used by every task that predicts tokens (pretraining, SFT) and by `llm-jax eval`, through
-`next_token_sums`, which honours model.logits_chunk everywhere.
+Used by every task that predicts tokens (pretraining, SFT, DPO) and by `llm-jax eval`, through
+`next_token_sums` (DPO: `next_token_nats_and_kl`), which honour model.logits_chunk everywhere.
 """
 from __future__ import annotations
 
@@ -75,6 +75,44 @@ def chunked_token_nats(x_BxTxD: jax.Array, kernel_DxV: jax.Array, bias_V: jax.Ar
     return max_BxT + jnp.log(sum_BxT) - target_logit_BxT
 
 
+def chunked_kl(x_BxTxD: jax.Array, kernel_DxV: jax.Array, bias_V: jax.Array | None, y_BxTxD: jax.Array,
+               ref_kernel_DxV: jax.Array, ref_bias_V: jax.Array | None, chunk: int) -> jax.Array:
+    """KL(p || q) in nats at every position, p = softmax(x @ kernel + bias), q = softmax(y @ ref_kernel +
+    ref_bias), over C vocabulary chunks of U entries: with a = p's logits and b = q's,
+    KL = sum_v exp(a_v - lse_a) (a_v - b_v) - lse_a + lse_b, each sum kept online with its running max, so the
+    memory is (B, T, U). Not differentiated (a metric)."""
+    D, V = kernel_DxV.shape
+    as_chunks = lambda k, dtype: k.astype(dtype).reshape(D, V // chunk, chunk).transpose(1, 0, 2)
+    bias_chunks = lambda b: (jnp.zeros(V, jnp.float32) if b is None else b.astype(jnp.float32)).reshape(-1, chunk)
+
+    def step(carry, chunk_params):
+        max_a, sum_a, weighted, max_b, sum_b = carry
+        k_DxU, b_U, rk_DxU, rb_U = chunk_params
+        a_BxTxU = jnp.einsum("btd,du->btu", x_BxTxD, k_DxU, preferred_element_type=jnp.float32) + b_U
+        b_BxTxU = jnp.einsum("btd,du->btu", y_BxTxD, rk_DxU, preferred_element_type=jnp.float32) + rb_U
+        new_max_a, new_max_b = jnp.maximum(max_a, a_BxTxU.max(-1)), jnp.maximum(max_b, b_BxTxU.max(-1))
+        exp_a = jnp.exp(a_BxTxU - new_max_a[..., None])
+        rescale_a = jnp.exp(max_a - new_max_a)
+        sum_a = sum_a * rescale_a + exp_a.sum(-1)
+        weighted = weighted * rescale_a + (exp_a * (a_BxTxU - b_BxTxU)).sum(-1)
+        sum_b = sum_b * jnp.exp(max_b - new_max_b) + jnp.exp(b_BxTxU - new_max_b[..., None]).sum(-1)
+        return (new_max_a, sum_a, weighted, new_max_b, sum_b), None
+
+    shape = x_BxTxD.shape[:-1]
+    start = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape), jnp.full(shape, -jnp.inf), jnp.zeros(shape))
+    chunks = (as_chunks(kernel_DxV, x_BxTxD.dtype), bias_chunks(bias_V), as_chunks(ref_kernel_DxV, y_BxTxD.dtype),
+              bias_chunks(ref_bias_V))
+    (max_a, sum_a, weighted, max_b, sum_b), _ = jax.lax.scan(step, start, jax.lax.stop_gradient(chunks))
+    return weighted / sum_a - (max_a + jnp.log(sum_a)) + (max_b + jnp.log(sum_b))
+
+
+def output_layer(model, params) -> tuple[jax.Array, jax.Array | None]:
+    """(kernel (D, V), bias (V,) or None) of a language model's output layer."""
+    if model.cfg.tie_embeddings:
+        return params["embed"]["embedding"].T, None
+    return params["lm_head"]["kernel"], params["lm_head"].get("bias")
+
+
 def next_token_nats(model, params, batch: TokenBatch) -> jax.Array:
     """-log p(target) of every position under a language model, through vocabulary chunks when
     model.cfg.logits_chunk is set (never holding (B, T, V) float32 logits)."""
@@ -83,11 +121,26 @@ def next_token_nats(model, params, batch: TokenBatch) -> jax.Array:
     if not chunk:
         return token_nats(model.apply({"params": params}, *args), batch.targets)
     x_BxTxD = model.apply({"params": params}, *args, return_hidden=True)
-    if model.cfg.tie_embeddings:
-        kernel_DxV, bias_V = params["embed"]["embedding"].T, None
-    else:
-        kernel_DxV, bias_V = params["lm_head"]["kernel"], params["lm_head"].get("bias")
-    return chunked_token_nats(x_BxTxD, kernel_DxV, bias_V, batch.targets, chunk)
+    return chunked_token_nats(x_BxTxD, *output_layer(model, params), batch.targets, chunk)
+
+
+def next_token_nats_and_kl(model, params, ref_params, batch: TokenBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(-log p(target), -log q(target), KL(p || q)) at every position, p the model under params, q under
+    ref_params (not differentiated), through vocabulary chunks when model.cfg.logits_chunk is set."""
+    args = (batch.inputs, batch.positions, batch.segment_ids)
+    chunk, ref_params = model.cfg.logits_chunk, jax.lax.stop_gradient(ref_params)
+    if not chunk:
+        a_BxTxV = model.apply({"params": params}, *args).astype(jnp.float32)
+        b_BxTxV = model.apply({"params": ref_params}, *args).astype(jnp.float32)
+        log_p, log_q = jax.nn.log_softmax(jax.lax.stop_gradient(a_BxTxV)), jax.nn.log_softmax(b_BxTxV)
+        kl_BxT = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+        return token_nats(a_BxTxV, batch.targets), token_nats(b_BxTxV, batch.targets), kl_BxT
+    x_BxTxD = model.apply({"params": params}, *args, return_hidden=True)
+    y_BxTxD = model.apply({"params": ref_params}, *args, return_hidden=True)
+    layer, ref_layer = output_layer(model, params), output_layer(model, ref_params)
+    kl_BxT = chunked_kl(jax.lax.stop_gradient(x_BxTxD), *jax.lax.stop_gradient(layer), y_BxTxD, *ref_layer, chunk)
+    return (chunked_token_nats(x_BxTxD, *layer, batch.targets, chunk),
+            chunked_token_nats(y_BxTxD, *ref_layer, batch.targets, chunk), kl_BxT)
 
 
 def next_token_sums(model, params, batch: TokenBatch) -> dict[str, jax.Array]:

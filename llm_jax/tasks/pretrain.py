@@ -26,7 +26,7 @@ class NextToken(Task):
     summary_scalars = (("train/loss_bits_per_token", "train bits/token"), ("train/bits_per_byte", "train bits/byte"),
                        ("eval/bits_per_token", "eval bits/token"), ("eval/bits_per_byte", "eval bits/byte"))
 
-    def sums(self, model, params, batch: TokenBatch) -> dict:
+    def sums(self, model, params, batch: TokenBatch, frozen: dict) -> dict:
         return losses.next_token_sums(model, params, batch)
 
     def scalars(self, sums: dict, prefix: str) -> dict:

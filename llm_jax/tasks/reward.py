@@ -72,7 +72,7 @@ class RewardModel(Task):
     def prepare(self, out_dir: Path) -> None:
         preference.prepare_preference(self.cfg, out_dir, self.cfg.data.tokenizer)
 
-    def sums(self, model, params, batch: PairBatch) -> dict:
+    def sums(self, model, params, batch: PairBatch, frozen: dict) -> dict:
         r_chosen_P, r_rejected_P = rewards(model, params, batch)
         margin_P = batch.margin if self.cfg.reward.use_margins else jnp.zeros_like(batch.margin)
         return pair_sums(r_chosen_P, r_rejected_P, margin_P, batch.valid, self.cfg.reward.center_coef)

@@ -104,21 +104,22 @@ def _is_export(path: Path) -> bool:
     return (path / "params").is_dir() and (path / "config.json").is_file()
 
 
-def load_params(path: Path, cfg: Config, target_params) -> tuple[dict, list[str]]:
+def load_params(path: Path, cfg: Config, target_params, key: str = "checkpoint.init_from") -> tuple[dict, list[str]]:
     """Params from an `llm-jax export` directory, checked against the model and resharded like the target.
 
     The export may have another head (HEAD_FIELDS): its other params are used, the target's own head keeps
     its initialisation. Returns the params and the names of the top-level params that were not in the export.
+    `key` is the config key that names the export, for errors.
     """
     path = Path(path)
     if not _is_export(path):
-        raise ConfigError(f"checkpoint.init_from={path}: not an export directory (no params/ or config.json); "
+        raise ConfigError(f"{key}={path}: not an export directory (no params/ or config.json); "
                           "make one with `llm-jax export`")
     saved = from_dict(json.loads((path / "config.json").read_text()))
     # Another task's export (a language model for a reward model) gives its trunk; the head is this run's.
     diffs = differences(saved, cfg, keys=("model.",), ignore=tuple(f"model.{f}" for f in HEAD_FIELDS))
     if diffs:
-        raise CheckpointError(f"checkpoint.init_from={path} has a different model ({'; '.join(diffs)})")
+        raise CheckpointError(f"{key}={path} has a different model ({'; '.join(diffs)})")
     mesh = jax.tree.leaves(target_params)[0].sharding.mesh
     with ocp.StandardCheckpointer() as ckpt:
         loaded = ckpt.restore((path / "params").absolute(), abstract_params(tasks.model_of(saved), mesh))

@@ -63,7 +63,8 @@ def evaluate(setup: Setup, params, max_batches: int) -> tuple[dict, int]:
     """The objective's sums over the held-out split (e.g. nats/tokens/bytes); also how many batches were scored."""
     batches = setup.task.eval_batches(setup.data, jax.process_index(), jax.process_count(), max_batches)
     shardings = step.batch_shardings(setup.mesh, setup.task, microbatched=False)
-    per_batch = jax.device_get([setup.eval_fn(params, sharding.global_batch(local, shardings)) for local in batches])
+    per_batch = jax.device_get([setup.eval_fn(params, sharding.global_batch(local, shardings), setup.frozen)
+                                for local in batches])
     # Summed on the host in float64: float32 totals stop counting bytes exactly past 2**24.
     return {k: math.fsum(float(sums[k]) for sums in per_batch) for k in per_batch[0]}, len(batches)
 
@@ -109,8 +110,8 @@ def _train_steps(setup: Setup, writer: Writer, mngr, watch: PreemptionWatch):
     log = lambda: _log_train(pending, perf, writer, bar, cfg, task.progress)
     try:
         for i in range(setup.start_step, cfg.train.steps):
-            state, step_metrics = setup.train_fn(state, sharding.global_batch(source.next_batch(state),
-                                                                              batch_shardings))
+            batch = sharding.global_batch(source.next_batch(state), batch_shardings)
+            state, step_metrics = setup.train_fn(state, batch, setup.frozen)
             if pending is not None:
                 log()
             pending, done = (i + 1, step_metrics), i + 1

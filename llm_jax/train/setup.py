@@ -14,6 +14,7 @@ import jax
 
 from llm_jax import tasks
 from llm_jax.config import Config, differences, from_dict
+from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import ConfigError, RunDirError
 from llm_jax.experiment import resolve
 from llm_jax.parallel import sharding
@@ -32,9 +33,10 @@ class Setup:
     mesh: jax.sharding.Mesh
     data: object  # what task.load returned
     state: object
+    frozen: dict  # the task's frozen params (the third argument of train_fn and eval_fn)
     start_step: int
-    train_fn: object
-    eval_fn: object
+    train_fn: object  # (state, batch, frozen) -> (state, metrics)
+    eval_fn: object  # (params, batch, frozen) -> sums
     n_params: int
     earlier_attempt: bool  # the run directory holds a run of this config already (resumed or restarted)
 
@@ -59,6 +61,7 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
     try:
         data = load_data(task, run_dir)
         state, shardings = create_state(model, optimizer, layout, cfg.data.seq_len, jax.random.key(cfg.train.seed))
+        frozen = load_frozen(task, state.params, data.tokenizer)
         if is_main():
             checkpoint.check_writable(run_dir, checkpoint.estimated_bytes(state), cfg.checkpoint.keep)
     except Exception:
@@ -69,7 +72,7 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh, shardings,
                                    task)
     eval_fn = step.jit_eval_step(model, mesh, shardings.params, task)
-    return Setup(cfg, task, run_dir, mesh, data, state, start_step, train_fn, eval_fn,
+    return Setup(cfg, task, run_dir, mesh, data, state, frozen, start_step, train_fn, eval_fn,
                  metrics.param_count(state.params), opened.earlier_attempt)
 
 
@@ -126,6 +129,22 @@ def saved_differences(run_dir: Path, cfg: Config) -> list[str]:
         raise RunDirError(f"{run_dir / 'config.json'} is not an llm_jax config ({e}); pass --fresh to "
                           "delete the directory and start over") from None
     return differences(saved, cfg)
+
+
+def load_frozen(task: Task, target_params, tokenizer) -> dict:
+    """The params of the task's frozen exports (Task.frozen_exports), laid out like target_params; each must
+    hold the whole model and share the run's tokenizer."""
+    frozen = {}
+    for name, (key, path) in task.frozen_exports().items():
+        params, missing = load_params(path, task.cfg, target_params, key)
+        if missing:
+            raise ConfigError(f"{key}={path} has no {', '.join(missing)} (a model with another head?); the "
+                              f"{name} model must be a language model export")
+        exported = Tokenizer.load(path / "tokenizer.model")
+        if exported.sha256 != tokenizer.sha256:
+            raise ConfigError(f"{key}={path} has another tokenizer than the run's ({task.cfg.data.tokenizer})")
+        frozen[name] = params
+    return frozen
 
 
 def _initial_state(cfg: Config, run_dir: Path, resume: bool, state, data):

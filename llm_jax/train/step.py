@@ -3,8 +3,11 @@
 train_step(state, batch) -> (state, metrics). Batch entries have shape (M, B/M, ...): M microbatches whose
 gradients of the summed loss are accumulated, then divided once by the total count (target tokens, pairs),
 so accumulation gives exactly the gradient of the big batch. What is summed and reported comes from the
-run's Task (tasks/).
+run's Task (tasks/). A task's frozen params (DPO's reference model) are the third argument of the jitted steps,
+laid out like the trained params: read, never differentiated or updated, and not part of the state (so not
+checkpointed).
 """
+
 from __future__ import annotations
 
 import jax
@@ -16,10 +19,12 @@ from llm_jax.tasks.base import Task
 from llm_jax.train.state import TrainState
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, lr_schedule, task: Task):
+def train_step(state: TrainState, batch, frozen: dict, *, model, optimizer, lr_schedule, task: Task):
+    frozen = jax.lax.stop_gradient(frozen)
+
     def sums_and_grads(microbatch):
         def loss_fn(p):
-            sums = task.sums(model, p, microbatch)
+            sums = task.sums(model, p, microbatch, frozen)
             return sums[task.loss], sums
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         return sums, grads
@@ -59,15 +64,23 @@ def batch_shardings(mesh, task: Task, microbatched: bool):
 
 
 def jit_train_step(model, optimizer, lr_schedule, mesh, state_shardings, task: Task):
-    fn = lambda s, b: train_step(s, b, model=model, optimizer=optimizer, lr_schedule=lr_schedule, task=task)
+    """(state, batch, frozen) -> (state, metrics); frozen: the task's frozen params by name (Task.frozen_exports),
+    each laid out like state.params ({} for most tasks)."""
+    fn = lambda s, b, f: train_step(s, b, f, model=model, optimizer=optimizer, lr_schedule=lr_schedule, task=task)
     return sharding.jit_on_mesh(
-        fn, mesh, in_shardings=(state_shardings, batch_shardings(mesh, task, microbatched=True)),
+        fn, mesh, in_shardings=(state_shardings, batch_shardings(mesh, task, microbatched=True),
+                                frozen_shardings(task, state_shardings.params)),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 def jit_eval_step(model, mesh, param_shardings, task: Task):
-    """(params, batch) -> the task's sums over the batch."""
+    """(params, batch, frozen) -> the task's sums over the batch."""
     return sharding.jit_on_mesh(
-        lambda p, b: task.sums(model, p, b), mesh,
-        in_shardings=(param_shardings, batch_shardings(mesh, task, microbatched=False)),
+        lambda p, b, f: task.sums(model, p, b, f), mesh,
+        in_shardings=(param_shardings, batch_shardings(mesh, task, microbatched=False),
+                      frozen_shardings(task, param_shardings)),
         out_shardings=sharding.replicated(mesh))
+
+
+def frozen_shardings(task: Task, param_shardings) -> dict:
+    return {name: param_shardings for name in task.frozen_exports()}

@@ -1,4 +1,5 @@
-"""Reward-model data: preference pairs (pairs.py) rendered through the chat template into PairBatch rows.
+"""Preference data: pairs (pairs.py) rendered through the chat template, read as PairBatch rows by a reward
+model and as PairTokenBatch rows by DPO.
 
 Preparation (prepare_preference, once per data config and tokenizer):
   1. per source, its groups split by prepared.split_indices (shuffled with the fixed SPLIT_SEED, the LAST
@@ -10,13 +11,15 @@ Preparation (prepare_preference, once per data config and tokenizer):
      all of it if shorter) and the answers their ends, the same prompt cut for both answers;
      a pair whose two sequences become identical is dropped and counted (dropped_truncated);
   3. per split: tokens (N, 2, seq_len), uint16 (uint32 for big vocabularies), row 0 chosen, row 1 rejected,
-     right-padded with pad_id; lengths (N, 2) int32; margins (N,) float32.
+     right-padded with pad_id; lengths (N, 2) int32; margins (N,) float32; prompt_lengths (N,) int32, the
+     tokens of the (cut) prompt that starts both sequences.
 The directory appears atomically and is reused when the fingerprint (sources, data_dir, eval_fraction,
 seq_len, tokenizer sha256, FORMAT) matches.
 
 Rows are data/batches.PairBatch: inputs, positions (0.. on real tokens), segment_ids (1 on real tokens, 0 on
 padding) of shape (2, seq_len); margin and valid scalars. The reward of a sequence is read at its last real
-token, <|end|>.
+token, <|end|>. DPO's rows (PreparedAnswerPairs) are data/batches.PairTokenBatch: the same sequences with
+their next-token targets, weighted 1 on the answer's tokens and its <|end|> only.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from llm_jax.config import Config, data_dir
-from llm_jax.data.batches import PairBatch, positions_from_segments
+from llm_jax.data.batches import PairBatch, PairTokenBatch, positions_from_segments, stack
+from llm_jax.data.chat import sft
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.chat.pairs import Pair, PairStats, iter_pair_groups
 from llm_jax.data.chat.prepared import publish_chat_data, split_indices
@@ -35,7 +39,7 @@ from llm_jax.data.shards import NpyRows, PreparedArrays, token_dtype
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import DataError
 
-FORMAT = 1  # bump when the layout, the split or the truncation changes: old directories then stop matching
+FORMAT = 2  # bump when the layout, the split or the truncation changes: old directories then stop matching
 
 
 # --- rendering -------------------------------------------------------------------------------------------
@@ -52,8 +56,8 @@ def render_pair(pair: Pair, tokenizer: Tokenizer, seq_len: int) -> tuple[np.ndar
 
 
 def _render(prompt: tuple[Message, ...], answers: list[str], tokenizer: Tokenizer,
-            seq_len: int) -> tuple[list[np.ndarray], bool]:
-    """render_answers, and whether anything was cut."""
+            seq_len: int) -> tuple[list[np.ndarray], bool, int]:
+    """render_answers, whether anything was cut, and the length of the (cut) prompt that starts each one."""
     prompt_ids = render_prompt(list(prompt), tokenizer)
     answer_ids = tokenizer.encode_batch(answers)
     end = np.asarray(chat_tags(tokenizer)["end"], np.int32)
@@ -64,12 +68,13 @@ def _render(prompt: tuple[Message, ...], answers: list[str], tokenizer: Tokenize
     keep = min(len(prompt_ids), max(room - longest, room // 2))
     head = prompt_ids[len(prompt_ids) - keep:]
     sequences = [np.concatenate([head, np.asarray(ids[:room - keep], np.int32), end]) for ids in answer_ids]
-    return sequences, len(prompt_ids) + longest > room
+    return sequences, len(prompt_ids) + longest > room, keep
 
 
-def _render_pair(pair: Pair, tokenizer: Tokenizer, seq_len: int) -> tuple[tuple[np.ndarray, np.ndarray] | str, bool]:
-    (chosen, rejected), cut = _render(pair.prompt, [pair.chosen, pair.rejected], tokenizer, seq_len)
-    return ("identical after truncation" if np.array_equal(chosen, rejected) else (chosen, rejected)), cut
+def _render_pair(pair: Pair, tokenizer: Tokenizer,
+                 seq_len: int) -> tuple[tuple[np.ndarray, np.ndarray] | str, bool, int]:
+    (chosen, rejected), cut, prompt_len = _render(pair.prompt, [pair.chosen, pair.rejected], tokenizer, seq_len)
+    return ("identical after truncation" if np.array_equal(chosen, rejected) else (chosen, rejected)), cut, prompt_len
 
 
 # --- rows ------------------------------------------------------------------------------------------------
@@ -78,12 +83,34 @@ class PairRows(NpyRows):
     """Prepared pairs as PairBatch rows: (2, seq_len) ids, row 0 chosen, row 1 rejected, and scalars."""
 
     def row(self, a: dict[str, np.ndarray], index: int) -> PairBatch:
-        tokens_2xT = np.asarray(a["tokens"][index], np.int32)
-        index_T = np.arange(tokens_2xT.shape[-1], dtype=np.int32)
-        segment_ids_2xT = (index_T < np.asarray(a["lengths"][index])[:, None]).astype(np.int32)
+        tokens_2xT, segment_ids_2xT = _sequences(a, index)
         return PairBatch(inputs=tokens_2xT, positions=positions_from_segments(segment_ids_2xT),
                          segment_ids=segment_ids_2xT, margin=np.asarray(a["margins"][index], np.float32),
                          valid=np.ones((), np.float32))
+
+
+class AnswerRows(NpyRows):
+    """Prepared pairs as PairTokenBatch rows: each sequence predicts its next tokens, weighted on the answer
+    (its tokens after the prompt, the closing <|end|> included); the last position has no target."""
+
+    def __init__(self, paths: dict[str, Path], byte_lengths_V: np.ndarray):
+        super().__init__(paths)
+        self.byte_lengths_V = byte_lengths_V
+
+    def row(self, a: dict[str, np.ndarray], index: int) -> PairTokenBatch:
+        tokens_2xT, segment_ids_2xT = _sequences(a, index)
+        answer_2xT = segment_ids_2xT * (np.arange(tokens_2xT.shape[-1]) >= a["prompt_lengths"][index])
+        # One padding token after each sequence: its last position gets no target, and rows stay seq_len long.
+        rows = [sft.row_batch(*(np.append(x, 0) for x in sequence), self.byte_lengths_V)
+                for sequence in zip(tokens_2xT, segment_ids_2xT, answer_2xT)]
+        return PairTokenBatch(*stack(rows), valid=np.ones((), np.float32))
+
+
+def _sequences(a: dict[str, np.ndarray], index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, segment ids) of pair `index`, each (2, seq_len): segment 1 on real tokens, 0 on padding."""
+    tokens_2xT = np.asarray(a["tokens"][index], np.int32)
+    index_T = np.arange(tokens_2xT.shape[-1], dtype=np.int32)
+    return tokens_2xT, (index_T < np.asarray(a["lengths"][index])[:, None]).astype(np.int32)
 
 
 # --- preparation -----------------------------------------------------------------------------------------
@@ -91,10 +118,17 @@ class PairRows(NpyRows):
 class PreparedPreference(PreparedArrays):
     """Rendered preference pairs (train and eval splits)."""
     KIND = "preference pairs"
-    ARRAYS = ("tokens", "lengths", "margins")
+    ARRAYS = ("tokens", "lengths", "margins", "prompt_lengths")
 
     def row_source(self, paths: dict[str, Path]) -> PairRows:
         return PairRows(paths)
+
+
+class PreparedAnswerPairs(PreparedPreference):
+    """The same prepared pairs, read as the answers' next-token targets (DPO)."""
+
+    def row_source(self, paths: dict[str, Path]) -> AnswerRows:
+        return AnswerRows(paths, self.tokenizer.byte_lengths())
 
 
 def prepare_preference(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | Path) -> None:
@@ -135,18 +169,19 @@ def _write_split(pairs: list[tuple[str, Pair]], sources: tuple[str, ...], tokeni
     rendered = [(source, pair.margin, *_render_pair(pair, tokenizer, seq_len)) for source, pair in pairs]
     kept = [r for r in rendered if not isinstance(r[2], str)]
     n = len(kept)
-    tokens, lengths, margins = (np.lib.format.open_memmap(f"{prefix}-{k}.npy", "w+", t, shape)
-                                for k, t, shape in zip(PreparedPreference.ARRAYS, (dtype, np.int32, np.float32),
-                                                       ((n, 2, seq_len), (n, 2), (n,))))
+    tokens, lengths, margins, prompt_lengths = (
+        np.lib.format.open_memmap(f"{prefix}-{k}.npy", "w+", t, shape)
+        for k, t, shape in zip(PreparedPreference.ARRAYS, (dtype, np.int32, np.float32, np.int32),
+                               ((n, 2, seq_len), (n, 2), (n,), (n,))))
     tokens[:] = tokenizer.pad_id
-    for i, (_, margin, sequences, _) in enumerate(kept):
+    for i, (_, margin, sequences, _, prompt_len) in enumerate(kept):
         for j, ids in enumerate(sequences):
             tokens[i, j, :len(ids)] = ids
             lengths[i, j] = len(ids)
-        margins[i] = margin
-    for a in (tokens, lengths, margins):
+        margins[i], prompt_lengths[i] = margin, prompt_len
+    for a in (tokens, lengths, margins, prompt_lengths):
         a.flush()
     per_source = collections.Counter(source for source, *_ in kept)
-    return {"pairs": n, "dropped_truncated": len(pairs) - n, "truncated": sum(cut for *_, cut in kept),
+    return {"pairs": n, "dropped_truncated": len(pairs) - n, "truncated": sum(cut for *_, cut, _ in kept),
             "tokens": int(lengths[:].sum()),
             "sources": {source: per_source[source] for source in sources}}
