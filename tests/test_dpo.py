@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from conftest import set_flags
 from llm_jax import tasks
@@ -316,3 +317,19 @@ def test_a_planted_preference_moves_greedy_answers_and_keeps_the_language_model(
     first, last = curves["eval/chosen_bits_per_byte"][0][1], curves["eval/chosen_bits_per_byte"][-1][1]
     assert last - first < 0.2, (first, last)  # at 10x the learning rate: +1.9 bits/byte, and noise for answers
     assert curves["eval/accuracy"][-1][1] > 0.9 and curves["train/loss_bits_per_pair"][0][1] == pytest.approx(1.0)
+
+
+def test_vocabulary_chunks_give_the_same_log_probabilities_and_kl():
+    """model.logits_chunk never holds (B, T, V) logits; the nats of both models and the KL must not change."""
+    from llm_jax.data.batches import TokenBatch
+    from llm_jax.tasks.losses import next_token_nats_and_kl
+    batch = random_pairs(np.random.default_rng(4), 3, 12)
+    flat = TokenBatch(*(x.reshape(6, 12) for x in batch[:6]))
+    plain, chunked = Transformer(model_cfg()), Transformer(model_cfg(logits_chunk=16))
+    init = lambda seed: nn.meta.unbox(plain.init(jax.random.key(seed), *(jnp.zeros((1, 12), jnp.int32),) * 3))["params"]  # noqa: E731
+    params, ref = init(0), jax.tree.map(lambda x: x * 3.0, init(1))
+    expected = next_token_nats_and_kl(plain, params, ref, flat)
+    got = next_token_nats_and_kl(chunked, params, ref, flat)
+    assert float(expected[2].mean()) > 0.01  # the two models differ
+    for e, g, name in zip(expected, got, ("nats", "reference nats", "kl")):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5, err_msg=name)
