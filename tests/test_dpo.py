@@ -83,6 +83,7 @@ def test_losses_equal_a_hand_computation_with_prompt_and_padding_masked(loss, be
     nats = np.where(batch.weights > 0, nats, 1e3).astype(np.float32)
     ref_nats = np.where(batch.weights > 0, ref_nats, -1e3).astype(np.float32)
     sums = pair_sums(jnp.asarray(nats), jnp.asarray(ref_nats), jnp.zeros_like(nats), batch, beta, loss, eps)
+    assert 0 < float(sums["correct"]) < float(sums["pairs"])
     expected = hand_dpo(nats, ref_nats, batch, beta, loss, eps)
     assert float(sums["pairs"]) == len(expected) > 0
     np.testing.assert_allclose(float(sums["loss"]), sum(expected), rtol=1e-5)
@@ -118,6 +119,14 @@ def test_at_step_0_the_policy_is_the_reference_one_bit_per_pair_no_margin_no_acc
     for tag in ("margin", "reward_chosen", "reward_rejected", "accuracy", "kl_to_reference"):
         assert float(out[f"train/{tag}"]) == 0.0, tag  # accuracy counts strictly greater implicit rewards
     assert float(out["train/logp_chosen"]) < 0
+    # In the train step the policy's differentiated pass rounds differently: h of float32 noise (seen on
+    # pretrain_en_small: margin 1e-6, 56% "accuracy" at step 0 when counted strictly) is not a preference.
+    nats = jnp.asarray(np.random.default_rng(5).random((6, 2, 12)) * 5, jnp.float32)
+    noisy = nats * (1 + 1e-7 * jnp.asarray(np.random.default_rng(6).standard_normal(nats.shape), jnp.float32))
+    assert float(pair_sums(noisy, nats, 0 * nats, batch, 0.1, "sigmoid", 0.0)["correct"]) == 0
+    chosen_better = nats.at[:, 0].multiply(0.999)  # a real preference, 0.1% of the log-probability
+    sums = pair_sums(chosen_better, nats, 0 * nats, batch, 0.1, "sigmoid", 0.0)
+    assert float(sums["correct"]) == float(sums["pairs"]) > 0
 
 
 # ---------------------------------------------------------------------------------------------- the rows
@@ -231,8 +240,9 @@ def test_a_bandit_converges_to_the_closed_form_optimum():
 
 # ---------------------------------------------------------------------------------------------- mesh
 
-def dpo_train(mesh_cfg, devices=None, microbatches=1, steps=3):
-    """A few DPO steps through the jitted train step on random pairs; the reference another init."""
+def dpo_train(mesh_cfg, devices=None, microbatches=1, steps=3, reference_seed=1):
+    """A few DPO steps through the jitted train step on random pairs; the reference another init (the policy's
+    own with reference_seed=0)."""
     cfg = model_cfg(n_heads=8, n_kv_heads=4, head_dim=8)
     mesh = sharding.make_mesh(mesh_cfg, devices)
     model = Transformer(cfg)
@@ -241,7 +251,7 @@ def dpo_train(mesh_cfg, devices=None, microbatches=1, steps=3):
     task = DPO(Config(task="dpo", dpo=DPOConfig(beta=0.5, label_smoothing=0.1)))
     layout = abstract_state(model, optimizer, mesh, 16)
     state, shardings = create_state(model, optimizer, layout, 16, jax.random.key(0))
-    reference = create_state(model, optimizer, layout, 16, jax.random.key(1))[0].params
+    reference = create_state(model, optimizer, layout, 16, jax.random.key(reference_seed))[0].params
     before = jax.tree.map(np.array, reference)
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, task)
     rng, history = np.random.default_rng(0), []
@@ -252,6 +262,14 @@ def dpo_train(mesh_cfg, devices=None, microbatches=1, steps=3):
         history.append({k: float(v) for k, v in metrics.items()})
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, reference), before)  # bitwise, not donated
     return history
+
+
+def test_the_train_step_starts_at_one_bit_per_pair_when_the_policy_is_the_reference():
+    """The differentiated forward pass rounds differently from the reference's plain one: the first step's
+    figures are the reference's to float32 noise, and that noise is no preference (accuracy 0)."""
+    first = dpo_train(MeshConfig(1, 1, 1), jax.devices()[:1], steps=1, reference_seed=0)[0]
+    assert first["train/loss_bits_per_pair"] == pytest.approx(1.0, abs=1e-6) and first["train/accuracy"] == 0.0
+    assert abs(first["train/margin"]) < 1e-5 and first["train/kl_to_reference"] < 1e-6
 
 
 @pytest.mark.slow

@@ -53,10 +53,13 @@ def pair_sums(nats_Px2xT, ref_nats_Px2xT, kl_Px2xT, batch: PairTokenBatch, beta:
         loss_P = (1 - label_smoothing) * preference_nats_P + label_smoothing * jax.nn.softplus(beta * h_P)
     else:
         loss_P = (h_P - 1 / (2 * beta)) ** 2
+    # While π = ref (step 0), h is 0 in a plain forward pass but float32 noise in the train step, whose
+    # differentiated pass rounds differently: a preference is an h above that noise (1e-6 of the log-probs).
+    noise_P = 1e-6 * jnp.sum(jnp.abs(logp_Px2) + jnp.abs(ref_logp_Px2), axis=-1)
     total = lambda x_P: jnp.sum(valid_P * x_P)
     tokens_Px2 = jnp.sum(weights_Px2xT, axis=-1)
     return {"loss": total(loss_P), "nats": total(preference_nats_P), "pairs": jnp.sum(valid_P),
-            "correct": total((h_P > 0).astype(jnp.float32)), "margin": total(beta * h_P),
+            "correct": total((h_P > noise_P).astype(jnp.float32)), "margin": total(beta * h_P),
             "chosen": total(beta * ratio_Px2[:, 0]), "rejected": total(beta * ratio_Px2[:, 1]),
             "logp_chosen": jnp.sum(logp_Px2[:, 0]), "logp_rejected": jnp.sum(logp_Px2[:, 1]),
             "tokens_chosen": jnp.sum(tokens_Px2[:, 0]), "tokens_rejected": jnp.sum(tokens_Px2[:, 1]),
