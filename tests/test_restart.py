@@ -177,7 +177,8 @@ def test_dpo_killed_between_steps_ends_as_an_uninterrupted_run(tmp_path, tiny_ex
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"say {w}", "chosen": f"{w}!", "rejected": f"no {w}"}) + "\n"
                              for w in ("yes", "no", "maybe", "hello") * 10))
-    sets = [f"data.sources=pairs:{pairs}", f"checkpoint.init_from={tiny_export}", *RUN, "train.batch_size=8"]
+    sets = [f"data.sources=pairs:{pairs}", f"checkpoint.init_from={tiny_export}", f"dpo.reference={tiny_export}",
+            *RUN, "train.batch_size=8"]
     argv = lambda run_dir: ["train", "--config", "dpo_tiny", "--run-dir", str(run_dir), *set_flags(sets)]  # noqa: E731
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     assert run(argv(reference))[0] == 0
