@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.data.batches import PairTokenBatch, TokenBatch
-from llm_jax.data.chat import pairs, preference
+from llm_jax.data.chat import preference
 from llm_jax.errors import ConfigError
-from llm_jax.tasks.base import Evaluation, Summary, Task
+from llm_jax.tasks.base import Evaluation, Summary
 from llm_jax.tasks.losses import LN2, next_token_nats_and_kl
+from llm_jax.tasks.preference import PreferenceTask
 
 
 def answer_nats(model, params, ref_params, batch: PairTokenBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -81,20 +82,14 @@ def scalars(sums: dict, prefix: str) -> dict:
     return {f"{prefix}/{k}": v for k, v in out.items()}
 
 
-class DPO(Task):
+class DPO(PreferenceTask):
     name = "dpo"
     batch_type = PairTokenBatch
-    loss, count = "loss", "pairs"
-    counts = ("pairs",)
-    progress = ("acc", "train/accuracy")
     summary_scalars = (("train/loss_bits_per_pair", "train bits/pair"), ("train/accuracy", "train accuracy"),
                        ("eval/accuracy", "eval accuracy"), ("eval/kl_to_reference", "eval KL bits/token"),
                        ("eval/chosen_bits_per_byte", "eval chosen bits/byte"),
                        ("eval/loss_bits_per_pair", "eval bits/pair"))
-    sequences_per_example = 2
-    source_kinds = tuple(pairs.LOADERS)
     prepared_type = preference.PreparedAnswerPairs
-    needs_tokenizer = True
 
     def check(self) -> None:
         super().check()
@@ -106,9 +101,6 @@ class DPO(Task):
         if self.cfg.dpo.reference:
             return {"reference": ("dpo.reference", Path(self.cfg.dpo.reference).expanduser())}
         return {"reference": ("checkpoint.init_from", Path(self.cfg.checkpoint.init_from).expanduser())}
-
-    def prepare(self, out_dir: Path) -> None:
-        preference.prepare_preference(self.cfg, out_dir, self.cfg.data.tokenizer)
 
     def sums(self, model, params, batch: PairTokenBatch, frozen: dict) -> dict:
         d = self.cfg.dpo
@@ -123,13 +115,8 @@ class DPO(Task):
         # The policy's forward and backward pass (3 forward passes' worth) and the reference's forward pass.
         return super().flops_per_token * 4 / 3
 
-    def step_shape(self) -> str:
-        return f"{self.cfg.train.batch_size} pairs × 2×{self.cfg.data.seq_len} tokens/step"
-
     def describe(self, data) -> str:
-        train, held = data.meta["splits"]["train"], data.meta["splits"]["eval"]
-        return (f"{train['pairs']:,} train / {held['pairs']:,} eval preference pairs, β={self.cfg.dpo.beta}, "
-                f"{self.cfg.dpo.loss} loss")
+        return f"{super().describe(data)}, β={self.cfg.dpo.beta}, {self.cfg.dpo.loss} loss"
 
     def finish(self, data, evaluation: Evaluation) -> Summary:
         s = evaluation.scores

@@ -10,15 +10,15 @@ Chosen and rejected of a pair are scored in one forward pass, as rows 0 and 1 of
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from llm_jax.data.batches import PairBatch
-from llm_jax.data.chat import pairs, preference
-from llm_jax.tasks.base import Evaluation, Summary, Task
+from llm_jax.data.chat import preference
+from llm_jax.tasks.base import Evaluation, Summary
 from llm_jax.tasks.losses import LN2
+from llm_jax.tasks.preference import PreferenceTask
 
 
 def rewards(model, params, batch: PairBatch) -> tuple[jax.Array, jax.Array]:
@@ -55,22 +55,13 @@ def scalars(sums: dict, prefix: str) -> dict:
     return {f"{prefix}/{k}": v for k, v in out.items()}
 
 
-class RewardModel(Task):
+class RewardModel(PreferenceTask):
     name = "reward"
     head = "reward"
     batch_type = PairBatch
-    loss, count = "loss", "pairs"
-    counts = ("pairs",)
-    progress = ("acc", "train/accuracy")
     summary_scalars = (("train/loss_bits_per_pair", "train bits/pair"), ("train/accuracy", "train accuracy"),
                        ("eval/accuracy", "eval accuracy"), ("eval/loss_bits_per_pair", "eval bits/pair"))
-    sequences_per_example = 2
-    source_kinds = tuple(pairs.LOADERS)
     prepared_type = preference.PreparedPreference
-    needs_tokenizer = True
-
-    def prepare(self, out_dir: Path) -> None:
-        preference.prepare_preference(self.cfg, out_dir, self.cfg.data.tokenizer)
 
     def sums(self, model, params, batch: PairBatch, frozen: dict) -> dict:
         r_chosen_P, r_rejected_P = rewards(model, params, batch)
@@ -79,13 +70,6 @@ class RewardModel(Task):
 
     def scalars(self, sums: dict, prefix: str) -> dict:
         return scalars(sums, prefix)
-
-    def step_shape(self) -> str:
-        return f"{self.cfg.train.batch_size} pairs × 2×{self.cfg.data.seq_len} tokens/step"
-
-    def describe(self, data) -> str:
-        train, held = data.meta["splits"]["train"], data.meta["splits"]["eval"]
-        return f"{train['pairs']:,} train / {held['pairs']:,} eval preference pairs"
 
     def finish(self, data, evaluation: Evaluation) -> Summary:
         sums, s = evaluation.sums, evaluation.scores
