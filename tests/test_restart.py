@@ -178,12 +178,13 @@ def test_dpo_killed_between_steps_ends_as_an_uninterrupted_run(tmp_path, tiny_ex
     pairs.write_text("".join(json.dumps({"prompt": f"say {w}", "chosen": f"{w}!", "rejected": f"no {w}"}) + "\n"
                              for w in ("yes", "no", "maybe", "hello") * 10))
     sets = [f"data.sources=pairs:{pairs}", f"checkpoint.init_from={tiny_export}", f"dpo.reference={tiny_export}",
-            *RUN, "train.batch_size=8"]
+            "train.steps=8", "train.eval_every=4", "train.eval_batches=2", "train.log_every=1", "checkpoint.every=4",
+            "checkpoint.keep=5", "checkpoint.async_save=false", "train.batch_size=8"]  # step 4 committed before 5
     argv = lambda run_dir: ["train", "--config", "dpo_tiny", "--run-dir", str(run_dir), *set_flags(sets)]  # noqa: E731
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     assert run(argv(reference))[0] == 0
-    status, err = run(argv(run_dir), killer=MOMENTS["between steps"])
-    assert status == -signal.SIGKILL and committed_steps(run_dir) == [EVERY], err[-2000:]
+    status, err = run(argv(run_dir), killer=("after", "llm_jax.train.loop", "_log_train", 6))
+    assert status == -signal.SIGKILL and committed_steps(run_dir) == [4], err[-2000:]  # steps 5, 6 logged
     status, err = run(argv(run_dir))
     assert status == 0, err[-2000:]
     assert_same_run(run_dir, reference, tags=("train/loss_bits_per_pair", "train/kl_to_reference", "optim/grad_norm",

@@ -32,7 +32,8 @@ def bench_memory(cfg: Config, limit_gib: float | None = None, max_compiles: int 
     def fits(batch: int) -> bool:
         example = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct((M, batch // M, *x.shape[2:]), x.dtype, sharding=s),
                                template, shardings)
-        plans[batch] = step_memory(bench.train_fn.lower(bench.state, example, bench.frozen).compile().memory_analysis())["total"]
+        plan = bench.train_fn.lower(bench.state, example, bench.frozen).compile().memory_analysis()
+        plans[batch] = step_memory(plan)["total"]
         return plans[batch] <= limit
 
     good, bad = _search(fits, max(granule, cfg.train.batch_size // granule * granule), granule,

@@ -1,11 +1,11 @@
 """Pure train and eval steps, jitted with explicit shardings.
 
-train_step(state, batch) -> (state, metrics). Batch entries have shape (M, B/M, ...): M microbatches whose
-gradients of the summed loss are accumulated, then divided once by the total count (target tokens, pairs),
-so accumulation gives exactly the gradient of the big batch. What is summed and reported comes from the
-run's Task (tasks/). A task's frozen params (DPO's reference model) are the third argument of the jitted steps,
-laid out like the trained params: read, never differentiated or updated, and not part of the state (so not
-checkpointed).
+train_step(state, batch, frozen) -> (state, metrics). Batch entries have shape (M, B/M, ...): M microbatches
+whose gradients of the summed loss are accumulated, then divided once by the total count (target tokens,
+pairs), so accumulation gives exactly the gradient of the big batch. What is summed and reported comes from
+the run's Task (tasks/). `frozen` holds the task's frozen params by name (DPO's reference model; {} for most
+tasks), laid out like the trained params: read, never differentiated or updated, and not part of the state
+(so not checkpointed).
 """
 
 from __future__ import annotations
