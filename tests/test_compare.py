@@ -113,6 +113,7 @@ def test_win_rate_counts_ties_half_and_the_bootstrap_interval_holds_the_mean():
     assert cmp.kl_warning(Sampling()) is None and "temperature=0.7" in cmp.kl_warning(Sampling(temperature=0.7))
 
 
+@pytest.mark.slow
 def test_a_policy_against_itself_ties_everywhere_with_no_kl(models, data, tmp_path, capsys):
     policy, _, judge = models
     code, out, err = run(capsys, "--policy", str(policy), "--baseline", str(policy), "--judge", str(judge),
@@ -151,6 +152,7 @@ def hand_nats(path, rows):
                      for i, r in enumerate(rows)])
 
 
+@pytest.mark.slow
 def test_the_kl_to_another_policy_is_the_hand_computed_log_probability_gap(models, data, capsys):
     policy, other, judge = models
     summary, rows = cmp.compare(policy, other, judge, ("pairs:pairs.jsonl",), data, samples=4, max_tokens=6,

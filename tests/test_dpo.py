@@ -183,6 +183,7 @@ def test_dpo_needs_an_export_and_a_language_model_reference(tmp_path, tiny_expor
 
 # ---------------------------------------------------------------------------------------------- the bandit
 
+@pytest.mark.slow
 def test_a_bandit_converges_to_the_closed_form_optimum():
     """One prompt, K one-token answers, comparisons in the proportions of a Bradley-Terry reward r: DPO's
     optimum is π(y) ∝ π_ref(y) exp(r(y)/β) over the K answers."""
@@ -266,6 +267,7 @@ def dpo_train(mesh_cfg, devices=None, microbatches=1, steps=3, reference_seed=1)
     return history
 
 
+@pytest.mark.slow
 def test_the_train_step_starts_at_one_bit_per_pair_when_the_policy_is_the_reference():
     """The differentiated forward pass rounds differently from the reference's plain one: the first step's
     figures are the reference's to float32 noise, and that noise is no preference (accuracy 0)."""
@@ -339,6 +341,7 @@ def test_a_planted_preference_moves_greedy_answers_and_keeps_the_language_model(
     assert curves["eval/accuracy"][-1][1] > 0.9 and curves["train/loss_bits_per_pair"][0][1] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_vocabulary_chunks_give_the_same_log_probabilities_and_kl():
     """model.logits_chunk never holds (B, T, V) logits; the nats of both models and the KL must not change."""
     from llm_jax.data.batches import TokenBatch
