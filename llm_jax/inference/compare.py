@@ -30,8 +30,7 @@ import numpy as np
 from llm_jax.atomic import write_atomic
 from llm_jax.data.batches import TokenBatch, positions_from_segments
 from llm_jax.data.chat.dialogue import Message
-from llm_jax.data.chat.pairs import iter_pair_groups
-from llm_jax.data.chat.prepared import split_indices
+from llm_jax.data.chat.preference import split_pair_groups
 from llm_jax.data.chat.template import render_prompt
 from llm_jax.errors import ConfigError, DataError
 from llm_jax.inference.generate import Generator, Sampling, check_sampling
@@ -56,18 +55,14 @@ def parse_sources(text: str) -> tuple[str, ...]:
 
 
 def held_out_prompts(sources: tuple[str, ...], root: Path, eval_fraction: float, n: int) -> list[tuple[Message, ...]]:
-    """The first n held-out prompts: per source, the first pair's prompt of each group that split_indices
+    """The first n held-out prompts: the first pair's prompt of each group that preference.split_pair_groups
     puts in eval, in that order, sources in the order given (the split of data/chat/preference.py)."""
     if not 0.0 < eval_fraction < 1.0:
         raise ConfigError(f"--eval-fraction={eval_fraction}: must lie strictly between 0 and 1")
-    by_source: dict[str, list[tuple[Message, ...]]] = {source: [] for source in sources}
     try:
-        for source, group in iter_pair_groups(sources, Path(root)):
-            by_source[source].append(group[0].prompt)
+        prompts = [group[0].prompt for _, group in split_pair_groups(sources, Path(root), eval_fraction)["eval"]]
     except DataError as e:
         raise DataError(f"--prompts: {e}") from None
-    prompts = [groups[i] for groups in by_source.values()
-               for i in split_indices(len(groups), eval_fraction)["eval"]]
     if not prompts:
         raise DataError(f"--prompts={','.join(sources)}: no usable preference pair, so no held-out prompt")
     return prompts[:n]

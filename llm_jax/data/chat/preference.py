@@ -145,15 +145,24 @@ def prepare_preference(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | 
     publish_chat_data(cfg, out_dir, tokenizer, FORMAT, _prepare_into, PreparedPreference, describe)
 
 
-def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
-    sources, root = cfg.data.sources, data_dir(cfg)
-    stats, by_source = PairStats(), {source: [] for source in sources}
+def split_pair_groups(sources: tuple[str, ...], root: Path, eval_fraction: float,
+                      stats: PairStats | None = None) -> dict[str, list[tuple[str, list[Pair]]]]:
+    """Per split, the (source, group of pairs) of the sources' records: per source, its groups split by
+    prepared.split_indices; sources in order. Training and `llm-jax compare` hold out the same groups."""
+    by_source = {source: [] for source in sources}
     for source, group in iter_pair_groups(sources, root, stats):
         by_source[source].append(group)
     splits = {"train": [], "eval": []}
     for source, groups in by_source.items():
-        for split, idx in split_indices(len(groups), cfg.data.eval_fraction).items():
-            splits[split] += [(source, pair) for i in idx for pair in groups[i]]
+        for split, idx in split_indices(len(groups), eval_fraction).items():
+            splits[split] += [(source, groups[i]) for i in idx]
+    return splits
+
+
+def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
+    sources, stats = cfg.data.sources, PairStats()
+    splits = {split: [(source, pair) for source, group in groups for pair in group]
+              for split, groups in split_pair_groups(sources, data_dir(cfg), cfg.data.eval_fraction, stats).items()}
     if not stats.n_pairs:
         raise DataError(f"data.sources={list(sources)} yielded no usable preference pair "
                         f"(skipped: {dict(stats.skipped)})")
