@@ -12,7 +12,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llm_jax import task_config
 from llm_jax.errors import ConfigError
+from llm_jax.task_config import DPOConfig, RewardConfig, RLConfig
 
 
 @dataclass(frozen=True)
@@ -114,29 +116,12 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
-class RewardConfig:
-    """The pairwise (Bradley-Terry) loss of a reward model: -log sigmoid(r_chosen - r_rejected - margin)."""
-    use_margins: bool = True  # subtract each pair's `margin` from the data (pairs without one have 0)
-    center_coef: float = 0.0  # adds center_coef * mean((r_chosen + r_rejected)^2), keeping rewards near 0
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    """Preference optimisation without a reward model (tasks/dpo.py). With h = (log π(chosen) - log ref(chosen))
-    - (log π(rejected) - log ref(rejected)), log-probabilities summed over each answer's tokens:
-    sigmoid (DPO) -(1-ε) log σ(βh) - ε log σ(-βh), ε = label_smoothing; ipo (h - 1/(2β))²."""
-    beta: float = 0.1
-    loss: str = "sigmoid"  # sigmoid | ipo
-    label_smoothing: float = 0.0  # sigmoid only: the assumed probability that a pair's label is flipped
-    reference: str = ""  # an export whose params are the frozen reference; empty: checkpoint.init_from's
-
-
-@dataclass(frozen=True)
 class Config:
     name: str = "default"
     # The training algorithm (tasks/): pretrain (next-token prediction on documents), sft (on dialogues, loss
     # on the answers), reward (a pairwise reward model on preference pairs), dpo (a policy trained directly on
-    # preference pairs against a frozen reference).
+    # preference pairs against a frozen reference), rl (a policy trained on its own answers, scored by a reward
+    # model: PPO, GRPO or RLOO).
     task: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -146,6 +131,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 CHOICES = {
@@ -158,7 +144,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "train.nonfinite": ("skip", "stop"),
-    "dpo.loss": ("sigmoid", "ipo"),
+    **task_config.CHOICES,
 }
 
 
@@ -211,12 +197,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"checkpoint.every={cfg.checkpoint.every}, checkpoint.keep={cfg.checkpoint.keep}, "
                           f"checkpoint.keep_period={cfg.checkpoint.keep_period}: need every >= 0, keep >= 1, "
                           "keep_period >= 0")
-    if cfg.reward.center_coef < 0 or m.reward_init_std < 0:
-        raise ConfigError(f"reward.center_coef={cfg.reward.center_coef} and model.reward_init_std="
-                          f"{m.reward_init_std} must not be negative")
-    if cfg.dpo.beta <= 0 or not 0.0 <= cfg.dpo.label_smoothing < 0.5:
-        raise ConfigError(f"dpo.beta={cfg.dpo.beta} must be positive and dpo.label_smoothing="
-                          f"{cfg.dpo.label_smoothing} in [0, 0.5)")
+    task_config.validate(cfg)
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     return cfg

@@ -209,9 +209,9 @@ def one_line_error(capsys, argv, message):
 
 
 @pytest.mark.parametrize("prompts, flags, message", [
-    ("pairs:pairs.jsonl,nope:x.jsonl", (), "--prompts: data.sources entry 'nope:x.jsonl': unknown preference kind"),
+    ("pairs:pairs.jsonl,nope:x.jsonl", (), "--prompts: data.sources entry 'nope:x.jsonl': unknown prompt kind"),
     ("hh:missing*.jsonl", (), "'missing*.jsonl' matches no file"),
-    (" , ", (), "give one or more comma-separated preference sources"),
+    (" , ", (), "give one or more comma-separated prompt sources"),
     ("pairs:pairs.jsonl", ("--eval-fraction", "1"), "--eval-fraction=1.0: must lie strictly between 0 and 1"),
     ("pairs:pairs.jsonl", ("--top-p", "0"), "--top-p=0.0: must be in (0, 1]"),
 ])

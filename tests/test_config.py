@@ -70,8 +70,10 @@ def test_presets_differ_where_they_should():
 def test_every_experiment_loads_and_validates(path):
     cfg = validate(load_experiment(str(path)))
     assert cfg.name == path.stem
-    # Its sources are its task's kind (a fine-tuning experiment takes its model and tokenizer from init_from).
-    tasks.make(apply_overrides(cfg, ["data.tokenizer=tokenizer.model", "checkpoint.init_from=export"]))
+    # Its sources are its task's kind (a fine-tuning experiment takes its model and tokenizer from init_from; an
+    # RL one its reward from rl.reward_model).
+    tasks.make(apply_overrides(cfg, ["data.tokenizer=tokenizer.model", "checkpoint.init_from=export",
+                                     "rl.reward_model=count:1", "rl.value_init=policy"]))
     for key in ("train.steps", "train.eval_every", "model.n_layers", "model.d_model", "mesh.data", "mesh.fsdp",
                 "mesh.tensor", "data.seq_len"):
         apply_overrides(cfg, [f"{key}=2"])  # the keys tools rely on exist under these names

@@ -189,3 +189,25 @@ def test_dpo_killed_between_steps_ends_as_an_uninterrupted_run(tmp_path, tiny_ex
     assert status == 0, err[-2000:]
     assert_same_run(run_dir, reference, tags=("train/loss_bits_per_pair", "train/kl_to_reference", "optim/grad_norm",
                                               "eval/accuracy", "eval/chosen_bits_per_byte"))
+
+
+@pytest.mark.slow
+def test_rl_killed_during_a_rollout_ends_as_an_uninterrupted_run(tmp_path, tiny_export, assert_same_run):
+    """Checkpoint 3 is taken in the middle of a rollout's minibatches (its buffer saved with it); the kill comes
+    while the next rollout generates; the restart trains on the saved buffer, then makes the same rollout. The
+    frozen reference is held in bf16, as rl.frozen_dtype allows, and loaded again by the restart."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"the cat {i} sees"}) + "\n" for i in range(40)))
+    sets = [f"data.sources=prompts:{prompts}", f"checkpoint.init_from={tiny_export}", "rl.reward_model=count:270",
+            "rl.value_init=policy", "rl.frozen_dtype=bfloat16", "train.steps=8", "train.eval_every=4",
+            "train.log_every=1", "checkpoint.every=3", "checkpoint.keep=5", "checkpoint.async_save=false"]
+    argv = lambda run_dir: ["train", "--config", "ppo_tiny", "--run-dir", str(run_dir), *set_flags(sets)]  # noqa: E731
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    assert main(argv(reference)) == 0
+    # Rollouts feed 4 steps each (at steps 1 and 5): the 2nd starts after checkpoint 3 and before 5.
+    status, err = run(argv(run_dir), killer=("before", "llm_jax.tasks.rollout", "RolloutEngine.rollout", 2))
+    assert status == -signal.SIGKILL and committed_steps(run_dir) == [3], err[-2000:]
+    status, err = run(argv(run_dir))
+    assert status == 0, err[-2000:]
+    assert_same_run(run_dir, reference, tags=("rl/reward_mean", "rl/kl", "train/loss", "ppo/ratio_mean",
+                                              "ppo/value_loss", "optim/grad_norm", "eval/score_mean"))

@@ -51,8 +51,8 @@ def _compare_args(sub) -> None:
     cmp.add_argument("--baseline", required=True, metavar="B", help=what + "language model with A's tokenizer")
     cmp.add_argument("--judge", required=True, metavar="RM", help=what + "reward model")
     cmp.add_argument("--prompts", required=True, metavar="SOURCE[,SOURCE...]",
-                     help="preference sources (hh:GLOB, pairs:GLOB, qa_feedback:GLOB): their held-out prompts, "
-                          "split as reward-model and DPO training split them")
+                     help="prompt sources (hh:, pairs:, qa_feedback:, alpaca:, chat:, prompts:GLOB): their held-out "
+                          "prompts, split as reward-model, DPO and RL training split them")
     cmp.add_argument("--samples", type=int, default=64, metavar="N", help="how many held-out prompts (the first N)")
     sampling_args(cmp, max_tokens=128, temperature=1.0)
     cmp.add_argument("--eval-fraction", type=float, default=0.1,

@@ -123,6 +123,43 @@ class PairTokenBatch(NamedTuple):
         return PairTokenBatch(*tokens._replace(weights=weights), valid=np.ones(shape, np.float32))
 
 
+class RolloutBatch(NamedTuple):
+    """The policy's own answers for reinforcement learning (tasks/rl.py): prompt + answer rows, right-padded,
+    with what the rollout recorded for every target. `weights` are 1 exactly on targets that are answer tokens
+    (the sampled tokens, the end of turn included); every other entry counts only there."""
+    inputs: Any  # int32 (B, T)
+    targets: Any  # int32 (B, T)
+    segment_ids: Any  # int32 (B, T): 1 on real tokens, 0 on padding
+    positions: Any  # int32 (B, T)
+    weights: Any  # float32 (B, T)
+    old_logprobs: Any  # float32 (B, T): log π(target) of the policy that sampled it
+    ref_logprobs: Any  # float32 (B, T): log ref(target)
+    advantages: Any  # float32 (B, T)
+    returns: Any  # float32 (B, T): the value model's targets (ppo)
+    old_values: Any  # float32 (B, T): the value model's estimates at the rollout (ppo)
+    kl_coef: Any  # float32 (B,): β at the rollout (the KL loss term's weight)
+
+    @staticmethod
+    def axes() -> "RolloutBatch":
+        return RolloutBatch(*(("batch", "length"),) * 10, ("batch",))
+
+    @staticmethod
+    def padding(seq_len: int, pad_id: int) -> "RolloutBatch":
+        tokens = TokenBatch.padding(seq_len, pad_id)
+        zeros_T = np.zeros(seq_len, np.float32)
+        return RolloutBatch(*tokens[:5], *(zeros_T,) * 5, kl_coef=np.zeros((), np.float32))
+
+    @staticmethod
+    def synthetic(shape: tuple[int, ...], seq_len: int, vocab_size: int, rng: np.random.Generator) -> "RolloutBatch":
+        """Random answers after a prompt of a quarter of each row (a step's cost does not depend on the values)."""
+        tokens = TokenBatch.synthetic(shape, seq_len, vocab_size, rng)
+        weights = tokens.weights * (np.arange(seq_len) >= seq_len // 4)
+        noise = lambda: rng.standard_normal((*shape, seq_len)).astype(np.float32)  # noqa: E731
+        logprobs = -np.abs(noise()) - 1.0
+        return RolloutBatch(*tokens[:4], weights, logprobs, logprobs, noise(), noise(), noise(),
+                            kl_coef=np.full(shape, 0.05, np.float32))
+
+
 def stack(rows: list) -> Any:
     """One batch of rows (instances of one batch class without the leading axis)."""
     return type(rows[0])(*(np.stack(entries) for entries in zip(*rows)))

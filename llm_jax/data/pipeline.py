@@ -95,6 +95,9 @@ class DatasetSource:
     def start_prefetch(self) -> None:
         self.iterator.start_prefetch()
 
+    def scalars(self) -> dict[str, float]:
+        return {}
+
     def restart_at(self, step: int) -> None:
         if self.num_workers:  # worker iterators keep interleaved per-worker states: no plain index
             raise DataError(f"the data position of checkpoint step {step} was saved by another number of processes, "

@@ -1,8 +1,8 @@
 """`llm-jax compare`: one policy (A) against a baseline (B), judged by a reward model on held-out prompts.
 
-Prompts: per preference source (`kind:GLOB`, read as the reward model and DPO read them: data/chat/pairs.py),
-the groups that prepared.split_indices holds out for eval (the very split their training uses), one prompt per
-group (its first pair's), in that order, sources in the order given; the first `samples` of them.
+Prompts: the held-out prompts of the sources (`kind:GLOB`, any kind RL reads: data/chat/prompts.py), in order,
+sources in the order given; the first `samples` of them. For preference sources these are the groups that
+their training (reward model, DPO, RL) holds out, one prompt per group.
 Answers: both policies answer every prompt with the same sampling settings and seed (inference/generate.py;
 batch k of `batch_size` prompts is sampled with seed + k), the prompt rendered by the chat template
 (render_prompt, which ends with the assistant tag) and cut from the left to the model's context
@@ -30,13 +30,13 @@ import numpy as np
 from llm_jax.atomic import write_atomic
 from llm_jax.data.batches import TokenBatch, positions_from_segments
 from llm_jax.data.chat.dialogue import Message
-from llm_jax.data.chat.preference import split_pair_groups
+from llm_jax.data.chat.prompts import split_prompts
 from llm_jax.data.chat.template import render_prompt
 from llm_jax.errors import ConfigError, DataError
 from llm_jax.inference.generate import Generator, Sampling, check_sampling
 from llm_jax.inference.runner import ModelRunner, default_context
 from llm_jax.inference.score import Scorer, eval_normaliser
-from llm_jax.inference.stream import stop_ids
+from llm_jax.inference.stream import answer_text, stop_ids
 from llm_jax.tasks.losses import next_token_nats
 
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL = 10_000, 0, 0.95
@@ -50,21 +50,20 @@ def parse_sources(text: str) -> tuple[str, ...]:
     """The comma-separated `kind:GLOB` sources of --prompts."""
     sources = tuple(s.strip() for s in text.split(",") if s.strip())
     if not sources:
-        raise DataError(f"--prompts={text!r}: give one or more comma-separated preference sources (kind:GLOB)")
+        raise DataError(f"--prompts={text!r}: give one or more comma-separated prompt sources (kind:GLOB)")
     return sources
 
 
 def held_out_prompts(sources: tuple[str, ...], root: Path, eval_fraction: float, n: int) -> list[tuple[Message, ...]]:
-    """The first n held-out prompts: the first pair's prompt of each group that preference.split_pair_groups
-    puts in eval, in that order, sources in the order given (the split of data/chat/preference.py)."""
+    """The first n held-out prompts of the sources, as RL training splits them (prompts.split_prompts)."""
     if not 0.0 < eval_fraction < 1.0:
         raise ConfigError(f"--eval-fraction={eval_fraction}: must lie strictly between 0 and 1")
     try:
-        prompts = [group[0].prompt for _, group in split_pair_groups(sources, Path(root), eval_fraction)["eval"]]
+        prompts = [prompt for _, prompt in split_prompts(sources, Path(root), eval_fraction)["eval"]]
     except DataError as e:
         raise DataError(f"--prompts: {e}") from None
     if not prompts:
-        raise DataError(f"--prompts={','.join(sources)}: no usable preference pair, so no held-out prompt")
+        raise DataError(f"--prompts={','.join(sources)}: no usable prompt, so no held-out prompt")
     return prompts[:n]
 
 
@@ -93,12 +92,6 @@ def answer_all(generator: Generator, tokenizer, prompts: list[np.ndarray], max_t
         out += generator.generate([p.tolist() for p in prompts[start:start + batch_size]], max_tokens,
                                   seed=seed + k, stop_ids=stops, pad_id=tokenizer.pad_id)
     return out
-
-
-def answer_text(tokenizer, tokens: list[int]) -> str:
-    """The text of an answer, without its stop token, stripped (as chat adds it to the dialogue)."""
-    stops = stop_ids(tokenizer)
-    return tokenizer.decode([t for t in tokens if t not in stops]).strip()
 
 
 def answer_nats(runner: ModelRunner, prompts: list[np.ndarray], answers: list[list[int]], pad_id: int,

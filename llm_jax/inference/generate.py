@@ -84,14 +84,15 @@ def sample_token(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> j
     return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
-    """tokens, positions and segment ids (B, P) of left-padded prompts, and each prompt's length."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0):
+    """tokens, positions and segment ids (B, P) of left-padded prompts, and each prompt's length; P is the
+    longest prompt's length, or `width` if that is more."""
     lengths = np.array([len(p) for p in prompts], int)
     if not len(lengths):
         raise ConfigError("no prompts: generation needs at least one")
     if lengths.min() == 0:
         raise ConfigError(f"prompt {int(lengths.argmin())} is empty: every prompt needs at least 1 token")
-    width = int(lengths.max())
+    width = max(int(lengths.max()), width)
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     segments = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):
@@ -127,13 +128,15 @@ class Generator:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0,
                  stop_ids: Sequence[int] = (), pad_id: int = 0,
-                 on_tokens: Callable[[list[int | None]], None] | None = None, params=None) -> list[list[int]]:
+                 on_tokens: Callable[[list[int | None]], None] | None = None, params=None,
+                 prompt_width: int = 0) -> list[list[int]]:
         """New tokens for each prompt (a stop token included, nothing after it). `on_tokens` receives each
-        step's token per row (None for rows already stopped), for streaming."""
+        step's token per row (None for rows already stopped), for streaming. prompt_width: pad the prompts to at
+        least this many tokens, so that calls with prompts of other lengths reuse one compilation (RL rollouts)."""
         params = self.runner.params if params is None else params
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-        tokens, positions, segments, lengths = left_pad(prompts, pad_id)
+        tokens, positions, segments, lengths = left_pad(prompts, pad_id, prompt_width)
         total = tokens.shape[1] + max_new_tokens
         self.runner.check_length(int(lengths.max()) + max_new_tokens, "prompt + max tokens")
         rngs = jax.random.split(jax.random.key(seed), max_new_tokens)

@@ -14,7 +14,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from llm_jax import tasks
 from llm_jax.config import Config, ModelConfig
 from llm_jax.errors import ConfigError
 from llm_jax.model import Transformer
@@ -41,6 +40,7 @@ class ModelRunner:
     def load(cls, path: Path, step: int | None = None, head: str = "lm") -> tuple[Config, "ModelRunner", object]:
         """(config, runner, tokenizer) of a run directory (its latest checkpoint, or `step`) or an export,
         whose model must end in `head` (what the command using it needs)."""
+        from llm_jax import tasks  # tasks/ runs models through this module: read it when loading, not importing
         from llm_jax.train.export import load_for_inference
         cfg, params, tokenizer = load_for_inference(Path(path), step)
         runner = cls(cfg.model, params, tasks.TASKS[cfg.task].head)

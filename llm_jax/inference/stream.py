@@ -39,6 +39,12 @@ def stop_ids(tokenizer: Tokenizer) -> set[int]:
     return {tokenizer.eos_id, *chat_tags(tokenizer)["end"]}
 
 
+def answer_text(tokenizer, tokens: list[int]) -> str:
+    """The text of an answer, without its stop token, stripped (as chat adds it to the dialogue)."""
+    stops = stop_ids(tokenizer)
+    return tokenizer.decode([t for t in tokens if t not in stops]).strip()
+
+
 def sample(generator: Generator, tokenizer: Tokenizer, prompt: str, max_tokens: int, seed: int,
            out: TextIO | None = None) -> list[int]:
     """Continues `prompt` as a document, streaming the continuation."""

@@ -48,13 +48,13 @@ def block_stack(cfg: ModelConfig, decode: bool):
     return [scanned(cfg, decode, name="layers")]
 
 
-HEADS = ("lm", "reward")
+HEADS = ("lm", "reward", "value")
 
 
 class Transformer(nn.Module):
     """tokens, positions, segment ids (B, T) -> next-token logits (B, T, V) in float32; with
-    head="reward", one reward per sequence (B,) in float32 instead (see reward_head); with
-    return_hidden, the final-norm hidden states (B, T, D) that the output layer would read.
+    head="reward", one reward per sequence (B,) in float32 instead (see reward_head); with head="value", one
+    value per position (B, T) in float32 (PPO's value model, see PolicyAndValue); with return_hidden, the final-norm hidden states (B, T, D) that the output layer would read.
 
     The task decides the head (tasks/); with decode=True the attention layers keep a KV cache (see
     attention.py), with the same parameters.
@@ -83,6 +83,8 @@ class Transformer(nn.Module):
             raise ValueError(f"head {self.head!r} is not one of {', '.join(HEADS)}")
         if self.head == "reward":
             return reward_head(cfg, x_BxTxD, segment_ids_BxT)
+        if self.head == "value":  # zero-initialised: every value starts at 0, the mean of normalised rewards
+            return Dense(cfg, (), ("embed",), std=0.0, name="value_head")(x_BxTxD).astype(jnp.float32)
         if return_hidden:  # the loss applies the output layer itself, in vocabulary chunks (tasks/losses.py)
             return x_BxTxD
         if cfg.tie_embeddings:
@@ -106,3 +108,16 @@ def reward_head(cfg: ModelConfig, x_BxTxD: jax.Array, segment_ids_BxT: jax.Array
     h_BxD = jnp.take_along_axis(x_BxTxD, last_B[:, None, None], axis=1)[:, 0]
     reward_B = Dense(cfg, (), ("embed",), std=cfg.reward_init_std, name="reward_head")(h_BxD)
     return reward_B.astype(jnp.float32)
+
+
+class PolicyAndValue(nn.Module):
+    """What PPO trains: the policy (a language model) and its value model (the same architecture ending in one
+    value per position), as one params tree {"policy", "value"}, so that one optimizer, one checkpoint and one
+    set of sharding rules hold both. Returns (logits (B, T, V), values (B, T))."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
+        args = (tokens_BxT, positions_BxT, segment_ids_BxT)
+        return (Transformer(self.cfg, "lm", name="policy")(*args),
+                Transformer(self.cfg, "value", name="value")(*args))

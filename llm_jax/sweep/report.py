@@ -72,7 +72,7 @@ def summarise_run(run_dir: Path, name: str, hparams: dict) -> RunSummary:
     # Training scalars are noisy step to step: their final value is a mean; an evaluation's is its last.
     scores = {label: (_final_mean if tag.startswith("train/") else _last)(scalars.get(tag, []))
               for tag, label in task.summary_scalars}
-    speeds = [v for _, v in scalars.get("perf/tokens_per_sec", [])]
+    speeds = [v for _, v in scalars.get(task.throughput, [])]
     return RunSummary(name, hparams, state, last_step, results["params"] if results else None, tokens,
                       task.flops_per_token * tokens, scores, headline,
                       statistics.median(speeds) if speeds else math.nan, tuple(scalars.get(headline_tag, [])))

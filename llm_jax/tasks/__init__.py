@@ -8,9 +8,10 @@ from llm_jax.tasks.base import Task
 from llm_jax.tasks.dpo import DPO
 from llm_jax.tasks.pretrain import Pretrain
 from llm_jax.tasks.reward import RewardModel
+from llm_jax.tasks.rl import RL
 from llm_jax.tasks.sft import SFT
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (Pretrain, SFT, RewardModel, DPO)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (Pretrain, SFT, RewardModel, DPO, RL)}
 
 
 def make(cfg: Config, check: bool = True) -> Task:
@@ -24,6 +25,18 @@ def make(cfg: Config, check: bool = True) -> Task:
     return task
 
 
-def model_of(cfg: Config) -> Transformer:
-    """The model a run's config trains: its decoder with the head its task needs."""
+def model_of(cfg: Config):
+    """The model a run's config trains: its decoder with the head its task needs (PPO: the policy and its
+    value model)."""
+    return TASKS[cfg.task].trained_model(cfg)
+
+
+def exported_model(cfg: Config) -> Transformer:
+    """The model that a run's exports hold and inference runs: the decoder with the task's head."""
     return Transformer(cfg.model, head=TASKS[cfg.task].head)
+
+
+def exported_params(cfg: Config, params):
+    """The params of exported_model(cfg) in the params a run of cfg trains (PPO's policy without its value
+    model)."""
+    return TASKS[cfg.task].exported_params(params)

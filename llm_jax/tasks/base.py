@@ -23,32 +23,31 @@ frozen_exports(): they are loaded once, laid out like the trained params, and pa
 The loop, step, metrics, reports, bench and sweeps need no change (docs/architecture.md; tasks/dpo.py is the
 worked example).
 
-Tasks whose batches the model itself produces (PPO, GRPO, RLOO: generate -> score -> update) plug in through
-`train_source`. The loop calls `source.next_batch(state)` once per step with the train state about to be
-updated. A rollout source builds an inference/generate.Generator on its first call, from a ModelRunner of
-the model config and that state's params; the Generator's jitted steps take the params as an argument
-(`generate(..., params=state.params)`), so every later rollout reuses the compilation. The source scores the
-completions with a reward model or a verifier loaded once (inference/score.py), computes advantages and the
-reference log-probabilities with the frozen params of checkpoint.init_from, and returns this process's rows
-of a batch of the task's own type. The train step stays (state, batch) -> (state, metrics): the clipped
-policy-gradient loss with its KL leash is the task's `sums`, and several optimisation epochs over one rollout
-are several steps drawing minibatches from the source's buffer. The source's get_state()/set_state() (bytes
-saved with every checkpoint, as a grain iterator's position is) hold the prompt position and the sampling
-seed; a checkpoint taken in the middle of a buffer resumes at the next rollout, so resumes are exact when
-rollouts end at checkpoint steps. Generation fetches tokens to the host of one process today: rollouts on
-several processes need the Generator to gather each process's rows first.
+Tasks whose batches the model itself produces (tasks/rl.py: PPO, GRPO, RLOO) plug in through
+`train_source`: the loop calls `source.next_batch(state)` once per step with the train state about to be
+updated, and the source (tasks/rollout_buffer.py) makes a rollout from state's params when its buffer is spent:
+answers by inference/generate.Generator, whose jitted steps take the params as an argument, so every rollout
+reuses one compilation; scores and log-probabilities by models it loads once (tasks/rollout.py). The train step
+stays (state, batch) -> (state, metrics); several epochs over a rollout are several steps. What a rollout
+measured reaches TensorBoard through `source.scalars()`, its time is left out of the step time, the buffer and
+position are the source's saved state, and `evaluate` answers held-out prompts instead of scoring eval batches.
+A task that trains more than one model (PPO: policy and value) returns them as one tree from
+`trained_model(cfg)`; `exported_params` picks what its exports hold.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
+
+import jax
 
 from llm_jax.config import Config
 from llm_jax.data import pipeline
 from llm_jax.data.tokenizer import check_fits
 from llm_jax.errors import ConfigError
-from llm_jax.model import flops
+from llm_jax.model import Transformer, flops
 
 
 class BatchSource(Protocol):
@@ -64,6 +63,10 @@ class BatchSource(Protocol):
     def set_state(self, state: bytes) -> None: ...
 
     def start_prefetch(self) -> None: ...
+
+    def scalars(self) -> dict[str, float]:
+        """What producing the batches since the last call measured, logged at the step they feed ({} for data
+        sets; a rollout's rewards and timing for RL). "perf/rollout_s" is left out of the step time."""
 
     def restart_at(self, step: int) -> None:
         """Continue at global batch `step` (a resume onto another number of processes)."""
@@ -102,6 +105,7 @@ class Task:
     summary_scalars: ClassVar[tuple[tuple[str, str], ...]]
     counts: ClassVar[tuple[str, ...]]  # sums that count what an evaluation scored, reported in results.json
     sequences_per_example: ClassVar[int] = 1  # rows of seq_len tokens in one example of the batch
+    throughput: ClassVar[str] = "perf/tokens_per_sec"  # the scalar of the train step's tokens per second
     source_kinds: ClassVar[tuple[str, ...]]  # the `kind:` prefixes data.sources may use
     prepared_type: ClassVar[type]  # what prepare writes and load reads (data/shards.PreparedDir subclasses)
     # Rendered through the chat template with the fine-tuned model's own tokenizer, which knows the chat tokens.
@@ -109,6 +113,16 @@ class Task:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    @classmethod
+    def trained_model(cls, cfg: Config):
+        """The model whose params a run trains (and checkpoints)."""
+        return Transformer(cfg.model, head=cls.head)
+
+    @staticmethod
+    def exported_params(params):
+        """What an export of the trained params holds: a Transformer with the task's head."""
+        return params
 
     def check(self) -> None:
         """Checks what this task needs of the config, before any data is read."""
@@ -148,10 +162,24 @@ class Task:
         return pipeline.ordered_batches(self.rows(data, "eval"), self.cfg.train.batch_size, process_index,
                                         process_count, max_batches, padding)
 
+    def evaluate(self, data, params, eval_step, max_batches: int) -> tuple[dict, int]:
+        """The objective's sums over the held-out split, summed on the host in float64 (float32 totals stop
+        counting bytes exactly past 2**24), and the number of batches scored. eval_step(params, local batch)
+        -> sums runs the jitted eval step on the mesh."""
+        batches = self.eval_batches(data, jax.process_index(), jax.process_count(), max_batches)
+        per_batch = jax.device_get([eval_step(params, local) for local in batches])
+        return {k: math.fsum(float(sums[k]) for sums in per_batch) for k in per_batch[0]}, len(batches)
+
     # --- objective ------------------------------------------------------------------------------------------
     def sums(self, model, params, batch, frozen: dict) -> dict:
         """The objective's sums over a batch; `frozen` holds the params of frozen_exports, by name."""
         raise NotImplementedError
+
+    def initial_params(self, target_params) -> tuple[dict, list[str]]:
+        """The params a fresh run starts from, given checkpoint.init_from, laid out like target_params, and the
+        names of those initialised fresh (a head the export lacks)."""
+        from llm_jax.train.export import load_params
+        return load_params(Path(self.cfg.checkpoint.init_from), self.cfg, target_params)
 
     def frozen_exports(self) -> dict[str, tuple[str, Path]]:
         """Exports whose params the objective reads but never trains (DPO's reference): name -> (the config key

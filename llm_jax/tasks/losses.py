@@ -159,3 +159,15 @@ def compression_rates(sums: dict) -> dict:
     tokens = jnp.maximum(sums["tokens"], 1.0)
     bytes_ = jnp.maximum(sums["bytes"], 1.0)
     return {"bits_per_token": sums["nats"] / tokens / LN2, "bits_per_byte": sums["nats"] / bytes_ / LN2}
+
+
+def policy_logprobs(model, params, batch, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(log π(target), entropy of π) at every position, π the model's next-token distribution at `temperature`
+    (the one its answers were sampled from, so that log-probabilities of sampled tokens are those of the
+    sampler). From the full logits: RL's tasks refuse model.logits_chunk."""
+    logits_BxTxV = model.apply({"params": params}, batch.inputs, batch.positions, batch.segment_ids)
+    if temperature != 1.0:
+        logits_BxTxV = logits_BxTxV / temperature
+    log_probs_BxTxV = jax.nn.log_softmax(logits_BxTxV)
+    entropy_BxT = -jnp.sum(jnp.exp(log_probs_BxTxV) * log_probs_BxTxV, axis=-1)
+    return -token_nats(logits_BxTxV, batch.targets), entropy_BxT

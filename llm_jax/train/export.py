@@ -36,7 +36,8 @@ def export_params(run_dir: Path, out: Path, step: int | None = None) -> tuple[in
                 json.loads((out / "config.json").read_text()) == meta["config"]:
             return step, False
         raise CheckpointError(f"export directory {out} already exists (and is not this export of step {step})")
-    params = restore_params(run_dir, step, _params_target(from_dict(meta["config"])))
+    cfg = from_dict(meta["config"])
+    params = _restore(run_dir, cfg, inference_mesh(cfg), step)
     with atomic_directory(out) as tmp, ocp.StandardCheckpointer() as ckpt:
         ckpt.save((tmp / "params").absolute(), params)
         (tmp / "config.json").write_text(json.dumps(meta["config"], indent=2, sort_keys=True))
@@ -47,28 +48,48 @@ def export_params(run_dir: Path, out: Path, step: int | None = None) -> tuple[in
     return step, True
 
 
-def _params_target(cfg: Config):
-    """The abstract params of `cfg`, laid out on the training mesh if these devices fit it, else FSDP."""
+def inference_mesh(cfg: Config):
+    """The training mesh of `cfg` if these devices fit it, else FSDP over all of them."""
     try:
-        mesh = sharding.make_mesh(cfg.mesh)
+        return sharding.make_mesh(cfg.mesh)
     except MeshError:
-        mesh = sharding.make_mesh(MeshConfig(1, -1, 1))
-    return abstract_params(tasks.model_of(cfg), mesh)
+        return sharding.make_mesh(MeshConfig(1, -1, 1))
 
 
-def load_for_inference(path: Path, step: int | None = None) -> tuple[Config, object, Tokenizer]:
-    """Config, params and tokenizer from a run directory (its latest checkpoint, or `step`) or an export."""
+def load_for_inference(path: Path, step: int | None = None, mesh=None) -> tuple[Config, object, Tokenizer]:
+    """Config, params (of its exported model: tasks.exported_model) and tokenizer from a run directory (its
+    latest checkpoint, or `step`) or an export, laid out on `mesh` (default: inference_mesh)."""
     path = Path(path)
     if _is_export(path):
-        cfg = from_dict(json.loads((path / "config.json").read_text()))
-        with ocp.StandardCheckpointer() as ckpt:
-            params = ckpt.restore((path / "params").absolute(), _params_target(cfg))
-        return cfg, params, Tokenizer.load(path / "tokenizer.model")
+        cfg = saved_config(path)
+        return cfg, _restore(path, cfg, mesh or inference_mesh(cfg)), Tokenizer.load(path / "tokenizer.model")
     step = _saved_step(path, step, f"{path} is neither a run directory with checkpoints nor an `llm-jax export` "
                                    "directory")
     saved = _saved_meta(path, step)
     cfg = from_dict(saved["config"])
-    return cfg, restore_params(path, step, _params_target(cfg)), from_bytes(base64.b64decode(saved["tokenizer_model"]))
+    return (cfg, _restore(path, cfg, mesh or inference_mesh(cfg), step),
+            from_bytes(base64.b64decode(saved["tokenizer_model"])))
+
+
+def saved_config(path: Path, step: int | None = None, key: str = "") -> Config:
+    """The config of an export or of a run directory's checkpoint (its latest, or `step`); `key` names the
+    config key that gave the path, for the error when it is neither."""
+    path = Path(path)
+    if _is_export(path):
+        return from_dict(json.loads((path / "config.json").read_text()))
+    what = f"{key}={path}" if key else str(path)
+    step = _saved_step(path, step, f"{what} is neither a run directory with checkpoints nor an `llm-jax export` "
+                                   "directory")
+    return from_dict(_saved_meta(path, step)["config"])
+
+
+def _restore(path: Path, cfg: Config, mesh, step: int | None = None):
+    """The params of cfg's exported model from an export or a run directory's checkpoint, laid out on `mesh`."""
+    if _is_export(path):
+        with ocp.StandardCheckpointer() as ckpt:
+            return ckpt.restore((path / "params").absolute(), abstract_params(tasks.exported_model(cfg), mesh))
+    trained = restore_params(path, _saved_step(path, step, ""), abstract_params(tasks.model_of(cfg), mesh))
+    return tasks.exported_params(cfg, trained)
 
 
 def saved_eval(path: Path, step: int | None = None) -> dict[str, float]:
@@ -105,24 +126,35 @@ def _is_export(path: Path) -> bool:
 
 
 def load_params(path: Path, cfg: Config, target_params, key: str = "checkpoint.init_from") -> tuple[dict, list[str]]:
-    """Params from an `llm-jax export` directory, checked against the model and resharded like the target.
+    """Params from an `llm-jax export` directory (or a run directory's latest checkpoint), checked against the
+    model and resharded like the target.
 
     The export may have another head (HEAD_FIELDS): its other params are used, the target's own head keeps
     its initialisation. Returns the params and the names of the top-level params that were not in the export.
     `key` is the config key that names the export, for errors.
     """
     path = Path(path)
-    if not _is_export(path):
+    if not _is_export(path) and not committed_steps(path):
         raise ConfigError(f"{key}={path}: not an export directory (no params/ or config.json); "
                           "make one with `llm-jax export`")
-    saved = from_dict(json.loads((path / "config.json").read_text()))
+    saved = saved_config(path, key=key)
     # Another task's export (a language model for a reward model) gives its trunk; the head is this run's.
     diffs = differences(saved, cfg, keys=("model.",), ignore=tuple(f"model.{f}" for f in HEAD_FIELDS))
     if diffs:
         raise CheckpointError(f"{key}={path} has a different model ({'; '.join(diffs)})")
-    mesh = jax.tree.leaves(target_params)[0].sharding.mesh
-    with ocp.StandardCheckpointer() as ckpt:
-        loaded = ckpt.restore((path / "params").absolute(), abstract_params(tasks.model_of(saved), mesh))
+    loaded = _restore(path, saved, jax.tree.leaves(target_params)[0].sharding.mesh)
     fresh = sorted(set(target_params) - set(loaded))
     return {k: loaded.get(k, v) for k, v in target_params.items()}, fresh
 
+
+def load_frozen_params(path: Path, cfg: Config, target_params, tokenizer, key: str, name: str):
+    """A model that a run reads but never trains (a reference), from `key`'s export: the whole language model of
+    cfg's architecture, laid out like target_params, with the run's tokenizer."""
+    params, missing = load_params(path, cfg, target_params, key)
+    if missing:
+        raise ConfigError(f"{key}={path} has no {', '.join(missing)} (a model with another head?); the "
+                          f"{name} model must be a language model export")
+    exported = Tokenizer.load(path / "tokenizer.model") if _is_export(path) else load_for_inference(path)[2]
+    if exported.sha256 != tokenizer.sha256:
+        raise ConfigError(f"{key}={path} has another tokenizer than the run's ({cfg.data.tokenizer})")
+    return params

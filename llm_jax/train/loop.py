@@ -12,7 +12,6 @@ checkpoint at the next step boundary and end the run (preemption.py).
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -61,12 +60,9 @@ def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict
 
 def evaluate(setup: Setup, params, max_batches: int) -> tuple[dict, int]:
     """The objective's sums over the held-out split (e.g. nats/tokens/bytes); also how many batches were scored."""
-    batches = setup.task.eval_batches(setup.data, jax.process_index(), jax.process_count(), max_batches)
     shardings = step.batch_shardings(setup.mesh, setup.task, microbatched=False)
-    per_batch = jax.device_get([setup.eval_fn(params, sharding.global_batch(local, shardings), setup.frozen)
-                                for local in batches])
-    # Summed on the host in float64: float32 totals stop counting bytes exactly past 2**24.
-    return {k: math.fsum(float(sums[k]) for sums in per_batch) for k in per_batch[0]}, len(batches)
+    eval_step = lambda p, local: setup.eval_fn(p, sharding.global_batch(local, shardings), setup.frozen)  # noqa: E731
+    return setup.task.evaluate(setup.data, params, eval_step, max_batches)
 
 
 def evaluation(setup: Setup, params, step_done: int, writer: Writer | None = None) -> Evaluation:
@@ -103,7 +99,7 @@ def _train_steps(setup: Setup, writer: Writer, mngr, watch: PreemptionWatch):
             print(f"resumed from checkpoint step {setup.start_step} (data position: {how})", flush=True)
     meta = checkpoint.meta(cfg, setup.data.tokenizer_path)
     batch_shardings = step.batch_shardings(setup.mesh, task, microbatched=True)
-    perf = metrics.PerfMeter(task.tokens_per_step, task.flops_per_token, cfg.train.peak_tflops)
+    perf = metrics.PerfMeter(task.tokens_per_step, task.flops_per_token, cfg.train.peak_tflops, task.throughput)
     bar = tqdm(total=cfg.train.steps, initial=setup.start_step, disable=not is_main(), unit="step",
                dynamic_ncols=True)
     pending, last_eval = None, None
@@ -111,6 +107,10 @@ def _train_steps(setup: Setup, writer: Writer, mngr, watch: PreemptionWatch):
     try:
         for i in range(setup.start_step, cfg.train.steps):
             batch = sharding.global_batch(source.next_batch(state), batch_shardings)
+            made = source.scalars()  # what producing the batch measured (a rollout's rewards), logged at its step
+            if made:
+                writer.scalars(i + 1, made)
+                perf.exclude(made.get("perf/rollout_s", 0.0))
             state, step_metrics = setup.train_fn(state, batch, setup.frozen)
             if pending is not None:
                 log()
@@ -159,7 +159,7 @@ def _log_train(pending, perf: metrics.PerfMeter, writer: Writer, bar, cfg: Confi
     bar.update(1)
     label, key = progress
     bar.set_postfix({label: f"{values[key]:.3f}",
-                     "tok_s": f"{perf.last.get('perf/tokens_per_sec', float('nan')):,.0f}"}, refresh=False)
+                     "tok_s": f"{perf.last.get(perf.throughput, float('nan')):,.0f}"}, refresh=False)
 
 
 def _final_eval(setup: Setup, state, last_eval: Evaluation | None) -> dict:

@@ -62,8 +62,9 @@ def mfu(tokens_per_sec: float, flops_per_token: float, n_devices: int, peak_tflo
 class PerfMeter:
     """Step time, tokens/s and MFU over windows of steps, skipping the window holding compilation."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_tflops: float = 0.0):
-        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_tflops: float = 0.0,
+                 throughput: str = "perf/tokens_per_sec"):
+        self.tokens_per_step, self.flops_per_token, self.throughput = tokens_per_step, flops_per_token, throughput
         self.peak = device_peak_tflops(jax.devices()[0].device_kind, peak_tflops)
         self.n_devices = jax.device_count()
         self.t0, self.step0 = None, None
@@ -75,8 +76,13 @@ class PerfMeter:
         if self.t0 is not None and step_done > self.step0:
             step_time = (now - self.t0) / (step_done - self.step0)
             tokens_per_sec = self.tokens_per_step / step_time
-            out = {"perf/step_time_s": step_time, "perf/tokens_per_sec": tokens_per_sec,
+            out = {"perf/step_time_s": step_time, self.throughput: tokens_per_sec,
                    "perf/mfu": mfu(tokens_per_sec, self.flops_per_token, self.n_devices, self.peak)}
             self.last = out
         self.t0, self.step0 = now, step_done
         return out
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` of the current window out of step time (a rollout that produced the batch)."""
+        if self.t0 is not None:
+            self.t0 += seconds

@@ -14,14 +14,13 @@ import jax
 
 from llm_jax import tasks
 from llm_jax.config import Config, differences, from_dict
-from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import ConfigError, RunDirError
 from llm_jax.experiment import resolve
 from llm_jax.parallel import sharding
 from llm_jax.parallel.distributed import barrier, is_main
 from llm_jax.tasks.base import Task
 from llm_jax.train import checkpoint, metrics, optim, step
-from llm_jax.train.export import load_params
+from llm_jax.train.export import load_frozen_params
 from llm_jax.train.state import abstract_state, create_state
 
 
@@ -68,7 +67,7 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
         if opened.created:  # a run that never started leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    state, start_step = _initial_state(cfg, run_dir, opened.resume, state, data)
+    state, start_step = _initial_state(task, run_dir, opened.resume, state, data)
     train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh, shardings,
                                    task)
     eval_fn = step.jit_eval_step(model, mesh, shardings.params, task)
@@ -132,22 +131,13 @@ def saved_differences(run_dir: Path, cfg: Config) -> list[str]:
 
 
 def load_frozen(task: Task, target_params, tokenizer) -> dict:
-    """The params of the task's frozen exports (Task.frozen_exports), laid out like target_params; each must
-    hold the whole model and share the run's tokenizer."""
-    frozen = {}
-    for name, (key, path) in task.frozen_exports().items():
-        params, missing = load_params(path, task.cfg, target_params, key)
-        if missing:
-            raise ConfigError(f"{key}={path} has no {', '.join(missing)} (a model with another head?); the "
-                              f"{name} model must be a language model export")
-        exported = Tokenizer.load(path / "tokenizer.model")
-        if exported.sha256 != tokenizer.sha256:
-            raise ConfigError(f"{key}={path} has another tokenizer than the run's ({task.cfg.data.tokenizer})")
-        frozen[name] = params
-    return frozen
+    """The params of the task's frozen exports (Task.frozen_exports), laid out like target_params."""
+    return {name: load_frozen_params(path, task.cfg, target_params, tokenizer, key, name)
+            for name, (key, path) in task.frozen_exports().items()}
 
 
-def _initial_state(cfg: Config, run_dir: Path, resume: bool, state, data):
+def _initial_state(task: Task, run_dir: Path, resume: bool, state, data):
+    cfg = task.cfg
     if resume:
         restored = checkpoint.restore_latest(run_dir, cfg, state, data.tokenizer)
         if restored is None:
@@ -155,7 +145,7 @@ def _initial_state(cfg: Config, run_dir: Path, resume: bool, state, data):
                               f"{run_dir / 'corrupt_checkpoints'}); pass --fresh to start over")
         return restored
     if cfg.checkpoint.init_from:
-        params, fresh = load_params(Path(cfg.checkpoint.init_from), cfg, state.params)
+        params, fresh = task.initial_params(state.params)
         if fresh and is_main():
             print(f"init_from {cfg.checkpoint.init_from}: {', '.join(fresh)} initialised fresh (not in the export)")
         return state.replace(params=params), 0
