@@ -130,15 +130,18 @@ class RolloutEngine:
         return [render_prompt(list(p), self.tokenizer)[-room:] for p in prompts]
 
     def answer(self, generator: Generator, policy_params, prompt_ids: list[np.ndarray], seed: int):
-        """(answers' tokens, their texts, whether each ended its turn) for prompt rows padded to whole rows per
-        device (the extra rows are dropped)."""
-        n = len(prompt_ids)
-        rows = prompt_ids + [prompt_ids[-1]] * (self.runner.round_rows(n) - n)
-        r = self.cfg.rl
-        # Every rollout pads its prompts to the same width, so generation compiles once.
-        answers = generator.generate([p.tolist() for p in rows], r.max_answer_tokens, seed=seed, stop_ids=self.stops,
-                                     pad_id=self.tokenizer.pad_id, params=policy_params,
-                                     prompt_width=self.cfg.data.seq_len - r.max_answer_tokens)[:n]
+        """(answers' tokens, their texts, whether each ended its turn), generated in chunks of a rollout's rows
+        (chunk c with seed + c, the last one padded with copies of its last prompt): every call, evaluation's
+        too, has one shape of prompts padded to one width, so generation compiles once."""
+        r, answers = self.cfg.rl, []
+        rows = r.prompts_per_rollout * r.samples_per_prompt
+        for c, start in enumerate(range(0, len(prompt_ids), rows)):
+            chunk = prompt_ids[start:start + rows]
+            chunk += [chunk[-1]] * (rows - len(chunk))
+            answers += generator.generate([p.tolist() for p in chunk], r.max_answer_tokens, seed=seed + c,
+                                          stop_ids=self.stops, pad_id=self.tokenizer.pad_id, params=policy_params,
+                                          prompt_width=self.cfg.data.seq_len - r.max_answer_tokens)
+        answers = answers[:len(prompt_ids)]
         ended = np.array([a[-1] in self.stops for a in answers])
         return answers, [answer_text(self.tokenizer, a) for a in answers], ended
 
@@ -187,7 +190,7 @@ class RolloutEngine:
         return batch, stats
 
     def evaluate(self, policy_params, value_params, prompts) -> dict[str, float]:
-        """Sums over one answer to each held-out prompt (rl.eval_temperature; greedy by default, seed 0): the
+        """Sums over one answer to each held-out prompt (rl.eval_temperature; greedy by default): the
         score alone, the reward (less the missing-end penalty), KL (k1, nats per answer), tokens, ended turns."""
         r = self.cfg.rl
         prompt_ids = self.prompt_ids(prompts)
