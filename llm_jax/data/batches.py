@@ -60,6 +60,22 @@ class TokenBatch(NamedTuple):
                           target_bytes=ones * 3)
 
 
+def answer_rows(prompts: list[np.ndarray], answers: list[list[int]], width: int, pad_id: int,
+                n_rows: int = 0) -> TokenBatch:
+    """TokenBatch rows of prompt + answer, right-padded to `width` tokens (at least n_rows rows, the extra ones
+    padding): inputs and next-token targets, weights 1 exactly on the targets that are answer tokens. What a
+    policy's log-probabilities of its own answers are computed on (RL rollouts, `llm-jax compare`)."""
+    N = max(len(answers), n_rows)
+    inputs = np.full((N, width), pad_id, np.int32)
+    targets, segments, weights = inputs.copy(), np.zeros_like(inputs), np.zeros((N, width), np.float32)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        ids = np.concatenate([prompt, np.asarray(answer, np.int32)])
+        n = len(ids) - 1
+        inputs[row, :n], targets[row, :n], segments[row, :n] = ids[:-1], ids[1:], 1
+        weights[row, len(prompt) - 1:n] = 1.0
+    return TokenBatch(inputs, targets, segments, positions_from_segments(segments), weights, np.zeros_like(inputs))
+
+
 class PairBatch(NamedTuple):
     """Pairs of answers to one prompt for a reward model: row 0 of each (2, T) entry the chosen (preferred)
     sequence, row 1 the rejected one, both right-padded; `valid` is 0 only on padding pairs."""

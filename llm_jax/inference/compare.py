@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.atomic import write_atomic
-from llm_jax.data.batches import TokenBatch, positions_from_segments
+from llm_jax.data.batches import TokenBatch, answer_rows
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.chat.prompts import split_prompts
 from llm_jax.data.chat.template import render_prompt
@@ -105,17 +105,8 @@ def answer_nats(runner: ModelRunner, prompts: list[np.ndarray], answers: list[li
     runner.check_length(width, "prompt + answer")
     rows, out = runner.round_rows(batch_size), []
     for start in range(0, len(prompts), rows):
-        inputs = np.full((rows, width), pad_id, np.int32)
-        targets, segments, weights = inputs.copy(), np.zeros_like(inputs), np.zeros((rows, width), np.float32)
-        chunk = list(zip(prompts[start:start + rows], answers[start:start + rows]))
-        for row, (prompt, answer) in enumerate(chunk):
-            ids = np.concatenate([prompt, np.asarray(answer, np.int32)])
-            n = len(ids) - 1
-            inputs[row, :n], targets[row, :n], segments[row, :n] = ids[:-1], ids[1:], 1
-            weights[row, len(prompt) - 1:n] = 1.0  # the targets that are answer tokens
-        batch = TokenBatch(inputs=inputs, targets=targets, segment_ids=segments,
-                           positions=positions_from_segments(segments), weights=weights,
-                           target_bytes=np.zeros_like(inputs))
+        chunk = answers[start:start + rows]
+        batch = answer_rows(prompts[start:start + rows], chunk, width, pad_id, n_rows=rows)
         out.append(np.asarray(forward(runner.params, batch), np.float64)[:len(chunk)])
     return np.concatenate(out)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from llm_jax.data.batches import RolloutBatch, TokenBatch, positions_from_segments
+from llm_jax.data.batches import RolloutBatch, TokenBatch, answer_rows
 from llm_jax.data.chat.template import render_prompt
 from llm_jax.inference.generate import Generator, Sampling
 from llm_jax.inference.runner import ModelRunner
@@ -33,20 +33,6 @@ from llm_jax.model import Transformer
 from llm_jax.tasks import advantages as adv
 from llm_jax.tasks.losses import policy_logprobs
 from llm_jax.train.metrics import param_count
-
-
-def answer_rows(prompts: list[np.ndarray], answers: list[list[int]], seq_len: int, pad_id: int) -> TokenBatch:
-    """Rows of prompt + answer, right-padded to seq_len: inputs and next-token targets, weights 1 exactly on the
-    targets that are answer tokens."""
-    N = len(answers)
-    inputs = np.full((N, seq_len), pad_id, np.int32)
-    targets, segments, weights = inputs.copy(), np.zeros_like(inputs), np.zeros((N, seq_len), np.float32)
-    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
-        ids = np.concatenate([prompt, np.asarray(answer, np.int32)])
-        n = len(ids) - 1
-        inputs[row, :n], targets[row, :n], segments[row, :n] = ids[:-1], ids[1:], 1
-        weights[row, len(prompt) - 1:n] = 1.0
-    return TokenBatch(inputs, targets, segments, positions_from_segments(segments), weights, np.zeros_like(inputs))
 
 
 def _cast(params, dtype: str):
