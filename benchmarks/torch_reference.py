@@ -54,7 +54,7 @@ def default_threads() -> int:
 
 def _check_supported(cfg) -> None:
     wanted = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "tie_embeddings": False,
-              "use_bias": False}
+              "use_bias": False, "qk_norm": False, "logit_softcap": 0.0}
     wrong = {k: getattr(cfg, k) for k, v in wanted.items() if getattr(cfg, k) != v}
     if wrong:
         raise ValueError(f"the torch reference implements the Llama architecture ({wanted}); got {wrong}")
@@ -220,34 +220,51 @@ def load_llm_jax_params(model: Transformer, params) -> None:
     model.lm_head.weight.copy_(kernel(params["lm_head"]["kernel"]))
 
 
-def tokens_per_sec(model_cfg, optim_cfg, batch_size: int, seq_len: int, steps: int = 20, warmup: int = 3,
-                   threads: int | None = None, seed: int = 0) -> dict:
-    """Times `steps` train steps (after `warmup` untimed ones) on one fixed random batch.
+class Timer:
+    """The model, its optimizer and one fixed random batch, ready to time train steps in blocks.
 
-    Each step is timed with perf_counter around train_step, whose loss.item() waits for the step to finish.
-    The thread count is restored afterwards.
+    `block` sets the thread count for its steps and restores it afterwards, so blocks can alternate with
+    llm_jax's in one process (bench train --compare-torch) without either side's settings leaking.
     """
-    threads = threads or default_threads()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        model, optimizer = build(model_cfg, optim_cfg, seed)
+
+    def __init__(self, model_cfg, optim_cfg, batch_size: int, seq_len: int, threads: int | None = None,
+                 seed: int = 0):
+        self.threads = threads or default_threads()
+        self.model, self.optimizer = build(model_cfg, optim_cfg, seed)
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len + 1), generator=gen)
-        inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        clip = optim_cfg.grad_clip
-        for _ in range(warmup):
-            train_step(model, optimizer, inputs, targets, clip)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            train_step(model, optimizer, inputs, targets, clip)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous)
+        self.inputs, self.targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        self.clip, self.tokens_per_step = optim_cfg.grad_clip, batch_size * seq_len
+
+    def block(self, steps: int, warmup: int) -> list[float]:
+        """Seconds of each of `steps` train steps, after `warmup` untimed ones.
+
+        Each step is timed with perf_counter around train_step, whose loss.item() waits for it to finish.
+        """
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            for _ in range(warmup):
+                train_step(self.model, self.optimizer, self.inputs, self.targets, self.clip)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                train_step(self.model, self.optimizer, self.inputs, self.targets, self.clip)
+                times.append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(previous)
+        return times
+
+
+def tokens_per_sec(model_cfg, optim_cfg, batch_size: int, seq_len: int, steps: int = 20, warmup: int = 3,
+                   threads: int | None = None, seed: int = 0) -> dict:
+    """Times `steps` train steps (after `warmup` untimed ones) on one fixed random batch; the thread count
+    is restored afterwards."""
+    timer = Timer(model_cfg, optim_cfg, batch_size, seq_len, threads, seed)
+    times = timer.block(steps, warmup)
     median = statistics.median(times)
-    return {"tokens_per_sec": batch_size * seq_len / median, "step_time_s": median, "step_times": times,
-            "step_time_min_s": min(times), "params": param_count(model), "threads": threads}
+    return {"tokens_per_sec": timer.tokens_per_step / median, "step_time_s": median, "step_times": times,
+            "step_time_min_s": min(times), "params": param_count(timer.model), "threads": timer.threads}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,14 +31,20 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: str = "rope"  # rope | learned
     rope_theta: float = 10_000.0
-    mlp: str = "swiglu"  # swiglu | gelu
+    mlp: str = "swiglu"  # swiglu | gelu | relu2 (ReLU squared, ungated: Primer, So et al. 2021)
     tie_embeddings: bool = False
     use_bias: bool = False
+    # RMSNorm of each head's queries and keys before RoPE (Dehghani et al. 2023; OLMo 2; modded-nanogpt): bounded
+    # attention logits, so higher learning rates stay stable.
+    qk_norm: bool = False
+    # >0: output logits become cap * tanh(logits / cap) (Gemma 2; modded-nanogpt): no token's logit runs away.
+    logit_softcap: float = 0.0
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     # auto: einsum on CPU, else jax.nn.dot_product_attention's choice (cuDNN flash attention on GPUs where it
-    # runs, XLA otherwise); xla | cudnn: that implementation of jax.nn.dot_product_attention; einsum: written out
+    # runs, XLA otherwise); xla | cudnn: that implementation of jax.nn.dot_product_attention; einsum: written out;
+    # blocked: an online softmax over key blocks (model/blocked_attention.py: long sequences on CPU)
     attention_impl: str = "auto"
     scan_layers: bool = True
     # >0: the loss computes the output layer and its log-softmax in vocabulary chunks of this size, never
@@ -68,7 +74,9 @@ class DataConfig:
     sources: tuple[str, ...] = ("python_stdlib",)
     data_dir: str = ""  # empty: $LLM_JAX_DATA, else ../shared/data beside the repository
     seq_len: int = 256
-    eval_fraction: float = 0.1  # the last fraction of the token stream is held out
+    # Fraction of the corpus bytes held out as whole documents, spread over the corpus with a fixed seed (a
+    # one-document corpus: its last fraction of bytes).
+    eval_fraction: float = 0.1
     max_bytes: int = 0  # cap on corpus bytes read (0: everything)
     tokenizer: str = ""  # an existing sentencepiece .model; empty: train one on the corpus
     tokenizer_type: str = "bpe"  # bpe | unigram
@@ -87,6 +95,13 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping (0: off)
+    optimizer: str = "adamw"  # adamw | muon: Muon (Jordan et al. 2024) for the blocks' matrices, AdamW for the rest
+    muon_learning_rate: float = 0.02
+    muon_momentum: float = 0.95
+    # cosine decay to min_lr_ratio after warmup, or wsd (warmup-stable-decay: Hu et al. 2024, Hägele et al.
+    # 2024): constant, then linear to min_lr_ratio over the last decay_fraction of the steps.
+    schedule: str = "cosine"  # cosine | wsd
+    decay_fraction: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,11 @@ class TrainConfig:
     seed: int = 0
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: look the device up in metrics.PEAK_TFLOPS
     nonfinite: str = "skip"  # a NaN/Inf loss, gradient or update: skip that update, or stop the run
+    # >0: train for this many seconds instead of `steps` (evaluation and checkpoint time excluded): the step
+    # count is estimated from the first measured steps, and the learning-rate schedule planned for it.
+    time_budget_s: float = 0.0
+    z_loss: float = 0.0  # PaLM's z-loss: + z_loss * log(Z)^2 per target in the objective (not the reported bits)
+    seq_len_warmup_steps: int = 0  # >0: these first steps on windows of seq_len/4, then /2 (Li et al. 2022)
 
 
 @dataclass(frozen=True)
@@ -137,13 +157,15 @@ class Config:
 CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.position": ("rope", "learned"),
-    "model.mlp": ("swiglu", "gelu"),
+    "model.mlp": ("swiglu", "gelu", "relu2"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16"),
-    "model.attention_impl": ("auto", "xla", "cudnn", "einsum"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "einsum", "blocked"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "train.nonfinite": ("skip", "stop"),
+    "optim.optimizer": ("adamw", "muon"),
+    "optim.schedule": ("cosine", "wsd"),
     **task_config.CHOICES,
 }
 
@@ -189,10 +211,10 @@ def validate(cfg: Config) -> Config:
     if m.logits_chunk < 0 or (m.logits_chunk and m.vocab_size % m.logits_chunk):
         raise ConfigError(f"model.logits_chunk={m.logits_chunk} must be 0 or divide model.vocab_size={m.vocab_size}")
     if t.batch_size % t.microbatches:
-        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by "
-                          f"train.microbatches={t.microbatches}")
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by train.microbatches={t.microbatches}")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must lie strictly between 0 and 1")
+    _check_recipe(cfg)
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1 or cfg.checkpoint.keep_period < 0:
         raise ConfigError(f"checkpoint.every={cfg.checkpoint.every}, checkpoint.keep={cfg.checkpoint.keep}, "
                           f"checkpoint.keep_period={cfg.checkpoint.keep_period}: need every >= 0, keep >= 1, "
@@ -201,6 +223,20 @@ def validate(cfg: Config) -> Config:
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     return cfg
+
+
+def _check_recipe(cfg: Config) -> None:
+    """The training-recipe switches: each a non-negative number, in its range."""
+    t, o = cfg.train, cfg.optim
+    for key in ("train.time_budget_s", "train.z_loss", "train.seq_len_warmup_steps", "model.logit_softcap",
+                "optim.muon_learning_rate", "optim.muon_momentum"):
+        section, name = key.split(".")
+        if (value := getattr(getattr(cfg, section), name)) < 0:
+            raise ConfigError(f"{key}={value} must not be negative")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must lie in (0, 1]")
+    if t.seq_len_warmup_steps and cfg.data.seq_len % 4:
+        raise ConfigError(f"train.seq_len_warmup_steps needs data.seq_len divisible by 4, got {cfg.data.seq_len}")
 
 
 # Model fields of the output head: fine-tuning an export into another task (a language model into a reward
@@ -212,8 +248,7 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# Configs saved before `task` replaced the data section's `format` and the model's `head` (run directories,
-# exports, imports) still load.
+# Configs saved before `task` replaced the data section's format and the model's head (run dirs, exports) load.
 _LEGACY_TASKS = {"text": "pretrain", "dialogue": "sft", "preference": "reward"}
 
 
@@ -240,8 +275,7 @@ def from_dict(d: dict) -> Config:
 
 
 def differences(saved: Config, cfg: Config, keys: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> list[str]:
-    """"key: saved value saved, new value now" for every dotted key that differs (only those starting with one
-    of `keys`, when given; never those in `ignore`)."""
+    """"key: old saved, new now" per differing dotted key (starting with one of `keys`, not in `ignore`)."""
     def flat(c: Config) -> dict:
         return {f"{section}.{k}" if isinstance(v, dict) else section: x
                 for section, v in to_dict(c).items() for k, x in (v.items() if isinstance(v, dict) else [(None, v)])}

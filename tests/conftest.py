@@ -30,12 +30,14 @@ if _CACHE:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# The tiny model: every dimension divides by 2 (tensor parallelism) and fits a 320-piece tokenizer.
+# The tiny model: every dimension divides by 2 (tensor parallelism) and fits a 320-piece tokenizer. Llama's MLP,
+# whatever the experiment ships, so every export of it has a Hugging Face equivalent.
 TINY_MODEL = ("model.vocab_size=320", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
-              "model.n_kv_heads=2", "model.d_ff=64")
+              "model.n_kv_heads=2", "model.d_ff=64", "model.mlp=swiglu")
 # The tiny pretraining run on `corpus`, beside TINY_MODEL: seconds on 2 cores, and the loss visibly falls.
 TINY_RUN = ("data.seq_len=32", "train.batch_size=8", "train.steps=60", "train.eval_every=20", "train.log_every=5",
-            "optim.warmup_steps=5", "optim.learning_rate=1e-2", "data.max_bytes=0", "train.eval_batches=0")
+            "optim.warmup_steps=5", "optim.learning_rate=1e-2", "data.max_bytes=0", "train.eval_batches=0",
+            "train.time_budget_s=0", "optim.optimizer=adamw")
 
 
 def pytest_configure(config):

@@ -7,7 +7,8 @@ from llm_jax.cli.main import main, parser
 
 TINY = ["--config", "pretrain_tiny", "--set", "model.vocab_size=320", "--set", "model.d_model=32",
         "--set", "model.n_layers=2", "--set", "model.d_ff=64", "--set", "data.seq_len=32",
-        "--set", "train.batch_size=8", "--set", "data.max_bytes=0"]
+        "--set", "train.batch_size=8", "--set", "data.max_bytes=0", "--set", "model.mlp=swiglu",
+        "--set", "optim.optimizer=adamw"]
 
 
 def table(text):
@@ -85,3 +86,19 @@ def test_bench_memory_finds_the_largest_batch_whose_plan_fits(capsys):
     largest = int(re.search(r"largest batch that fits: (\d+)", out).group(1))
     # 8 fake devices shard the batch: the answer is a multiple of 8, and 8 more rows no longer fit.
     assert largest % 8 == 0 and largest >= 16 and (largest + 8, True) in [(b, no) for b, _, no in rows]
+
+
+@pytest.mark.slow
+def test_bench_train_compare_torch_alternates_blocks_and_ends_with_the_ratio(capsys):
+    pytest.importorskip("torch")
+    assert main(["bench", "train", *TINY, "--steps", "2", "--warmup", "0", "--compare-torch"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^host: .+; \d+ of \d+ cores usable; ISA ", out, re.M)
+    assert re.search(r"^PyTorch runtime: torch \S+; \d+ intra-op threads", out, re.M)
+    block = r"block \d: llm_jax ([\d.]+) ms/step \(.*PyTorch ([\d.]+) ms/step"
+    blocks = [tuple(map(float, b)) for b in re.findall(block, out)]
+    assert len(blocks) == 3 and all(j > 0 and t > 0 for j, t in blocks)
+    medians = {side: float(re.search(rf"^{side}:\s+median ([\d.]+) ms/step", out, re.M).group(1))
+               for side in ("llm_jax", "PyTorch")}
+    ratio = float(re.search(r"ratio: ([\d.]+) \(medians of 3 blocks\)", out.strip().splitlines()[-1]).group(1))
+    assert ratio == pytest.approx(medians["PyTorch"] / medians["llm_jax"], rel=0.02, abs=0.01)

@@ -195,11 +195,16 @@ def test_prepare_writes_shards_and_meta(prepared):
         "eval-00000.bin", "meta.json", "tokenizer.model", "train-00000.bin"]
     train, eval_ = prepared.tokens("train"), prepared.tokens("eval")
     assert (len(train), len(eval_)) == (meta["splits"]["train"]["tokens"], meta["splits"]["eval"]["tokens"])
-    assert abs(len(eval_) / (len(train) + len(eval_)) - 0.2) < 0.01
-    stream = np.concatenate([train[:], eval_[:]])
-    assert (stream == EOS).sum() == meta["documents"] == 60 and stream[-1] == EOS
-    first_doc = stream[:np.argmax(stream == EOS)]
-    assert prepared.tokenizer.decode(first_doc) == (Path(meta["config"]["data_dir"]) / "doc000.txt").read_text()
+    splits = meta["splits"]
+    assert abs(splits["eval"]["text_bytes"] / meta["text_bytes"] - 0.2) < 0.05
+    assert splits["train"]["text_bytes"] + splits["eval"]["text_bytes"] == meta["text_bytes"]
+    for split, tokens in (("train", train), ("eval", eval_)):
+        assert (tokens[:] == EOS).sum() == splits[split]["documents"] and tokens[-1] == EOS
+    assert splits["train"]["documents"] + splits["eval"]["documents"] == meta["documents"] == 60
+    texts = docs(["text:*.txt"], Path(meta["config"]["data_dir"]))
+    held = prepare_module.held_out_documents(np.array([len(t.encode()) for t in texts]), 0.2)
+    first_train = next(t for t, h in zip(texts, held) if not h)
+    assert prepared.tokenizer.decode(train[:np.argmax(train[:] == EOS)]) == first_train
     assert meta["tokenizer_sha256"] == prepared.tokenizer.sha256 == Tokenizer.load(prepared.tokenizer_path).sha256
 
 

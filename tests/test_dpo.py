@@ -250,13 +250,13 @@ def dpo_train(mesh_cfg, devices=None, microbatches=1, steps=3, reference_seed=1)
     mesh = sharding.make_mesh(mesh_cfg, devices)
     model = Transformer(cfg)
     ocfg = dataclasses.replace(Config().optim, learning_rate=1e-2, warmup_steps=1)
-    optimizer = optim.make_optimizer(ocfg, steps)
+    optimizer = optim.make_optimizer(ocfg)
     task = DPO(Config(task="dpo", dpo=DPOConfig(beta=0.5, label_smoothing=0.1)))
     layout = abstract_state(model, optimizer, mesh, 16)
     state, shardings = create_state(model, optimizer, layout, 16, jax.random.key(0))
     reference = create_state(model, optimizer, layout, 16, jax.random.key(reference_seed))[0].params
     before = jax.tree.map(np.array, reference)
-    train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, task)
+    train_fn = step.jit_train_step(model, optimizer, ocfg, mesh, shardings, task)
     rng, history = np.random.default_rng(0), []
     for _ in range(steps):
         batch = split_microbatches(microbatches, random_pairs(rng, 8, 16))

@@ -187,7 +187,7 @@ def test_a_language_model_export_initialises_the_reward_model_trunk(tmp_path, to
         ckpt.save((export / "params").absolute(), lm_params["params"])
     (export / "config.json").write_text(to_json(lm_cfg))
     mesh = sharding.make_mesh(MeshConfig(1, -1, 1))
-    model, optimizer = Transformer(cfg.model, head="reward"), optim.make_optimizer(cfg.optim, 10)
+    model, optimizer = Transformer(cfg.model, head="reward"), optim.make_optimizer(cfg.optim)
     state, _ = create_state(model, optimizer, abstract_state(model, optimizer, mesh, 64), 64, jax.random.key(0))
     params, fresh = load_params(export, cfg, state.params)
     assert fresh == ["reward_head"] and "lm_head" not in params
@@ -218,10 +218,10 @@ def rm_train(mesh_cfg, devices=None, microbatches=1, steps=3):
     mesh = sharding.make_mesh(mesh_cfg, devices)
     model = Transformer(cfg, head="reward")
     ocfg = dataclasses.replace(Config().optim, learning_rate=1e-2, warmup_steps=1)
-    optimizer = optim.make_optimizer(ocfg, steps)
+    optimizer = optim.make_optimizer(ocfg)
     task = RewardModel(Config(task="reward", reward=RewardConfig(center_coef=0.01)))
     state, shardings = create_state(model, optimizer, abstract_state(model, optimizer, mesh, 16), 16, jax.random.key(0))
-    train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, task)
+    train_fn = step.jit_train_step(model, optimizer, ocfg, mesh, shardings, task)
     rng, history = np.random.default_rng(0), []
     for _ in range(steps):
         lengths = rng.integers(3, 17, (8, 2))

@@ -14,8 +14,8 @@ from llm_jax import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 # A train step whose scratch memory (~190 MB, mostly logits) is larger than glibc's 64 MB per-thread heap.
-STEP = ["bench", "train", "--config", "pretrain_tiny", "--set", "model.d_model=32", "--set", "model.n_layers=1",
-        "--set", "model.d_ff=64", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1",
+STEP = ["bench", "train", "--config", "pretrain_tiny", "--set", "model.vocab_size=2048", "--set", "model.d_model=32",
+        "--set", "model.n_layers=1", "--set", "model.d_ff=64", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1",
         "--set", "train.batch_size=64", "--steps", "10", "--warmup", "4"]
 
 

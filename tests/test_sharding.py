@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from llm_jax.config import Config, MeshConfig, OptimConfig, llama
+from llm_jax.config import Config, MeshConfig, OptimConfig, TrainConfig, llama
 from llm_jax.data.batches import TokenBatch, positions_from_segments, split_microbatches
 from llm_jax.errors import MeshError
 from llm_jax.model import Transformer
@@ -17,7 +17,7 @@ from llm_jax.parallel import sharding
 from llm_jax.parallel.sharding import make_mesh, mesh_shape
 from llm_jax.tasks.pretrain import Pretrain
 from llm_jax.train import optim, step
-from llm_jax.train.state import abstract_state, create_state
+from llm_jax.train.state import abstract_state, create_state, with_planned_steps
 
 TASK = Pretrain(Config())
 
@@ -41,17 +41,20 @@ def packed_batches(n_steps, microbatches=1, seed=0):
     return out
 
 
-def run(mesh_cfg, devices=None, microbatches=1, steps=STEPS):
+def run(mesh_cfg, devices=None, microbatches=1, steps=STEPS, recipe=False):
     # Every dimension divisible by 8, so any factorisation of 8 devices is a valid mesh; still GQA (2:1).
+    switches = dict(qk_norm=True, logit_softcap=5.0, mlp="relu2") if recipe else {}
     cfg = llama(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8, d_ff=128,
-                compute_dtype="float32")
+                compute_dtype="float32", **switches)
     mesh = make_mesh(mesh_cfg, devices)
     model = Transformer(cfg)
-    ocfg = OptimConfig(learning_rate=1e-2, warmup_steps=1)
-    optimizer = optim.make_optimizer(ocfg, steps)
+    ocfg = OptimConfig(learning_rate=1e-2, warmup_steps=1, **(dict(optimizer="muon", schedule="wsd") if recipe else {}))
+    optimizer = optim.make_optimizer(ocfg)
     layout = abstract_state(model, optimizer, mesh, SEQ)
     state, shardings = create_state(model, optimizer, layout, SEQ, jax.random.key(0))
-    train_fn = step.jit_train_step(model, optimizer, optim.schedule(ocfg, steps), mesh, shardings, TASK)
+    state = with_planned_steps(state, steps)
+    task = Pretrain(Config(train=TrainConfig(z_loss=1e-3))) if recipe else TASK
+    train_fn = step.jit_train_step(model, optimizer, ocfg, mesh, shardings, task)
     batch_shardings = step.batch_shardings(mesh, TASK, microbatched=True)
     history = []
     for batch in packed_batches(steps, microbatches):
@@ -76,6 +79,15 @@ def test_same_losses_on_one_device_and_on_a_mesh(single_device, shape):
     kernel = state.params["layers"]["attn"]["q"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert len(kernel.sharding.device_set) == 8
+
+
+def test_recipe_switches_same_on_one_device_and_on_a_mesh():
+    """Muon, the WSD schedule, QK-norm, logit soft-capping, ReLU² and the z-loss on the 2x2x2 mesh."""
+    reference, _ = run(MeshConfig(1, 1, 1), jax.devices()[:1], recipe=True)
+    history, state = run(MeshConfig(2, 2, 2), recipe=True)
+    for key in ("train/loss_bits_per_token", "optim/grad_norm", "optim/param_norm", "optim/learning_rate"):
+        np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference], rtol=1e-4, err_msg=key)
+    assert reference[-1]["train/loss_bits_per_token"] < reference[0]["train/loss_bits_per_token"]
 
 
 @pytest.mark.slow
@@ -106,7 +118,7 @@ def test_bad_mesh_is_a_clear_error(mesh_cfg, message):
 def test_dimension_the_mesh_cannot_split_fails_before_compiling():
     cfg = llama(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
     mesh = make_mesh(MeshConfig(1, 2, 4))
-    optimizer = optim.make_optimizer(OptimConfig(), 10)
+    optimizer = optim.make_optimizer(OptimConfig())
     with pytest.raises(MeshError, match=r"parameter layers/attn/k/kernel: dimension 2 \(kv_heads=2\) cannot be "
                                         r"split over mesh tensor=4"):
         abstract_state(Transformer(cfg), optimizer, mesh, SEQ)

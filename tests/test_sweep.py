@@ -20,7 +20,8 @@ from llm_jax.sweep.run import run_sweep
 
 TINY = ("model.vocab_size=320", "model.d_model=32", "model.d_ff=64", "data.seq_len=32", "train.batch_size=8",
         "train.steps=12", "train.eval_every=6", "train.log_every=3", "optim.warmup_steps=3",
-        "train.eval_batches=2", "checkpoint.every=6", "data.max_bytes=0")
+        "train.eval_batches=2", "checkpoint.every=6", "data.max_bytes=0", "train.time_budget_s=0", "model.mlp=swiglu",
+        "optim.optimizer=adamw")
 
 
 @pytest.fixture

@@ -24,10 +24,10 @@ def test_train_end_to_end_compression_falls(tmp_path, capsys, train_args, scalar
     assert [s for s, _ in evals] == [20, 40, 60] and evals[-1][1] < evals[0][1]
     assert "config" in acc.Tags()["tensors"]
     results = json.loads((run / "results.json").read_text())
-    assert set(results["baselines_bits_per_byte"]) == {"gzip", "bz2", "xz"}
+    assert set(results["baselines_bits_per_byte"]) == {"gzip", "bz2", "xz", "gzip_primed", "bz2_primed", "xz_primed"}
     assert (run / "tokenizer.model").exists() and json.loads((run / "config.json").read_text())["train"]["steps"] == 60
     out = capsys.readouterr().out
-    assert "gzip -9" in out and "xz -9e" in out
+    assert "gzip -9" in out and "xz -9e" in out and "xz -9e primed" in out
 
 
 def test_existing_run_without_checkpoint_is_not_overwritten(tmp_path, capsys, train_args):

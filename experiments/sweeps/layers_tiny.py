@@ -15,5 +15,5 @@ from llm_jax.sweep.plan import Sweep
 
 def sweep() -> Sweep:
     return Sweep(base="pretrain_tiny", grid={"model.n_layers": (1, 2, 4, 6)},
-                 overrides=("train.steps=300", "train.eval_every=60", "train.eval_batches=20",
+                 overrides=("train.time_budget_s=0", "train.steps=300", "train.eval_every=60", "train.eval_batches=20",
                             "checkpoint.every=100"))

@@ -3,7 +3,8 @@
 Compiles once, runs warm-up steps, then times N steps of the real train step (same jit, shardings, optimizer
 and objective as `train`) on synthetic batches of the task's own type, so the data pipeline is not measured
 (--real-data: batches from the task's source, fetched inside the timed loop); --compare-torch also times the
-PyTorch eager reference (benchmarks/torch_reference.py) of the same model and prints the ratio as the last
+PyTorch eager reference (benchmarks/torch_reference.py) of the same model, in three blocks alternating with
+llm_jax's, with the CPU, both runtimes' threads and the other processes' load, and prints the ratio as the last
 line; --profile DIR writes a jax.profiler trace of the timed steps for TensorBoard's profile plugin.
 
 Model TFLOP/s and MFU use the task's flops_per_token and the peak table (the formula of TensorBoard's
@@ -24,9 +25,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from llm_jax import runtime, tasks
+from llm_jax.bench import host
 from llm_jax.config import REPO_ROOT, Config
 from llm_jax.errors import ConfigError
 from llm_jax.parallel import sharding
@@ -54,7 +57,7 @@ def bench_setup(cfg: Config, abstract: bool = False) -> Bench:
     task = tasks.make(cfg, check=False)
     mesh = sharding.make_mesh(cfg.mesh)
     model = tasks.model_of(cfg)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    optimizer = optim.make_optimizer(cfg.optim)
     check_batch(cfg, mesh)
     layout = abstract_state(model, optimizer, mesh, cfg.data.seq_len)
     if abstract:
@@ -63,7 +66,7 @@ def bench_setup(cfg: Config, abstract: bool = False) -> Bench:
     else:
         state, shardings = create_state(model, optimizer, layout, cfg.data.seq_len, jax.random.key(cfg.train.seed))
         frozen = {name: jax.tree.map(jnp.copy, state.params) for name in task.frozen_exports()}
-    train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh, shardings,
+    train_fn = step.jit_train_step(model, optimizer, cfg.optim, mesh, shardings,
                                    task)
     return Bench(task, mesh, state, frozen, train_fn)
 
@@ -91,8 +94,10 @@ def real_source(task: Task):
 
 
 def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool = False,
-                profile: str | None = None) -> dict:
-    """Times the train step; returns the figures `format_train` prints."""
+                profile: str | None = None, blocks: int = 1, between=None) -> dict:
+    """Times the train step in `blocks` blocks of `steps` steps, each after `warmup` untimed ones, calling
+    `between(block)` after each (--compare-torch times PyTorch there); returns the figures `format_train`
+    prints, over all timed steps, and each block's median."""
     bench = bench_setup(cfg)
     shardings = step.batch_shardings(bench.mesh, bench.task, microbatched=True)
     with contextlib.ExitStack() as stack:
@@ -106,7 +111,17 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
         compiled = bench.train_fn.lower(bench.state, next_batch(bench.state), bench.frozen).compile()
         compile_s = time.perf_counter() - t0
         run_step = lambda s, b: compiled(s, b, bench.frozen)  # noqa: E731
-        state, times, faults_per_step = _run_steps(run_step, bench.state, next_batch, steps, warmup, profile)
+        state, times, faults, block_medians, others = bench.state, [], [], [], []
+        for b in range(blocks):
+            before = host.busy_now()
+            state, block_times, block_faults = _run_steps(run_step, state, next_batch, steps, warmup,
+                                                          profile if b == 0 else None)
+            others.append(host.others_cores(before, host.busy_now()))
+            times += block_times
+            faults.append(block_faults)
+            block_medians.append(statistics.median(block_times))
+            if between:
+                between(b)
     median = statistics.median(times)
     tokens_per_sec = bench.task.tokens_per_step / median
     flops = bench.task.flops_per_token
@@ -120,8 +135,9 @@ def bench_train(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool =
             "peak_memory_gib": memory["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in memory else None,
             "compile_s": compile_s, "step_memory": step_memory(compiled.memory_analysis()),
             "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
-            "steps": steps, "real_data": real_data, "page_faults_per_step": faults_per_step,
-            "malloc": runtime.malloc_mode}
+            "steps": steps * blocks, "real_data": real_data, "page_faults_per_step": statistics.median(faults),
+            "malloc": runtime.malloc_mode, "block_step_time_s": block_medians, "block_others_cores": others,
+            "xla_threads": host.thread_counts().get("tf_XLAEigen", 0)}
 
 
 def _run_steps(run_step, state, next_batch, steps: int, warmup: int, profile: str | None):
@@ -194,18 +210,73 @@ def torch_reference():
 def run(cfg: Config, steps: int = 20, warmup: int = 3, real_data: bool = False, profile: str | None = None,
         compare_torch: bool = False) -> str:
     """What `llm-jax bench train` prints."""
-    if compare_torch and tasks.TASKS[cfg.task].head != "lm":
-        raise ConfigError(f"--compare-torch: the PyTorch reference is a language model, task={cfg.task} is not")
+    if compare_torch:
+        return compare(cfg, steps, warmup, real_data, profile)
     result = bench_train(cfg, steps, warmup, real_data, profile)
     lines = [f"bench train {cfg.name}", format_train(result)]
     if profile:
         lines.append(f"profile: tensorboard --logdir {profile}  (Profile tab)")
-    if compare_torch:
-        ref = torch_reference().tokens_per_sec(cfg.model, cfg.optim, cfg.train.batch_size, cfg.data.seq_len,
-                                               steps=steps, warmup=warmup)
-        # In this process, so under the same malloc settings as llm_jax (runtime.py).
-        lines.append(f"PyTorch eager reference (benchmarks/torch_reference.py, CPU, {ref['threads']} threads): "
-                     f"{ref['tokens_per_sec']:,.0f} tokens/s, {ref['step_time_s'] * 1e3:.1f} ms/step, "
-                     f"{ref['params']:,} parameters")
-        lines.append(f"llm_jax/torch tokens/s ratio: {result['tokens_per_sec'] / ref['tokens_per_sec']:.2f}")
     return "\n".join(lines)
+
+
+def compare(cfg: Config, steps: int, warmup: int, real_data: bool, profile: str | None, blocks: int = 3) -> str:
+    """llm_jax's step and the PyTorch reference's, timed in alternating blocks (jax, torch, jax, ...), so a
+    change in the machine's load or clock over the run reaches both sides alike; the ratio is the last line.
+
+    In one process, so PyTorch runs under the same malloc settings as llm_jax (runtime.py).
+    """
+    if tasks.TASKS[cfg.task].head != "lm":
+        raise ConfigError(f"--compare-torch: the PyTorch reference is a language model, task={cfg.task} is not")
+    if cfg.optim.optimizer != "adamw":
+        raise ConfigError(f"--compare-torch: the PyTorch reference trains with AdamW, not optim.optimizer="
+                          f"{cfg.optim.optimizer} (add --set optim.optimizer=adamw)")
+    module = torch_reference()
+    try:
+        timer = module.Timer(cfg.model, cfg.optim, cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed)
+    except ValueError as e:  # a model the reference does not implement
+        raise ConfigError(f"--compare-torch: {e}") from None
+    torch_side = {"blocks": [], "others": []}
+
+    def time_torch(_block):
+        before = host.busy_now()
+        torch_side["blocks"].append(statistics.median(timer.block(steps, warmup + 1)))  # as llm_jax's
+        torch_side["others"].append(host.others_cores(before, host.busy_now()))
+
+    result = bench_train(cfg, steps, warmup, real_data, profile, blocks, time_torch)
+    info = host.torch_build(timer.threads)
+    lines = [f"bench train {cfg.name}", format_train(result)]
+    if profile:
+        lines.append(f"profile: tensorboard --logdir {profile}  (Profile tab, first block)")
+    lines += [f"host: {host.describe(host.cpu_description())}; {host.describe_env(host.thread_env())}",
+              f"llm_jax runtime: jax {jax.__version__}, jaxlib {jaxlib.__version__}; {result['xla_threads']} XLA:CPU "
+              f"intra-op threads; {result['params']:,} parameters",
+              f"PyTorch runtime: torch {info['version']}; {info['threads']} intra-op threads "
+              f"({info['parallel_backend']}), {info['interop_threads']} inter-op; MKL {info['mkl'] or 'absent'}, "
+              f"oneDNN {info['onednn'] or 'absent'}{'' if info['onednn_enabled'] else ' (disabled)'}; "
+              f"kernels {info['cpu_capability']}; "
+              f"{module.param_count(timer.model):,} parameters"]
+    return "\n".join(lines + format_blocks(result, torch_side, steps, warmup))
+
+
+def format_blocks(result: dict, torch_side: dict, steps: int, warmup: int) -> list[str]:
+    """Each block's median on each side, with the CPU other processes took meanwhile; then each side's median
+    and minimum over the blocks and their ratios."""
+    sides = {"llm_jax": result["block_step_time_s"], "PyTorch": torch_side["blocks"]}
+    others = result["block_others_cores"] + torch_side["others"]
+    lines = [f"timed blocks, alternating ({steps} steps each after {warmup + 1} untimed; in brackets the cores "
+             "other processes used meanwhile):"]
+    for b, (j, t) in enumerate(zip(*sides.values())):
+        lines.append(f"  block {b + 1}: llm_jax {j * 1e3:.1f} ms/step ({result['block_others_cores'][b]:.2f}), "
+                     f"PyTorch {t * 1e3:.1f} ms/step ({torch_side['others'][b]:.2f})")
+    if max(others) > 0.1:
+        lines.append(f"warning: other processes used up to {max(others):.2f} cores while timing: these are not "
+                     "an idle machine's figures")
+    tokens = result["tokens_per_step"]
+    for name, medians in sides.items():
+        median = statistics.median(medians)
+        lines.append(f"{name + ':':<9} median {median * 1e3:.1f} ms/step ({tokens / median:,.0f} tokens/s), "
+                     f"min {min(medians) * 1e3:.1f} ms/step ({tokens / min(medians):,.0f} tokens/s)")
+    ratio = statistics.median(sides["PyTorch"]) / statistics.median(sides["llm_jax"])
+    lines.append(f"llm_jax/torch tokens/s ratio: {ratio:.2f} (medians of {len(sides['llm_jax'])} blocks), "
+                 f"{min(sides['PyTorch']) / min(sides['llm_jax']):.2f} (minimums)")
+    return lines

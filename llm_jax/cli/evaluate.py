@@ -17,6 +17,10 @@ def add_commands(sub) -> None:
     ev.add_argument("--field", default="text", help="the JSONL field holding the text")
     ev.add_argument("--context", type=int, help="window length in tokens (default: the checkpoint's data.seq_len)")
     ev.add_argument("--stride", type=int, help="tokens between window starts (default: context / 2)")
+    ev.add_argument("--prime", nargs="*", metavar="FILE",
+                    help="also report each compressor primed with these text files (.gz read gunzipped), as the "
+                         "model has read its training text; default: the run's training text when its prepared "
+                         "data is still there; --prime alone: none")
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(fn=_eval)
     score = sub.add_parser("score", help="rewards from a reward model for responses or pairs in a JSONL file")
@@ -66,13 +70,14 @@ def _compare_args(sub) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from llm_jax.evaluation.text import evaluate_texts, format_report, read_texts, report
+    from llm_jax.evaluation.text import evaluate_texts, format_report, primer_of, read_texts, report
     from llm_jax.inference.runner import ModelRunner
     texts = [text for _, text in read_texts(args.text, args.jsonl, args.field)]
     cfg, runner, tokenizer = ModelRunner.load(Path(args.checkpoint), args.step)
+    primer, source = primer_of(args.prime, Path(args.checkpoint), cfg)
     context = args.context or cfg.data.seq_len
     totals = evaluate_texts(runner, tokenizer, texts, context, args.stride or max(1, context // 2))
-    print(format_report(report(totals, texts), args.json))
+    print(format_report(report(totals, texts, primer, source), args.json))
     return 0
 
 

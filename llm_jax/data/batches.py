@@ -44,6 +44,11 @@ class TokenBatch(NamedTuple):
     def axes() -> "TokenBatch":
         return TokenBatch(*(("batch", "length"),) * 6)
 
+    def shorter(self, pieces: int) -> "TokenBatch":
+        """Each row (of the last axis) cut into `pieces` rows: the same tokens as shorter contexts (attention never
+        crosses rows), for train.seq_len_warmup_steps. Positions are kept: RoPE only sees their differences."""
+        return TokenBatch(*(a.reshape(*a.shape[:-2], a.shape[-2] * pieces, a.shape[-1] // pieces) for a in self))
+
     @staticmethod
     def padding(seq_len: int, pad_id: int) -> "TokenBatch":
         zeros_T = np.zeros(seq_len, np.int32)

@@ -4,13 +4,19 @@ A prepared directory holds:
   tokenizer.model            the sentencepiece model (trained on the corpus unless data.tokenizer names one)
   train-00000.bin ...        raw little-endian token ids: uint16 when the vocabulary fits, else uint32;
   eval-00000.bin ...         at most SHARD_TOKENS per shard
-  meta.json                  dtype, tokens and shard names per split, tokenizer sha256, the config fingerprint
-The documents, in corpus.iter_documents order and each followed by EOS, form one token stream; its LAST
-data.eval_fraction of tokens is held out for evaluation (cut mid-document if it falls there). The directory
-appears atomically (written beside it, then renamed) and is reused when the data config is unchanged.
+  meta.json                  dtype, tokens, shard names, documents and text bytes per split, tokenizer sha256,
+                             the config fingerprint
+Held out for evaluation: whole documents, about data.eval_fraction of the corpus bytes, spread over the corpus
+(held_out_documents: one document chosen with the fixed SPLIT_SEED in each stretch of the corpus, not train.seed,
+so that every run of a sweep over seeds shares one split). A corpus of one document (Tiny Shakespeare) is
+instead cut, nanoGPT's way: its last data.eval_fraction of bytes is held out, from the first token that starts
+there. Each split is its documents in corpus.iter_documents order, each followed by EOS; the tokenizer (when
+trained here) sees the train text only. The directory appears atomically (written beside it, then renamed) and
+is reused when the data config is unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import platform
@@ -27,10 +33,12 @@ from llm_jax.data.shards import SPLITS, PreparedDir, TokenArray, token_dtype
 from llm_jax.data.tokenizer import Tokenizer, check_fits, text_chunks, train_tokenizer
 from llm_jax.errors import DataError
 
-FORMAT = 1  # bump when the layout or the tokenization changes: old directories then stop matching
+FORMAT = 2  # bump when the layout or the tokenization changes: old directories then stop matching
 SHARD_TOKENS = 128 * 2**20
 BATCH_BYTES = 4 * 2**20  # text handed to one multithreaded encode call
 PROGRESS_BYTES = 8 * 2**20  # smaller corpora tokenize too fast to need a progress bar
+TAIL_TOKENS = 2**22  # tokens read at a time for Prepared.text_tail
+SPLIT_SEED = 0  # which documents are held out; fixed so that every run on a corpus is scored on the same ones
 
 
 class Prepared(PreparedDir):
@@ -52,6 +60,16 @@ class Prepared(PreparedDir):
                             f"of data.seq_len+1={seq_len + 1}; {fix} or lower data.seq_len")
         return windows
 
+    def text_tail(self, split: str, max_bytes: int) -> bytes:
+        """The last max_bytes of the split's text (its documents' UTF-8 bytes, one after the other), read back
+        from the tokens, from the end, TAIL_TOKENS at a time: the end of a large corpus costs no more."""
+        tokens, lengths = self.tokens(split), self.tokenizer.byte_lengths()
+        start, n_bytes = len(tokens), 0
+        while start > 0 and n_bytes < max_bytes:
+            first = max(0, start - TAIL_TOKENS)
+            n_bytes, start = n_bytes + int(lengths[tokens[first:start]].sum()), first
+        return self.tokenizer.decode_bytes(tokens[start:])[-max_bytes:]
+
     def expected_sizes(self) -> list[tuple[Path, int]]:
         itemsize = np.dtype(self.meta["dtype"]).itemsize
         return [(self.path / name, n * itemsize) for split in SPLITS
@@ -65,7 +83,8 @@ def prepare(cfg: Config, out_dir: Path) -> None:
     def describe(meta: dict) -> str:
         splits = meta["splits"]
         return (f"prepared {out_dir}: {meta['documents']} documents, {meta['text_bytes'] / 1e6:.1f} MB of text, "
-                f"{splits['train']['tokens']} train + {splits['eval']['tokens']} eval tokens")
+                f"{splits['train']['tokens']} train + {splits['eval']['tokens']} eval tokens "
+                f"(held out: {meta['held_out']}, {splits['eval']['text_bytes']:,} bytes)")
     Prepared.publish(out_dir, _fingerprint_fields(cfg, given),
                      lambda tmp: {"format": FORMAT, **_prepare_into(cfg, tmp, given)}, describe)
 
@@ -93,25 +112,76 @@ def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer | None) -> dict:
     def documents() -> Iterator[str]:
         return iter_documents(cfg.data.sources, data_dir(cfg), cfg.data.max_bytes)
 
-    n_docs, n_bytes = 0, 0
-    for text in documents():
-        n_docs, n_bytes = n_docs + 1, n_bytes + len(text.encode())
+    fraction = cfg.data.eval_fraction
+    sizes = np.fromiter((len(text.encode()) for text in documents()), np.int64)
+    held = held_out_documents(sizes, fraction)
+    head = _head(next(documents()), fraction) if len(sizes) == 1 else None
     if tokenizer is None:
-        sample = _spread(documents(), cfg.data.tokenizer_train_bytes / n_bytes)
+        train_texts = [head] if head is not None else (t for t, h in zip(documents(), held) if not h)
+        train_bytes = len(head.encode()) if head is not None else int(sizes[~held].sum())
+        sample = _spread(train_texts, cfg.data.tokenizer_train_bytes / train_bytes)
         tokenizer = train_tokenizer(sample, tmp / "tokenizer", cfg.model.vocab_size, cfg.data.tokenizer_type,
                                     cfg.data.tokenizer_train_bytes)
     else:
         (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
     dtype = token_dtype(tokenizer.vocab_size).newbyteorder("<")
-    n_tokens = _tokenize(documents(), tokenizer, tmp / "stream.bin", dtype, n_bytes)
-    n_eval = max(1, round(n_tokens * cfg.data.eval_fraction))
-    stream = np.memmap(tmp / "stream.bin", dtype, mode="r")
-    splits = {"train": _write_shards(stream[:n_tokens - n_eval], tmp, "train"),
-              "eval": _write_shards(stream[n_tokens - n_eval:], tmp, "eval")}
-    del stream
-    os.remove(tmp / "stream.bin")
+    paths = {split: tmp / f"{split}.stream" for split in SPLITS}
+    _tokenize(zip(documents(), held), tokenizer, paths, dtype, int(sizes.sum()))
+    if head is None:
+        streams = {split: np.memmap(path, dtype, mode="r") for split, path in paths.items()}
+        masks = {"train": ~held, "eval": held}
+        counts = {split: (int(mask.sum()), int(sizes[mask].sum())) for split, mask in masks.items()}
+    else:
+        streams, counts = _cut_tail(np.memmap(paths["train"], dtype, mode="r"), tokenizer, len(head.encode()),
+                                    int(sizes[0]))
+    splits = {split: {**_write_shards(streams[split], tmp, split), "documents": counts[split][0],
+                      "text_bytes": counts[split][1]} for split in SPLITS}
+    del streams
+    for path in paths.values():
+        os.remove(path)
     return {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "tokenizer_sha256": tokenizer.sha256, "documents": n_docs, "text_bytes": n_bytes, "splits": splits}
+            "tokenizer_sha256": tokenizer.sha256, "documents": len(sizes), "text_bytes": int(sizes.sum()),
+            "held_out": "whole documents" if head is None else "the tail of the one document", "splits": splits}
+
+
+def held_out_documents(sizes: np.ndarray, fraction: float) -> np.ndarray:
+    """Which documents (of these UTF-8 sizes, in corpus order) are held out: in order, documents join a stretch
+    until `fraction` of the bytes seen (less what was held out) reaches the mean size of the stretch's documents;
+    then one of the stretch, drawn with SPLIT_SEED, is held out and a new stretch starts. Held-out bytes thus
+    follow `fraction` of the bytes seen all along the corpus, in whole documents. At least one document is held
+    out, and never all (fraction < 1: the first stretch has two documents or more); a single document is not
+    held out (prepare cuts it instead, see the module doc)."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    held = np.zeros(len(sizes), bool)
+    if len(sizes) < 2:
+        return held
+    credit, start, stretch_bytes = 0.0, 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        credit += fraction * size
+        stretch_bytes += size
+        if credit * (i + 1 - start) >= stretch_bytes:
+            pick = int(rng.integers(start, i + 1))
+            held[pick] = True
+            credit -= sizes[pick]
+            start, stretch_bytes = i + 1, 0
+    if not held.any():
+        held[rng.integers(len(sizes))] = True
+    return held
+
+
+def _head(text: str, fraction: float) -> str:
+    """The first 1 - fraction of text's UTF-8 bytes, cut back to a character boundary."""
+    raw = text.encode()
+    return raw[:int(len(raw) * (1 - fraction))].decode("utf-8", errors="ignore")
+
+
+def _cut_tail(stream: np.ndarray, tokenizer: Tokenizer, head_bytes: int, n_bytes: int) -> tuple[dict, dict]:
+    """One document's token stream cut at its first token that starts at or after head_bytes (the tokenizer's
+    text ends there), leaving a token on either side: the splits and their (documents, text bytes)."""
+    ends = np.cumsum(tokenizer.byte_lengths()[stream], dtype=np.int64)  # token i ends where token i + 1 starts
+    cut = min(max(1, int(np.searchsorted(ends, head_bytes, side="left")) + 1), len(stream) - 1)
+    cut_bytes = int(ends[cut - 1])
+    return {"train": stream[:cut], "eval": stream[cut:]}, {"train": (1, cut_bytes), "eval": (1, n_bytes - cut_bytes)}
 
 
 def _spread(documents: Iterable[str], keep: float) -> Iterator[str]:
@@ -126,25 +196,29 @@ def _spread(documents: Iterable[str], keep: float) -> Iterator[str]:
                 yield chunk
 
 
-def _tokenize(documents: Iterable[str], tokenizer: Tokenizer, path: Path, dtype: np.dtype, n_bytes: int) -> int:
-    """Writes every document's tokens and an EOS to path; returns the token count."""
-    eos, n_tokens = (tokenizer.eos_id,), 0
-    with open(path, "wb") as f, tqdm(total=n_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                                     disable=n_bytes < PROGRESS_BYTES) as bar:
+def _tokenize(documents: Iterable[tuple[str, bool]], tokenizer: Tokenizer, paths: dict[str, Path], dtype: np.dtype,
+              n_bytes: int) -> None:
+    """Writes the tokens of every (document, held out) and an EOS to paths["eval"] if held out, else
+    paths["train"]."""
+    eos = (tokenizer.eos_id,)
+    with contextlib.ExitStack() as stack, tqdm(total=n_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                                               disable=n_bytes < PROGRESS_BYTES) as bar:
+        files = {split: stack.enter_context(open(path, "wb")) for split, path in paths.items()}
         for batch, batch_bytes in _batches(documents):
-            ids = tokenizer.encode_batch(batch)
-            count = sum(len(d) for d in ids) + len(ids)
-            tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain(d, eos) for d in ids), dtype, count)
-            f.write(tokens.tobytes())
-            n_tokens += count
+            ids = tokenizer.encode_batch([text for text, _ in batch])
+            for split, held in (("train", False), ("eval", True)):
+                chosen = [d for d, (_, h) in zip(ids, batch) if h == held]
+                count = sum(len(d) for d in chosen) + len(chosen)
+                tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain(d, eos) for d in chosen), dtype,
+                                     count)
+                files[split].write(tokens.tobytes())
             bar.update(batch_bytes)
-    return n_tokens
 
 
-def _batches(documents: Iterable[str]) -> Iterator[tuple[list[str], int]]:
+def _batches(documents: Iterable[tuple[str, bool]]) -> Iterator[tuple[list[tuple[str, bool]], int]]:
     batch, size = [], 0
-    for text in documents:
-        batch.append(text)
+    for text, held in documents:
+        batch.append((text, held))
         size += len(text.encode())
         if size >= BATCH_BYTES:
             yield batch, size

@@ -7,7 +7,9 @@ data.seq_len, or --context) is scored in overlapping windows of W tokens that st
 tokens (default W / 2): the first window scores all its targets, every later one only its last S, each of
 which has thus seen at least W - S tokens of context. Every target is scored exactly once. Bits per byte
 divide the summed nats by the UTF-8 bytes of the scored tokens, which are exactly the text's bytes.
-The compressors see each text separately too; their bits are summed over texts.
+The compressors see each text separately too; their bits are summed over texts. Primed (--prime FILE..., by
+default the training text of a run directory whose prepared data is still there), each also reports the bits it
+adds for a text after the primer: a compressor that has read what the model has read (evaluation/baselines.py).
 """
 from __future__ import annotations
 
@@ -66,6 +68,22 @@ def read_texts(paths: list[str], jsonl: list[str], field: str) -> list[tuple[str
     return texts
 
 
+def primer_of(paths: list[str] | None, checkpoint: Path, cfg) -> tuple[bytes, str]:
+    """The primer's bytes and where they come from: the files (None: the run's training text when its prepared
+    data is still there, else nothing; []: nothing)."""
+    if paths is not None:
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise DataError(f"--prime {missing[0]}: no such file")
+        return "".join(read_text(Path(p)) for p in paths).encode(), ", ".join(paths)
+    from llm_jax.data.prepare import Prepared
+    data = Path(cfg.data.prepared) if cfg.data.prepared else checkpoint / "data"
+    try:
+        return Prepared.load(data).text_tail("train", baselines.XZ_DICTIONARY), f"the training text in {data}"
+    except DataError:  # gone, or not pretraining's token shards
+        return b"", ""
+
+
 def objective(runner: ModelRunner):
     """(params, TokenBatch) -> summed nats, tokens and bytes: the pretraining task's objective, so that
     model.logits_chunk applies as in training."""
@@ -85,7 +103,7 @@ def evaluate_texts(runner: ModelRunner, tokenizer, texts: list[str], context: in
     for start in range(0, len(all_windows), batch_size):
         batch = _batch(all_windows[start:start + batch_size], batch_size, context, byte_lengths, tokenizer.pad_id)
         for k, v in jax.device_get(sums(runner.params, batch)).items():
-            totals[k] += float(v)
+            totals[k] = totals.get(k, 0.0) + float(v)
     return totals
 
 
@@ -101,18 +119,23 @@ def _batch(chunk: list[Window], batch_size: int, context: int, byte_lengths: np.
                       weights=weights, target_bytes=byte_lengths[targets].astype(np.int32))
 
 
-def report(totals: dict, texts: list[str]) -> dict:
+def report(totals: dict, texts: list[str], primer: bytes = b"", primer_source: str = "") -> dict:
+    """The model's rates and each compressor's on the same texts, primed ones too when there is a primer."""
     data = [t.encode() for t in texts if t]
     n_bytes = sum(map(len, data))
     if int(totals["bytes"]) != n_bytes:
         raise RuntimeError(f"scored {int(totals['bytes'])} bytes but the texts have {n_bytes}: the byte table "
                            "and the tokenizer disagree")
-    per_text = [(baselines.bits_per_byte(d), len(d)) for d in data]  # each compressor runs once per text
-    compressors = {k: sum(bits[k] * size for bits, size in per_text) / n_bytes for k in baselines.LABELS}
+    primed = baselines.Primer(primer)
+    # Each compressor runs once per text; primed, after the primer, whose size alone is measured once.
+    per_text = [({**baselines.bits_per_byte(d), **(primed.primed_bits_per_byte(d) if primer else {})}, len(d))
+                for d in data]
+    compressors = {k: sum(bits[k] * size for bits, size in per_text) / n_bytes for k in per_text[0][0]}
     rates = compression_rates(totals)
     return {"texts": len(texts), "bytes": n_bytes, "tokens": int(totals["tokens"]),
             "bits_per_token": float(rates["bits_per_token"]), "bits_per_byte": float(rates["bits_per_byte"]),
-            "tokens_per_byte": totals["tokens"] / n_bytes, "baselines_bits_per_byte": compressors}
+            "tokens_per_byte": totals["tokens"] / n_bytes, "baselines_bits_per_byte": compressors,
+            **({"primer": {"source": primer_source, "bytes": len(primer)}} if primer else {})}
 
 
 def format_report(r: dict, as_json: bool) -> str:
@@ -120,4 +143,6 @@ def format_report(r: dict, as_json: bool) -> str:
         return json.dumps(r, indent=2)
     head = (f"{r['texts']} texts, {r['bytes']:,} bytes, {r['tokens']:,} tokens: {r['bits_per_token']:.4f} bits/token, "
             f"{r['tokens_per_byte']:.4f} tokens/byte")
+    if "primer" in r:
+        head += f"\nprimed: after {r['primer']['bytes']:,} bytes of {r['primer']['source']}"
     return head + "\n" + baselines.format_comparison(r["bits_per_byte"], r["baselines_bits_per_byte"])

@@ -161,6 +161,9 @@ def _family(m: ModelConfig, task: str = "pretrain") -> str:
         lm_tasks = ", ".join(name for name, t in tasks.TASKS.items() if t.head == "lm")
         raise HFError(f"task={task!r}: only language models (the lm head, tasks {lm_tasks}) have a Hugging Face "
                       "equivalent here")
+    if m.qk_norm or m.logit_softcap:
+        raise HFError(f"model.qk_norm={m.qk_norm}, model.logit_softcap={m.logit_softcap}: neither HF GPT-2 nor Llama "
+                      "has QK-norm or logit soft-capping")
     if (m.norm, m.position, m.mlp, m.use_bias) == ("rmsnorm", "rope", "swiglu", False):
         return "llama"
     if (m.norm, m.position, m.mlp, m.use_bias) == ("layernorm", "learned", "gelu", True):

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from llm_jax.config import ModelConfig
-from llm_jax.model.layers import Dense, apply_rope
+from llm_jax.model.blocked_attention import blocked_attend
+from llm_jax.model.layers import Dense, apply_rope, norm
 
 
 def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -76,6 +77,8 @@ class Attention(nn.Module):
         q_BxTxNxH = Dense(cfg, (n, h), ("embed", "heads", "head_dim"), name="q")(x_BxTxD)
         k_BxTxKxH = Dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), name="k")(x_BxTxD)
         v_BxTxKxH = Dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), name="v")(x_BxTxD)
+        if cfg.qk_norm:  # over each head's H features, before the rotation
+            q_BxTxNxH, k_BxTxKxH = norm(cfg, "q_norm")(q_BxTxNxH), norm(cfg, "k_norm")(k_BxTxKxH)
         if cfg.position == "rope":
             q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
             k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
@@ -84,12 +87,16 @@ class Attention(nn.Module):
         v_BxTxKxH = nn.with_logical_constraint(v_BxTxKxH, ("batch", "length", "act_kv_heads", "head_dim"))
         if self.decode and self.has_variable("cache", "cached_k"):  # (init only creates the cache)
             k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS = _cached(self, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
-            out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, cfg.attention_impl)
+            impl = "einsum" if cfg.attention_impl == "blocked" else cfg.attention_impl  # queries over a cache
+            out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, impl)
         else:
             if self.decode:
                 _cached(self, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
-            out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, causal_segment_mask(segment_ids_BxT),
-                                 cfg.attention_impl)
+            if cfg.attention_impl == "blocked":
+                out_BxTxNxH = blocked_attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+            else:
+                out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, causal_segment_mask(segment_ids_BxT),
+                                     cfg.attention_impl)
         out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, ("batch", "length", "act_heads", "head_dim"))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         o = Dense(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, std=out_std, name="o")

@@ -75,7 +75,7 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> 
 
 
 class MLP(nn.Module):
-    """SwiGLU (Llama) or GELU (GPT-2) feed-forward."""
+    """SwiGLU (Llama), GELU (GPT-2) or ReLU² (Primer; the modded-nanogpt records) feed-forward."""
     cfg: ModelConfig
 
     @nn.compact
@@ -87,7 +87,14 @@ class MLP(nn.Module):
         if cfg.mlp == "swiglu":
             gate_BxTxF = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), name="gate")(x_BxTxD)
             h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+        elif cfg.mlp == "relu2":
+            h_BxTxF = jnp.square(nn.relu(up_BxTxF))
         else:
             h_BxTxF = nn.gelu(up_BxTxF, approximate=True)
         h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "act_mlp"))
         return Dense(cfg, (cfg.d_model,), ("mlp", "embed"), std=out_std, name="down")(h_BxTxF)
+
+
+def softcap(logits: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(logits / cap) (model.logit_softcap; 0: unchanged): every logit stays within (-cap, cap)."""
+    return cap * jnp.tanh(logits / cap) if cap else logits

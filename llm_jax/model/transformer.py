@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from llm_jax.config import ModelConfig
 from llm_jax.model.attention import Attention
-from llm_jax.model.layers import MLP, Dense, compute_dtype, norm, param_dtype
+from llm_jax.model.layers import MLP, Dense, compute_dtype, norm, param_dtype, softcap
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -92,7 +92,7 @@ class Transformer(nn.Module):
         else:
             logits_BxTxV = Dense(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxTxD)
         logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "act_vocab"))
-        return logits_BxTxV.astype(jnp.float32)
+        return softcap(logits_BxTxV.astype(jnp.float32), cfg.logit_softcap)
 
 
 def last_real_index(segment_ids_BxT: jax.Array) -> jax.Array:

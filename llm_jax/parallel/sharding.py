@@ -115,7 +115,10 @@ def batch_split(mesh: jax.sharding.Mesh) -> int:
 
 
 def tree_shardings(logical_specs, mesh: jax.sharding.Mesh):
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
+    # Leaf by leaf: flax's logical_to_mesh_sharding takes any tuple for a spec, so it would turn the empty
+    # nodes optax leaves in a partitioned optimizer's state (Muon's) into shardings.
+    return jax.tree.map(lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(spec, RULES)), logical_specs,
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

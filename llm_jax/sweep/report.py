@@ -1,7 +1,9 @@
-"""The report of a sweep: SWEEP_DIR/report.md, a table of every run and three plots, from the runs'
+"""The report of a sweep: SWEEP_DIR/report.md, a table of every run and four plots (plots.py), from the runs'
 TensorBoard event files, config.json and results.json (SWEEP_DIR/sweep.json, written by run.py, lists the
 runs). The columns are the runs' task's summary scalars (Task.summary_scalars: bits per token and per byte
-for language models, bits per pair and accuracy for reward models); the plots show its headline.
+for language models, bits per pair and accuracy for reward models) and, where the runs logged it, training
+seconds; the plots show its headline, the curves beside each run's reference lines (RUN_DIR/tb/NAME/: the
+compressors on its held-out bytes).
 """
 from __future__ import annotations
 
@@ -11,15 +13,16 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llm_jax import tasks
 from llm_jax.config import from_dict
 from llm_jax.errors import ConfigError
+from llm_jax.sweep import plots
 from llm_jax.train.checkpoint import committed_steps
 
 FINAL_FRACTION = 0.1  # the final train loss is the mean over this last fraction of the logged steps
+TRAIN_TIME = "time/train_s"  # training seconds so far (evaluations and checkpoints excluded), at each evaluation
 
 
 @dataclass
@@ -35,6 +38,9 @@ class RunSummary:
     headline: str = ""  # the label of the scalar the plots show
     tokens_per_sec: float = math.nan
     eval_curve: tuple = ()  # ((step, headline value), ...)
+    references: dict = field(default_factory=dict)  # name -> its eval_curve (Task.reference_lines)
+    time_curve: tuple = ()  # ((step, training seconds), ...)
+    train_time_s: float = math.nan
 
 
 def write_report(sweep_dir: Path) -> Path:
@@ -46,11 +52,12 @@ def write_report(sweep_dir: Path) -> Path:
     runs = [summarise_run(sweep_dir / r["name"], r["name"], r["hparams"]) for r in definition["runs"]]
     finished = [r for r in runs if r.state == "finished"]
     headline = next((r.headline for r in runs if r.headline), "")
-    plots = [_plot_vs_swept(finished, definition["swept"], headline, sweep_dir / "eval_vs_swept.png"),
-             _plot_vs_flops(finished, headline, sweep_dir / "eval_vs_flops.png"),
-             _plot_curves(runs, headline, sweep_dir / "eval_curves.png")]
+    plots_ = [plots.plot_vs_swept(finished, definition["swept"], headline, sweep_dir / "eval_vs_swept.png"),
+              plots.plot_vs_flops(finished, headline, sweep_dir / "eval_vs_flops.png"),
+              plots.plot_curves(runs, headline, sweep_dir / "eval_curves.png"),
+              plots.plot_vs_wall_clock(runs, headline, sweep_dir / "eval_vs_wall_clock.png")]
     path = sweep_dir / "report.md"
-    path.write_text(_markdown(definition, runs, [p for p in plots if p]))
+    path.write_text(_markdown(definition, runs, [p for p in plots_ if p]))
     return path
 
 
@@ -73,9 +80,18 @@ def summarise_run(run_dir: Path, name: str, hparams: dict) -> RunSummary:
     scores = {label: (_final_mean if tag.startswith("train/") else _last)(scalars.get(tag, []))
               for tag, label in task.summary_scalars}
     speeds = [v for _, v in scalars.get(task.throughput, [])]
+    times = tuple(scalars.get(TRAIN_TIME, []))
     return RunSummary(name, hparams, state, last_step, results["params"] if results else None, tokens,
                       task.flops_per_token * tokens, scores, headline,
-                      statistics.median(speeds) if speeds else math.nan, tuple(scalars.get(headline_tag, [])))
+                      statistics.median(speeds) if speeds else math.nan, tuple(scalars.get(headline_tag, [])),
+                      _references(run_dir / "tb", headline_tag), times,
+                      (results or {}).get("train_time_s", _last(times)))
+
+
+def _references(tb: Path, tag: str) -> dict[str, tuple]:
+    """The `tag` curve of each sibling run of reference values, TB/NAME/, by NAME."""
+    subdirs = sorted(p for p in tb.iterdir() if p.is_dir()) if tb.is_dir() else []
+    return {sub.name: tuple(curve) for sub in subdirs if (curve := _scalars(sub).get(tag))}
 
 
 def _scalars(tb: Path) -> dict[str, list[tuple[int, float]]]:
@@ -104,85 +120,26 @@ NOTES = ("- training FLOPs = FLOPs per token × tokens trained, with FLOPs per t
          "trained = steps × batch_size × seq_len (a preference pair counts as two sequences).",
          f"- train columns: the mean over the last {FINAL_FRACTION:.0%} of the logged training steps; eval columns: "
          "the last evaluation, on the held-out split; tokens/s: the median over the run's logged windows.")
+TIME_NOTE = "- train s: training wall-clock seconds, evaluations and checkpoints excluded."
 
 
 def _markdown(definition: dict, runs: list[RunSummary], plots: list[Path]) -> str:
     common = definition["overrides"] + definition["extra_overrides"]
     labels = list(dict.fromkeys(label for r in runs for label in r.scores))
-    columns = ("run", "params", "training FLOPs", "tokens", *labels, "tokens/s")
+    timed = any(math.isfinite(r.train_time_s) for r in runs if r.state == "finished")
+    columns = ("run", "params", "training FLOPs", "tokens", *labels, "tokens/s", *(("train s",) if timed else ()))
     lines = [f"# Sweep `{definition['name']}`", "",
              f"Base experiment `{definition['base']}`; swept: {', '.join(f'`{k}`' for k in definition['swept'])}; "
              f"every run also: {', '.join(f'`{o}`' for o in common) or 'nothing'}.", "",
              "| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
     lines += [f"| {r.name} | {r.params:,} | {r.flops:.3g} | {r.tokens:,.0f} | "
               + "".join(f"{r.scores.get(label, math.nan):.4f} | " for label in labels)
-              + f"{r.tokens_per_sec:,.0f} |" for r in runs if r.state == "finished"]
-    lines += ["", *NOTES]
+              + f"{r.tokens_per_sec:,.0f} |" + (f" {r.train_time_s:,.0f} |" if timed else "")
+              for r in runs if r.state == "finished"]
+    lines += ["", *NOTES, *([TIME_NOTE] if timed else [])]
     unfinished = [r for r in runs if r.state != "finished"]
     if unfinished:
         lines += ["", "Not finished:", "", "| run | status | last logged step |", "|---|---|---:|"]
         lines += [f"| {r.name} | {r.state} | {r.last_step} |" for r in unfinished]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------- plots
-
-def _plot_vs_swept(runs: list[RunSummary], swept: list[str], headline: str, path: Path) -> Path | None:
-    """The final headline scalar against the first swept key, one line per setting of the other swept keys."""
-    if not runs or not swept:
-        return None
-    key, others = swept[0], swept[1:]
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    values = [r.hparams[key] for r in runs]
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    positions = values if numeric else [sorted(set(map(str, values))).index(str(v)) for v in values]
-    lines: dict[str, list] = {}
-    for run, x in zip(runs, positions):
-        label = ", ".join(f"{k}={run.hparams[k]}" for k in others)
-        lines.setdefault(label, []).append((x, run.scores[headline]))
-    for label, points in lines.items():
-        ax.plot(*zip(*sorted(points)), marker="o", label=label or None)
-    if numeric and min(values) > 0 and max(values) > 10 * min(values):
-        ax.set_xscale("log")
-    if not numeric:
-        ax.set_xticks(range(len(set(map(str, values)))), sorted(set(map(str, values))))
-    if others:
-        ax.legend(fontsize="small")
-    ax.set(xlabel=key, ylabel=f"final {headline}", title=f"Final {headline}")
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _plot_vs_flops(runs: list[RunSummary], headline: str, path: Path) -> Path | None:
-    if not runs:
-        return None
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    ax.plot([r.flops for r in runs], [r.scores[headline] for r in runs], "o")
-    for run in runs:
-        ax.annotate(run.name, (run.flops, run.scores[headline]), fontsize="x-small",
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.margins(x=0.15)  # room for the labels of the outermost points
-    ax.set(xlabel="training FLOPs", ylabel=f"final {headline}", title=f"Final {headline} vs compute")
-    ax.grid(alpha=0.3, which="both")
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _plot_curves(runs: list[RunSummary], headline: str, path: Path) -> Path | None:
-    curves = [r for r in runs if r.eval_curve]
-    if not curves:
-        return None
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    for run in curves:
-        ax.plot(*zip(*run.eval_curve), marker=".", label=run.name)
-    ax.set(xlabel="step", ylabel=headline, title=f"{headline[:1].upper()}{headline[1:]} during training")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
-    return path

@@ -12,8 +12,9 @@ A task owns, for the config it was made from:
              accumulated sums into TensorBoard scalars ("train/...", "eval/...")
   reporting  progress (label and scalar on the progress bar), describe(data) for the first line of a run,
              counts (what an evaluation scored, in results.json), summary_scalars (a sweep report's columns
-             and the HParams metrics), finish(data, evaluation) for its end (the compressor comparison, a
-             reward summary), tokens_per_step and flops_per_token (MFU, training FLOPs)
+             and the HParams metrics), reference_lines(data) (fixed values drawn beside the eval curve: the
+             compressors), finish(data, evaluation) for its end (the compressor comparison, a reward
+             summary), tokens_per_step and flops_per_token (MFU, training FLOPs)
 It is chosen by one config key, `task`, so a config cannot pair one task's objective with another's data.
 
 Adding a task: a module in tasks/ with a Task subclass and an entry in tasks/__init__.py's TASKS, plus what is
@@ -204,6 +205,11 @@ class Task:
 
     def describe(self, data) -> str:
         raise NotImplementedError
+
+    def reference_lines(self, data) -> dict[str, dict[str, float]]:
+        """Fixed values to draw beside the run's own curves, by name (each a sibling TensorBoard run): what the
+        held-out split costs a compressor, say {"xz": {"eval/bits_per_byte": 1.71}, ...}. Process 0, once."""
+        return {}
 
     def finish(self, data, evaluation: Evaluation) -> Summary:
         return Summary({}, {}, "")

@@ -12,18 +12,26 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.data.batches import TokenBatch
+from llm_jax.model.layers import softcap
 
 LN2 = math.log(2.0)
 
 
 @jax.custom_vjp
-def token_nats(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    """-log p(target) in nats for every position, computed in float32: logsumexp(logits) - logits[target].
+def token_nats_and_lse(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(-log p(target), log Z) in nats for every position, in float32: logsumexp(logits) - logits[target], and
+    logsumexp(logits), the log of the softmax's normaliser (which the z-loss keeps near 0).
 
-    The gradient, softmax(logits) - onehot(target), is written out as one elementwise pass: autodiff of the
-    gather would build a zero (B, T, V) array and scatter into it, which costs as much as the matmul before it
-    on CPU.
+    The gradient, softmax(logits) · (g + g_Z) - onehot(target) · g, is written out as one elementwise pass:
+    autodiff of the gather would build a zero (B, T, V) array and scatter into it, which costs as much as the
+    matmul before it on CPU.
     """
+    return _token_nats_and_lse_fwd(logits_BxTxV, targets_BxT)[0]
+
+
+@jax.custom_vjp
+def token_nats(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    """-log p(target) in nats for every position (token_nats_and_lse without log Z)."""
     return _token_nats_fwd(logits_BxTxV, targets_BxT)[0]
 
 
@@ -34,23 +42,31 @@ def _token_nats_fwd(logits_BxTxV, targets_BxT):
     return lse_BxT - target_BxT, (logits_BxTxV, targets_BxT, lse_BxT)
 
 
-def _token_nats_bwd(residuals, g_BxT):
+def _token_nats_grad(residuals, g_BxT, g_lse_BxT):
     logits_BxTxV, targets_BxT, lse_BxT = residuals
     vocab_V = jnp.arange(logits_BxTxV.shape[-1], dtype=targets_BxT.dtype)
     onehot_BxTxV = vocab_V == targets_BxT[..., None]
-    grad_BxTxV = (jnp.exp(logits_BxTxV - lse_BxT[..., None]) - onehot_BxTxV) * g_BxT[..., None]
-    return grad_BxTxV, None
+    probs_BxTxV = jnp.exp(logits_BxTxV - lse_BxT[..., None])
+    return probs_BxTxV * (g_BxT + g_lse_BxT)[..., None] - onehot_BxTxV * g_BxT[..., None], None
 
 
-token_nats.defvjp(_token_nats_fwd, _token_nats_bwd)
+token_nats.defvjp(_token_nats_fwd, lambda residuals, g_BxT: _token_nats_grad(residuals, g_BxT, 0.0))
+
+
+def _token_nats_and_lse_fwd(logits_BxTxV, targets_BxT):
+    nats_BxT, residuals = _token_nats_fwd(logits_BxTxV, targets_BxT)
+    return (nats_BxT, residuals[2]), residuals
+
+
+token_nats_and_lse.defvjp(_token_nats_and_lse_fwd, lambda residuals, g: _token_nats_grad(residuals, *g))
 
 
 def chunked_token_nats(x_BxTxD: jax.Array, kernel_DxV: jax.Array, bias_V: jax.Array | None,
-                       targets_BxT: jax.Array, chunk: int) -> jax.Array:
-    """token_nats of the logits x @ kernel (+ bias) without materialising them: a scan over the C vocabulary
-    chunks of U entries keeps a running max and sum of exponentials in float32 (the log-sum-exp), and each
-    chunk's logits are recomputed in the backward pass (jax.checkpoint), so the memory is (B, T, U), not
-    (B, T, V)."""
+                       targets_BxT: jax.Array, chunk: int, cap: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """token_nats_and_lse of the logits softcap(x @ kernel (+ bias), cap) without materialising them: a scan over
+    the C vocabulary chunks of U entries keeps a running max and sum of exponentials in float32 (the
+    log-sum-exp), and each chunk's logits are recomputed in the backward pass (jax.checkpoint), so the memory is
+    (B, T, U), not (B, T, V)."""
     D, V = kernel_DxV.shape
     if V % chunk:
         raise ValueError(f"model.logits_chunk={chunk} does not divide model.vocab_size={V}")
@@ -61,7 +77,8 @@ def chunked_token_nats(x_BxTxD: jax.Array, kernel_DxV: jax.Array, bias_V: jax.Ar
     def step(carry, chunk_params):
         max_BxT, sum_BxT = carry
         k_DxU, b_U = chunk_params
-        logits_BxTxU = jnp.einsum("btd,du->btu", x_BxTxD, k_DxU, preferred_element_type=jnp.float32) + b_U
+        logits_BxTxU = softcap(jnp.einsum("btd,du->btu", x_BxTxD, k_DxU, preferred_element_type=jnp.float32) + b_U,
+                               cap)
         new_max_BxT = jnp.maximum(max_BxT, logits_BxTxU.max(-1))
         sum_BxT = sum_BxT * jnp.exp(max_BxT - new_max_BxT) + jnp.exp(logits_BxTxU - new_max_BxT[..., None]).sum(-1)
         return (new_max_BxT, sum_BxT), None
@@ -72,13 +89,14 @@ def chunked_token_nats(x_BxTxD: jax.Array, kernel_DxV: jax.Array, bias_V: jax.Ar
     target_logit_BxT = jnp.einsum("btd,btd->bt", x_BxTxD, target_cols_BxTxD, preferred_element_type=jnp.float32)
     if bias_V is not None:
         target_logit_BxT = target_logit_BxT + bias_V.astype(jnp.float32)[targets_BxT]
-    return max_BxT + jnp.log(sum_BxT) - target_logit_BxT
+    lse_BxT = max_BxT + jnp.log(sum_BxT)
+    return lse_BxT - softcap(target_logit_BxT, cap), lse_BxT
 
 
 def chunked_kl(x_BxTxD: jax.Array, kernel_DxV: jax.Array, bias_V: jax.Array | None, y_BxTxD: jax.Array,
-               ref_kernel_DxV: jax.Array, ref_bias_V: jax.Array | None, chunk: int) -> jax.Array:
-    """KL(p || q) in nats at every position, p = softmax(x @ kernel + bias), q = softmax(y @ ref_kernel +
-    ref_bias), over C vocabulary chunks of U entries: with a = p's logits and b = q's,
+               ref_kernel_DxV: jax.Array, ref_bias_V: jax.Array | None, chunk: int, cap: float = 0.0) -> jax.Array:
+    """KL(p || q) in nats at every position, p = softmax(softcap(x @ kernel + bias, cap)), q = the same of
+    y @ ref_kernel + ref_bias, over C vocabulary chunks of U entries: with a = p's logits and b = q's,
     KL = sum_v exp(a_v - lse_a) (a_v - b_v) - lse_a + lse_b, each sum kept online with its running max, so the
     memory is (B, T, U). Not differentiated (a metric)."""
     D, V = kernel_DxV.shape
@@ -88,8 +106,8 @@ def chunked_kl(x_BxTxD: jax.Array, kernel_DxV: jax.Array, bias_V: jax.Array | No
     def step(carry, chunk_params):
         max_a, sum_a, weighted, max_b, sum_b = carry
         k_DxU, b_U, rk_DxU, rb_U = chunk_params
-        a_BxTxU = jnp.einsum("btd,du->btu", x_BxTxD, k_DxU, preferred_element_type=jnp.float32) + b_U
-        b_BxTxU = jnp.einsum("btd,du->btu", y_BxTxD, rk_DxU, preferred_element_type=jnp.float32) + rb_U
+        a_BxTxU = softcap(jnp.einsum("btd,du->btu", x_BxTxD, k_DxU, preferred_element_type=jnp.float32) + b_U, cap)
+        b_BxTxU = softcap(jnp.einsum("btd,du->btu", y_BxTxD, rk_DxU, preferred_element_type=jnp.float32) + rb_U, cap)
         new_max_a, new_max_b = jnp.maximum(max_a, a_BxTxU.max(-1)), jnp.maximum(max_b, b_BxTxU.max(-1))
         exp_a = jnp.exp(a_BxTxU - new_max_a[..., None])
         rescale_a = jnp.exp(max_a - new_max_a)
@@ -113,15 +131,20 @@ def output_layer(model, params) -> tuple[jax.Array, jax.Array | None]:
     return params["lm_head"]["kernel"], params["lm_head"].get("bias")
 
 
-def next_token_nats(model, params, batch: TokenBatch) -> jax.Array:
-    """-log p(target) of every position under a language model, through vocabulary chunks when
+def next_token_nats_and_lse(model, params, batch: TokenBatch) -> tuple[jax.Array, jax.Array]:
+    """(-log p(target), log Z) of every position under a language model, through vocabulary chunks when
     model.cfg.logits_chunk is set (never holding (B, T, V) float32 logits)."""
     args = (batch.inputs, batch.positions, batch.segment_ids)
     chunk = model.cfg.logits_chunk
     if not chunk:
-        return token_nats(model.apply({"params": params}, *args), batch.targets)
+        return token_nats_and_lse(model.apply({"params": params}, *args), batch.targets)
     x_BxTxD = model.apply({"params": params}, *args, return_hidden=True)
-    return chunked_token_nats(x_BxTxD, *output_layer(model, params), batch.targets, chunk)
+    return chunked_token_nats(x_BxTxD, *output_layer(model, params), batch.targets, chunk, model.cfg.logit_softcap)
+
+
+def next_token_nats(model, params, batch: TokenBatch) -> jax.Array:
+    """-log p(target) of every position under a language model (next_token_nats_and_lse)."""
+    return next_token_nats_and_lse(model, params, batch)[0]
 
 
 def next_token_nats_and_kl(model, params, ref_params, batch: TokenBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -137,14 +160,21 @@ def next_token_nats_and_kl(model, params, ref_params, batch: TokenBatch) -> tupl
         return token_nats(a_BxTxV, batch.targets), token_nats(b_BxTxV, batch.targets), kl_BxT
     x_BxTxD = model.apply({"params": params}, *args, return_hidden=True)
     y_BxTxD = model.apply({"params": ref_params}, *args, return_hidden=True)
-    layer, ref_layer = output_layer(model, params), output_layer(model, ref_params)
-    kl_BxT = chunked_kl(jax.lax.stop_gradient(x_BxTxD), *jax.lax.stop_gradient(layer), y_BxTxD, *ref_layer, chunk)
-    return (chunked_token_nats(x_BxTxD, *layer, batch.targets, chunk),
-            chunked_token_nats(y_BxTxD, *ref_layer, batch.targets, chunk), kl_BxT)
+    layer, ref_layer, cap = output_layer(model, params), output_layer(model, ref_params), model.cfg.logit_softcap
+    kl_BxT = chunked_kl(jax.lax.stop_gradient(x_BxTxD), *jax.lax.stop_gradient(layer), y_BxTxD, *ref_layer, chunk,
+                        cap)
+    return (chunked_token_nats(x_BxTxD, *layer, batch.targets, chunk, cap)[0],
+            chunked_token_nats(y_BxTxD, *ref_layer, batch.targets, chunk, cap)[0], kl_BxT)
 
 
-def next_token_sums(model, params, batch: TokenBatch) -> dict[str, jax.Array]:
-    return weighted_sums(next_token_nats(model, params, batch), batch)
+def next_token_sums(model, params, batch: TokenBatch, z_loss: float = 0.0) -> dict[str, jax.Array]:
+    """weighted_sums, and the training objective: the nats plus z_loss · (log Z)² per weighted target (PaLM's
+    z-loss; the reported bits stay the nats)."""
+    nats_BxT, lse_BxT = next_token_nats_and_lse(model, params, batch)
+    sums = weighted_sums(nats_BxT, batch)
+    if not z_loss:
+        return {**sums, "objective": sums["nats"]}
+    return {**sums, "objective": sums["nats"] + z_loss * jnp.sum(jnp.square(lse_BxT) * batch.weights)}
 
 
 def weighted_sums(nats_BxT: jax.Array, batch: TokenBatch) -> dict[str, jax.Array]:

@@ -69,6 +69,24 @@ class Writer:
         self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
 
+class ReferenceLines:
+    """Fixed values drawn beside a run's curves (Task.reference_lines: the compressors' bits per byte), each as
+    a sibling run LOGDIR/<name> that writes its values at every evaluation step, so TensorBoard draws a flat line
+    on the same chart as the model's curve (a point written once, at one step, would be invisible there)."""
+
+    def __init__(self, logdir, lines: dict[str, dict[str, float]], enabled: bool, resume_step: int | None = None):
+        self.lines = lines
+        self.writers = {name: Writer(Path(logdir) / name, enabled, resume_step) for name in lines}
+
+    def write(self, step: int) -> None:
+        for name, writer in self.writers.items():
+            writer.scalars(step, self.lines[name])
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
 def _drop_summaries_after(path: Path, step: int) -> None:
     """Rewrites one event file without its summaries past `step`; leaves it untouched if it has none.
 

@@ -11,7 +11,9 @@ checkpoint at the next step boundary and end the run (preemption.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -25,9 +27,11 @@ from llm_jax.parallel import sharding
 from llm_jax.parallel.distributed import is_main
 from llm_jax.tasks.base import Evaluation
 from llm_jax.train import checkpoint, metrics, step
+from llm_jax.train.budget import Budget, Clock, agree
 from llm_jax.train.preemption import PreemptionWatch
 from llm_jax.train.setup import Setup, build
-from llm_jax.train.events import Writer
+from llm_jax.train.events import ReferenceLines, Writer
+from llm_jax.train.state import with_planned_steps
 
 
 def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict:
@@ -44,15 +48,20 @@ def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict
         write_atomic(run_dir / "config.json", to_json(cfg))
         write_atomic(run_dir / "tokenizer.model", setup.data.tokenizer_path.read_bytes())
         print(_describe(setup), flush=True)
+    # Measured before training starts (process 0; cached with the prepared data), drawn at every evaluation.
+    references = ReferenceLines(run_dir / "tb", setup.task.reference_lines(setup.data) if is_main() else {},
+                                is_main(), setup.start_step if setup.earlier_attempt else None)
     mngr = checkpoint.manager(run_dir, cfg.checkpoint)
+    clock = Clock()
     try:
         with PreemptionWatch() as watch:
-            state, last_eval = _train_steps(setup, writer, mngr, watch)
-        results = _final_eval(setup, state, last_eval)
+            state, last_eval = _train_steps(setup, writer, references, mngr, watch, clock)
+        results = {**_final_eval(setup, state, last_eval), **clock.report()}
     finally:
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
+        references.close()
     if is_main():
         write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     return results
@@ -90,7 +99,8 @@ def _describe(setup: Setup) -> str:
             f"{setup.task.step_shape()}, {setup.task.describe(setup.data)}{start}")
 
 
-def _train_steps(setup: Setup, writer: Writer, mngr, watch: PreemptionWatch):
+def _train_steps(setup: Setup, writer: Writer, references: ReferenceLines, mngr, watch: PreemptionWatch,
+                 clock: Clock):
     cfg, state, task = setup.cfg, setup.state, setup.task
     source = task.train_source(setup.data, jax.process_index(), jax.process_count())
     if setup.start_step:
@@ -100,43 +110,82 @@ def _train_steps(setup: Setup, writer: Writer, mngr, watch: PreemptionWatch):
     meta = checkpoint.meta(cfg, setup.data.tokenizer_path)
     batch_shardings = step.batch_shardings(setup.mesh, task, microbatched=True)
     perf = metrics.PerfMeter(task.tokens_per_step, task.flops_per_token, cfg.train.peak_tflops, task.throughput)
-    bar = tqdm(total=cfg.train.steps, initial=setup.start_step, disable=not is_main(), unit="step",
-               dynamic_ncols=True)
-    pending, last_eval = None, None
-    log = lambda: _log_train(pending, perf, writer, bar, cfg, task.progress)
+    plan = _Plan(setup, clock)
+    bar = tqdm(total=plan.total, initial=setup.start_step, disable=not is_main(), unit="step", dynamic_ncols=True)
+    pending, last_eval, done = None, None, setup.start_step
+
+    def log(state):
+        _log_train(pending, perf, writer, bar, setup.cfg, task.progress)
+        return plan.update(pending[0], bar, state)
     try:
-        for i in range(setup.start_step, cfg.train.steps):
-            batch = sharding.global_batch(source.next_batch(state), batch_shardings)
+        while done < plan.total:
+            batch = _shorten(source.next_batch(state), done, cfg.train.seq_len_warmup_steps)
+            batch = sharding.global_batch(batch, batch_shardings)
             made = source.scalars()  # what producing the batch measured (a rollout's rewards), logged at its step
             if made:
-                writer.scalars(i + 1, made)
+                writer.scalars(done + 1, made)
                 perf.exclude(made.get("perf/rollout_s", 0.0))
             state, step_metrics = setup.train_fn(state, batch, setup.frozen)
             if pending is not None:
-                log()
-            pending, done = (i + 1, step_metrics), i + 1
+                state = log(state)
+            pending, done = (done + 1, step_metrics), done + 1
             preempted = watch.requested()
-            every = cfg.checkpoint.every
-            save_now = (every and done % every == 0) or done == cfg.train.steps or preempted
-            eval_now = done % cfg.train.eval_every == 0 or done == cfg.train.steps
+            every, last = cfg.checkpoint.every, done == plan.total
+            save_now = (every and done % every == 0) or last or preempted
+            eval_now = done % cfg.train.eval_every == 0 or last
             if save_now or eval_now:  # see this step's metrics (and stop on a non-finite one) first
-                log()
+                state = log(state)
                 pending = None
             if eval_now:  # before the save, so that the checkpoint carries its eval scores
-                last_eval = evaluation(setup, state.params, done, writer)
+                with clock.excluding("eval"):
+                    last_eval = evaluation(setup, state.params, done, writer)
+                writer.scalars(done, {"time/train_s": clock.train_s()})
+                references.write(done)
                 perf.t0 = None  # evaluation time is not step time
             if save_now:
-                _save(mngr, state, source, meta, last_eval if eval_now else None, writer, done)
+                with clock.excluding("checkpoint"):
+                    _save(mngr, state, source, meta, last_eval if eval_now else None, writer, done)
                 perf.t0 = None  # a save is not step time
             if preempted:
                 mngr.wait_until_finished()
                 raise Preempted(done, watch.signal_name or "a signal on another process")
         if pending is not None:
-            log()
+            state = log(state)
     finally:
         bar.close()
         source.close()  # grain worker processes and their shared memory
     return state, last_eval
+
+
+def _shorten(batch, step_index: int, warmup_steps: int):
+    """Step `step_index`'s batch in windows of a quarter, then half the length during seq_len warmup."""
+    if step_index >= warmup_steps:
+        return batch
+    return batch.shorter(4 if step_index < warmup_steps // 2 else 2)
+
+
+class _Plan:
+    """The run's length: train.steps, or what a time budget plans (setup.cfg and the state then follow it)."""
+
+    def __init__(self, setup: Setup, clock: Clock):
+        self.setup, t = setup, setup.cfg.train
+        self.budget = None if setup.planned_steps else Budget(t.time_budget_s, clock, t.seq_len_warmup_steps + 1)
+        self.total = setup.planned_steps or math.inf
+
+    def update(self, step_done: int, bar, state):
+        """After step `step_done` completed: the state, with a new plan if the budget makes one."""
+        planned = self.budget and agree(self.budget.propose(step_done), jax.process_count())
+        if not planned:
+            return state
+        self.budget.accept()
+        self.total = planned
+        self.setup.cfg = dataclasses.replace(self.setup.cfg, train=dataclasses.replace(self.setup.cfg.train,
+                                                                                       steps=planned))
+        bar.total = planned
+        if is_main():
+            print(f"time budget: {self.budget.clock.train_s():.1f} s of {self.budget.seconds:g} s used after step "
+                  f"{step_done}; planned {planned} steps", flush=True)
+        return with_planned_steps(state, planned)
 
 
 def _save(mngr, state, source, meta: dict, evaluation: Evaluation | None, writer: Writer, done: int) -> None:

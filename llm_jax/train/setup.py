@@ -4,6 +4,7 @@ export) and the jitted steps. Errors a user can fix come out here, before anythi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from llm_jax.parallel.distributed import barrier, is_main
 from llm_jax.tasks.base import Task
 from llm_jax.train import checkpoint, metrics, optim, step
 from llm_jax.train.export import load_frozen_params
-from llm_jax.train.state import abstract_state, create_state
+from llm_jax.train.state import abstract_state, create_state, with_planned_steps
 
 
 @dataclass
@@ -37,7 +38,10 @@ class Setup:
     train_fn: object  # (state, batch, frozen) -> (state, metrics)
     eval_fn: object  # (params, batch, frozen) -> sums
     n_params: int
-    earlier_attempt: bool  # the run directory holds a run of this config already (resumed or restarted)
+    earlier_attempt: bool
+    # The run's length as planned in the state: train.steps, a time budget's plan restored from a checkpoint,
+    # or 0 while a time budget has yet to plan it (train/budget.py).
+    planned_steps: int  # the run directory holds a run of this config already (resumed or restarted)
 
 
 class RunDir(NamedTuple):
@@ -53,8 +57,11 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
     task = tasks.make(cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     check_batch(cfg, mesh)
+    if cfg.train.seq_len_warmup_steps and not hasattr(task.batch_type, "shorter"):
+        raise ConfigError(f"train.seq_len_warmup_steps: task {cfg.task!r} trains on {task.batch_type.__name__} rows, "
+                          "which cannot be cut into shorter windows")
     model = tasks.model_of(cfg)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    optimizer = optim.make_optimizer(cfg.optim)
     layout = abstract_state(model, optimizer, mesh, cfg.data.seq_len)
     opened = open_run_dir(run_dir, fresh, cfg)
     try:
@@ -68,11 +75,23 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     state, start_step = _initial_state(task, run_dir, opened.resume, state, data)
-    train_fn = step.jit_train_step(model, optimizer, optim.schedule(cfg.optim, cfg.train.steps), mesh, shardings,
-                                   task)
+    cfg, state, planned = _plan_length(cfg, state)
+    train_fn = step.jit_train_step(model, optimizer, cfg.optim, mesh, shardings, task)
     eval_fn = step.jit_eval_step(model, mesh, shardings.params, task)
     return Setup(cfg, task, run_dir, mesh, data, state, frozen, start_step, train_fn, eval_fn,
-                 metrics.param_count(state.params), opened.earlier_attempt)
+                 metrics.param_count(state.params), opened.earlier_attempt, planned)
+
+
+def _plan_length(cfg: Config, state):
+    """(config, state, planned steps): a run without a time budget plans train.steps (raising it on resume trains
+    longer, the schedule stretched); a time-budget run keeps the plan a checkpoint holds (its train.steps becomes
+    that), or has none yet (0)."""
+    if not cfg.train.time_budget_s:
+        return cfg, with_planned_steps(state, cfg.train.steps), cfg.train.steps
+    planned = int(jax.device_get(state.planned_steps))
+    if planned:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=planned))
+    return cfg, state, planned
 
 
 def check_batch(cfg: Config, mesh) -> None:

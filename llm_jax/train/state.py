@@ -5,6 +5,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from flax import struct
@@ -19,6 +20,9 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # base key data; per-step randomness would derive as fold_in(rng, step)
     skipped: jax.Array  # updates skipped for a non-finite loss, gradient or update
+    # The step count the learning-rate schedule is planned for (optim.lr_factor; 0: not planned yet): train.steps,
+    # or what a time budget estimated. State, not a compile-time constant, so that planning needs no recompile.
+    planned_steps: jax.Array
 
 
 def _dummy_inputs(batch: int, seq_len: int):
@@ -31,7 +35,8 @@ def _boxed_init(model: nn.Module, optimizer: optax.GradientTransformation, seq_l
         params = model.init(rng, *_dummy_inputs(1, seq_len))["params"]
         # optax keeps the Partitioned boxes on its moments, so they inherit the parameters' logical names.
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                          rng=jax.random.key_data(rng), skipped=jnp.zeros((), jnp.int32))
+                          rng=jax.random.key_data(rng), skipped=jnp.zeros((), jnp.int32),
+                          planned_steps=jnp.zeros((), jnp.int32))
     return init
 
 
@@ -53,6 +58,10 @@ def _checked_layout(boxed, mesh, params_of):
     """The abstract (unboxed) tree laid out by its logical names on `mesh`. Every parameter dimension is
     checked against the mesh first, so that one it cannot split is a one-line MeshError naming the parameter
     before anything compiles (the optimizer's moments have the parameters' shapes)."""
+    # A partitioned optimizer (Muon's) masks the other group's leaves inside their boxes: no array, no sharding.
+    masked = lambda x: isinstance(x, nn.meta.AxisMetadata) and isinstance(x.value, optax.MaskedNode)  # noqa: E731
+    boxed = jax.tree.map(lambda x: x.value if masked(x) else x, boxed,
+                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     specs, abstract = nn.get_partition_spec(boxed), nn.unbox(boxed)
     sharding.check_tree_divisible(params_of(specs), params_of(abstract), mesh, prefix="parameter ")
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
@@ -65,3 +74,10 @@ def create_state(model, optimizer, layout, seq_len: int, rng) -> tuple[TrainStat
     mesh = jax.tree.leaves(layout)[0].sharding.mesh
     boxed_init = _boxed_init(model, optimizer, seq_len)
     return sharding.jit_on_mesh(lambda r: nn.unbox(boxed_init(r)), mesh, out_shardings=shardings)(rng), shardings
+
+
+def with_planned_steps(state: TrainState, planned_steps: int) -> TrainState:
+    """The state with the schedule planned for `planned_steps` (the same value on every process)."""
+    sharding_ = state.planned_steps.sharding
+    value = jax.make_array_from_callback((), sharding_, lambda _: np.asarray(planned_steps, np.int32))
+    return state.replace(planned_steps=value)

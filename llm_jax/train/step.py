@@ -14,12 +14,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llm_jax.config import OptimConfig
 from llm_jax.parallel import sharding
 from llm_jax.tasks.base import Task
+from llm_jax.train import optim
 from llm_jax.train.state import TrainState
 
 
-def train_step(state: TrainState, batch, frozen: dict, *, model, optimizer, lr_schedule, task: Task):
+def train_step(state: TrainState, batch, frozen: dict, *, model, optimizer, optim_cfg: OptimConfig, task: Task):
     frozen = jax.lax.stop_gradient(frozen)
 
     def sums_and_grads(microbatch):
@@ -38,6 +40,8 @@ def train_step(state: TrainState, batch, frozen: dict, *, model, optimizer, lr_s
     (sums, grads), _ = jax.lax.scan(accumulate, (zero_sums, zero_grads), batch)
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums[task.count], 1.0), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    lr_factor = optim.lr_factor(optim_cfg, state.step, state.planned_steps)
+    updates = jax.tree.map(lambda u: lr_factor * u, updates)
     params = optax.apply_updates(state.params, updates)
     grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
     # One NaN/Inf anywhere reaches these norms; such an update is dropped, so the state stays the last good one.
@@ -46,14 +50,14 @@ def train_step(state: TrainState, batch, frozen: dict, *, model, optimizer, lr_s
     skipped = state.skipped + (~finite).astype(jnp.int32)
     metrics = {
         **task.scalars(sums, "train"),
-        "optim/learning_rate": lr_schedule(state.step),
+        "optim/learning_rate": optim_cfg.learning_rate * lr_factor,
         "optim/grad_norm": grad_norm,
         "optim/param_norm": optax.tree.norm(keep_old(params, state.params)),
         "optim/skipped_steps": skipped,
         "train/finite": finite,
     }
-    new_state = TrainState(step=state.step + 1, params=keep_old(params, state.params),
-                           opt_state=keep_old(opt_state, state.opt_state), rng=state.rng, skipped=skipped)
+    new_state = state.replace(step=state.step + 1, params=keep_old(params, state.params),
+                              opt_state=keep_old(opt_state, state.opt_state), skipped=skipped)
     return new_state, metrics
 
 
@@ -63,10 +67,10 @@ def batch_shardings(mesh, task: Task, microbatched: bool):
     return sharding.batch_shardings(mesh, task.batch_type.axes(), *(("microbatch",) if microbatched else ()))
 
 
-def jit_train_step(model, optimizer, lr_schedule, mesh, state_shardings, task: Task):
+def jit_train_step(model, optimizer, optim_cfg: OptimConfig, mesh, state_shardings, task: Task):
     """(state, batch, frozen) -> (state, metrics); frozen: the task's frozen params by name (Task.frozen_exports),
     each laid out like state.params ({} for most tasks)."""
-    fn = lambda s, b, f: train_step(s, b, f, model=model, optimizer=optimizer, lr_schedule=lr_schedule, task=task)
+    fn = lambda s, b, f: train_step(s, b, f, model=model, optimizer=optimizer, optim_cfg=optim_cfg, task=task)
     return sharding.jit_on_mesh(
         fn, mesh, in_shardings=(state_shardings, batch_shardings(mesh, task, microbatched=True),
                                 frozen_shardings(task, state_shardings.params)),
