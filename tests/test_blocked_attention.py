@@ -70,7 +70,9 @@ def test_model_with_blocked_attention_matches_einsum_and_generates():
     np.testing.assert_allclose(blocked.apply({"params": params}, tokens, positions, seg),
                                Transformer(cfg).apply({"params": params}, tokens, positions, seg), atol=1e-5)
     decoder = Transformer(blocked.cfg, decode=True)
-    cache = decoder.init(jax.random.key(0), tokens[:, :40], positions[:, :40], seg[:, :40])["cache"]
+    # An empty cache, as the generator makes one (init also writes its inputs' keys into it).
+    cache = jax.tree.map(jnp.zeros_like, decoder.init(jax.random.key(0), tokens[:, :40], positions[:, :40],
+                                                      seg[:, :40])["cache"])
     prefill, _ = decoder.apply({"params": params, "cache": cache}, tokens[:, :40], positions[:, :40], seg[:, :40],
                                mutable=["cache"])
     np.testing.assert_allclose(prefill, blocked.apply({"params": params}, tokens[:, :40], positions[:, :40],
