@@ -21,6 +21,8 @@ The measured results are in docs/recipe.md.
 """
 from llm_jax.sweep.plan import Sweep
 
+# The base as measured: the experiment before it shipped the winners (each point sets it, then its switch).
+BEFORE = {"optim.optimizer": "adamw", "model.mlp": "swiglu", "model.d_ff": 384, "model.vocab_size": 2048, "train.batch_size": 32}
 SWITCHES = ({}, {"optim.optimizer": "muon"}, {"model.qk_norm": True}, {"model.logit_softcap": 30.0},
             {"train.z_loss": 1e-4}, {"optim.schedule": "wsd"}, {"model.tie_embeddings": True},
             {"model.mlp": "relu2", "model.d_ff": 576}, {"train.seq_len_warmup_steps": 40},
@@ -28,5 +30,5 @@ SWITCHES = ({}, {"optim.optimizer": "muon"}, {"model.qk_norm": True}, {"model.lo
 
 
 def sweep() -> Sweep:
-    return Sweep(base="pretrain_shakespeare", points=SWITCHES,
+    return Sweep(base="pretrain_shakespeare", points=tuple({**BEFORE, **switch} for switch in SWITCHES),
                  overrides=("train.time_budget_s=60", "train.eval_every=100", "checkpoint.every=0"))
