@@ -24,7 +24,8 @@ setup(
         "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4"],
         "torch": ["torch==2.13.0"],  # benchmarks/torch_reference.py
         # Hugging Face checkpoints (llm_jax/interop/) and the parity tests against transformers
-        "hf": ["safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24", "transformers>=5.23,<5.24", "torch==2.13.0"],
+        "hf": ["safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24", "transformers>=5.23,<5.24", "torch==2.13.0",
+               "peft>=0.21.2,<0.22"],
     },
     entry_points={"console_scripts": ["llm-jax=llm_jax.cli.main:main"]},
 )

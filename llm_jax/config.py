@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llm_jax import task_config
 from llm_jax.errors import ConfigError
-from llm_jax.task_config import DPOConfig, RewardConfig, RLConfig
+from llm_jax.task_config import DPOConfig, PeftConfig, RewardConfig, RLConfig
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 CHOICES = {
@@ -246,7 +247,6 @@ HEAD_FIELDS = ("reward_init_std",)
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
 
 # Configs saved before `task` replaced the data section's format and the model's head (run dirs, exports) load.
 _LEGACY_TASKS = {"text": "pretrain", "dialogue": "sft", "preference": "reward"}

@@ -1,7 +1,8 @@
-"""The config sections of the post-training tasks (reward model, DPO, RL), their choices and their checks;
-config.py holds them in Config and re-exports them."""
+"""The config sections of the post-training tasks (reward model, DPO, RL) and of parameter-efficient
+fine-tuning (any task), their choices and their checks; config.py holds them in Config and re-exports them."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from llm_jax.errors import ConfigError
@@ -61,7 +62,27 @@ class RLConfig:
     eval_temperature: float = 0.0  # 0: greedy answers at evaluation
 
 
+@dataclass(frozen=True)
+class PeftConfig:
+    """Parameter-efficient fine-tuning of the checkpoint.init_from export (model/adapters.py): only the adapters
+    (and a task's new head) train; the base weights stay frozen, outside the train state and its checkpoints.
+    lora: each kernel whose path matches `targets` gains x·A·B·alpha/rank (Hu et al. 2021), B zero at first.
+    prompt: `virtual_tokens` learned input embeddings run through the frozen blocks (Lester et al. 2021);
+    prefix: `virtual_tokens` learned keys and values per layer (Li & Liang 2021). Real tokens attend to the
+    virtual ones through a per-head gate that starts at zero (LLaMA-Adapter, Zhang et al. 2023), so step 0 is the
+    base model exactly, as it is for LoRA."""
+    method: str = "none"  # none | lora | prompt | prefix
+    rank: int = 8
+    alpha: float = 16.0
+    # A regex searched in each kernel's path ("layers/attn/q/kernel"); default: attention and MLP kernels
+    targets: str = r"(^|/)(q|k|v|o|gate|up|down)/kernel$"
+    virtual_tokens: int = 16  # prompt and prefix
+    base_dtype: str = "float32"  # float32 | bfloat16: how the frozen base weights are held
+
+
 CHOICES = {
+    "peft.method": ("none", "lora", "prompt", "prefix"),
+    "peft.base_dtype": ("float32", "bfloat16"),
     "dpo.loss": ("sigmoid", "ipo"),
     "rl.algorithm": ("ppo", "grpo", "rloo"),
     "rl.value_init": ("reward_model", "policy"),
@@ -92,6 +113,20 @@ def validate(cfg) -> None:
     for key, value in non_negative.items():
         if not value >= 0:
             raise ConfigError(f"{key}={value} must not be negative")
+    _check_peft(cfg)
     if not (0 < r.clip_ratio < 1 and 0 <= r.gamma <= 1 and 0 <= r.lam <= 1):
         raise ConfigError(f"rl.clip_ratio={r.clip_ratio} must lie in (0, 1), rl.gamma={r.gamma} and "
                           f"rl.lam={r.lam} in [0, 1]")
+
+
+def _check_peft(cfg) -> None:
+    p = cfg.peft
+    if p.method == "none":
+        return
+    if p.rank <= 0 or p.alpha <= 0 or p.virtual_tokens <= 0:
+        raise ConfigError(f"peft.rank={p.rank}, peft.alpha={p.alpha} and peft.virtual_tokens={p.virtual_tokens} "
+                          "must be positive")
+    try:
+        re.compile(p.targets)
+    except re.error as e:
+        raise ConfigError(f"peft.targets={p.targets!r} is not a regular expression: {e}") from None

@@ -256,7 +256,7 @@ def dpo_train(mesh_cfg, devices=None, microbatches=1, steps=3, reference_seed=1)
     state, shardings = create_state(model, optimizer, layout, 16, jax.random.key(0))
     reference = create_state(model, optimizer, layout, 16, jax.random.key(reference_seed))[0].params
     before = jax.tree.map(np.array, reference)
-    train_fn = step.jit_train_step(model, optimizer, ocfg, mesh, shardings, task)
+    train_fn = step.jit_train_step(model, optimizer, ocfg, mesh, shardings, task, {"reference": shardings.params})
     rng, history = np.random.default_rng(0), []
     for _ in range(steps):
         batch = split_microbatches(microbatches, random_pairs(rng, 8, 16))

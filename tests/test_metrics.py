@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.summary.writer import event_file_writer
 from tensorboard.util import tensor_util
 
-from llm_jax.config import Config, ModelConfig, TrainConfig
+from llm_jax.config import Config, ModelConfig, PeftConfig, TrainConfig
 from llm_jax.evaluation import baselines
 from llm_jax.tasks.pretrain import Pretrain
 from llm_jax.tasks.reward import RewardModel
@@ -151,6 +151,9 @@ def test_flops_per_token_swiglu_untied():
     n = 2 * 672 + 256
     attention = 6 * 2 * 2 * 6 * 10  # 6 * layers * heads * head_dim * seq_len
     assert flops.flops_per_token(model, seq_len=10) == 6 * n + attention == 11040
+    # frozen weights (peft): no weight gradients, 2 FLOPs per multiply-add fewer; attention unchanged
+    assert flops.flops_per_token(model, seq_len=10, frozen=True) == 4 * n + attention
+    assert flops.forward_flops_per_token(model, seq_len=10) == 2 * n + attention / 3
 
 
 def test_flops_per_token_gelu_tied():
@@ -173,6 +176,8 @@ def test_a_task_counts_its_own_tokens_and_flops():
     assert lm.tokens_per_step == 4 * cfg.data.seq_len and rm.tokens_per_step == 2 * 4 * cfg.data.seq_len
     assert lm.flops_per_token == flops.flops_per_token(model, cfg.data.seq_len)
     assert lm.flops_per_token - rm.flops_per_token == 6 * 50 * 8
+    lora = Pretrain(dataclasses.replace(cfg, peft=PeftConfig(method="lora")))
+    assert lora.flops_per_token == flops.flops_per_token(model, cfg.data.seq_len, frozen=True)
 
 
 def test_param_count():

@@ -177,13 +177,14 @@ def test_sft_killed_while_rendering_its_dialogues_ends_as_an_uninterrupted_run(t
 
 
 @pytest.mark.slow
-def test_dpo_killed_between_steps_ends_as_an_uninterrupted_run(tmp_path, tiny_export, assert_same_run):
-    """The frozen reference is not in the checkpoint: the restarted run loads it again from the export."""
+def test_dpo_with_lora_killed_between_steps_ends_as_an_uninterrupted_run(tmp_path, tiny_export, assert_same_run):
+    """DPO with LoRA adapters on a bfloat16 base: the checkpoint holds the adapters only; the frozen base (also the
+    reference, read without the adapters) is loaded again from the export by the restarted run."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"say {w}", "chosen": f"{w}!", "rejected": f"no {w}"}) + "\n"
                              for w in ("yes", "no", "maybe", "hello") * 10))
-    sets = [f"data.sources=pairs:{pairs}", f"checkpoint.init_from={tiny_export}", f"dpo.reference={tiny_export}",
-            "train.steps=8", "train.eval_every=4", "train.eval_batches=2", "train.log_every=1", "checkpoint.every=4",
+    sets = [f"data.sources=pairs:{pairs}", f"checkpoint.init_from={tiny_export}", "peft.method=lora", "peft.rank=4",
+            "peft.base_dtype=bfloat16", "train.steps=8", "train.eval_every=4", "train.eval_batches=2", "train.log_every=1", "checkpoint.every=4",
             "checkpoint.keep=5", "checkpoint.async_save=false", "train.batch_size=8"]  # step 4 committed before 5
     argv = lambda run_dir: ["train", "--config", "dpo_tiny", "--run-dir", str(run_dir), *set_flags(sets)]  # noqa: E731
     reference, run_dir = tmp_path / "reference", tmp_path / "run"

@@ -221,7 +221,7 @@ def rm_train(mesh_cfg, devices=None, microbatches=1, steps=3):
     optimizer = optim.make_optimizer(ocfg)
     task = RewardModel(Config(task="reward", reward=RewardConfig(center_coef=0.01)))
     state, shardings = create_state(model, optimizer, abstract_state(model, optimizer, mesh, 16), 16, jax.random.key(0))
-    train_fn = step.jit_train_step(model, optimizer, ocfg, mesh, shardings, task)
+    train_fn = step.jit_train_step(model, optimizer, ocfg, mesh, shardings, task, {})
     rng, history = np.random.default_rng(0), []
     for _ in range(steps):
         lengths = rng.integers(3, 17, (8, 2))

@@ -204,16 +204,17 @@ def rollouts(setup, steps: int, kl_coef: float | None = None, reward=None, with_
     several runs start alike); kl_coef replaces β, reward the reward function. with_steps: every step's
     metrics too, one dict per step (with its rollout's scalars where a rollout was made)."""
     from llm_jax.parallel import sharding
-    from llm_jax.train import step
+    from llm_jax.train import peft, step
     source = setup.task.train_source(setup.data, 0, 1)
     source.kl_coef = source.kl_coef if kl_coef is None else kl_coef
     state = jax.tree.map(jnp.copy, setup.state)
-    engine = setup.task.engine(state.params)
+    whole = lambda s: s.replace(params=peft.with_base(s.params, setup.frozen))  # as the loop hands it  # noqa: E731
+    engine = setup.task.engine(whole(state).params)
     default_reward = engine.reward
     engine.reward = reward or default_reward
     shardings, out = step.batch_shardings(setup.mesh, setup.task, microbatched=True), []
     for _ in range(steps):
-        local = source.next_batch(state)
+        local = source.next_batch(whole(state))
         made = source.scalars()
         state, metrics = setup.train_fn(state, sharding.global_batch(local, shardings), setup.frozen)
         if with_steps:
@@ -317,3 +318,19 @@ def test_ppo_from_a_reward_model_first_minibatch_frozen_models_and_scores(tmp_pa
     score_file(reward_run, lines, tmp_path / "scores.jsonl")
     expected = [json.loads(line)["reward"] for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_reads_its_reference_from_the_frozen_base(tmp_path, tiny_export, prompts_file):
+    """With peft.method=lora the reference is the frozen base itself (the same arrays, read without the
+    adapters): the first rollout's KL is exactly 0, training moves the adapters and never the base."""
+    from llm_jax.train import peft
+    from llm_jax.train.setup import build
+    s = build(rl_config("grpo_tiny", tiny_export, prompts_file, "peft.method=lora", "peft.rank=4"), tmp_path / "run",
+              jax.devices()[:1])
+    base = jax.tree.map(np.array, s.frozen)
+    steps = rollouts(s, 8, with_steps=True)
+    assert steps[0]["rl/kl"] == 0.0 and steps[-1]["rl/kl_to_reference"] > 0
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, s.frozen), base)
+    engine = s.task.engine(None)  # made by the rollouts
+    assert all(a is b for a, b in zip(jax.tree.leaves(engine.reference), jax.tree.leaves(s.frozen[peft.BASE])))

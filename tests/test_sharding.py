@@ -9,14 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from llm_jax.config import Config, MeshConfig, OptimConfig, TrainConfig, llama
+from llm_jax.config import Config, MeshConfig, OptimConfig, PeftConfig, TrainConfig, llama
 from llm_jax.data.batches import TokenBatch, positions_from_segments, split_microbatches
 from llm_jax.errors import MeshError
-from llm_jax.model import Transformer
+from llm_jax.model import Transformer, adapters
 from llm_jax.parallel import sharding
 from llm_jax.parallel.sharding import make_mesh, mesh_shape
 from llm_jax.tasks.pretrain import Pretrain
-from llm_jax.train import optim, step
+from llm_jax.train import optim, peft, step
 from llm_jax.train.state import abstract_state, create_state, with_planned_steps
 
 TASK = Pretrain(Config())
@@ -41,26 +41,35 @@ def packed_batches(n_steps, microbatches=1, seed=0):
     return out
 
 
-def run(mesh_cfg, devices=None, microbatches=1, steps=STEPS, recipe=False):
+def run(mesh_cfg, devices=None, microbatches=1, steps=STEPS, recipe=False, peft_method="none"):
+    """The metrics of each step and the last state; with peft_method, also the frozen base it trained on and a
+    host copy of the initial (adapters, frozen base)."""
     # Every dimension divisible by 8, so any factorisation of 8 devices is a valid mesh; still GQA (2:1).
     switches = dict(qk_norm=True, logit_softcap=5.0, mlp="relu2") if recipe else {}
     cfg = llama(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8, d_ff=128,
                 compute_dtype="float32", **switches)
     mesh = make_mesh(mesh_cfg, devices)
-    model = Transformer(cfg)
+    model = Transformer(cfg, peft=PeftConfig(method=peft_method, rank=4, virtual_tokens=4))
     ocfg = OptimConfig(learning_rate=1e-2, warmup_steps=1, **(dict(optimizer="muon", schedule="wsd") if recipe else {}))
     optimizer = optim.make_optimizer(ocfg)
-    layout = abstract_state(model, optimizer, mesh, SEQ)
-    state, shardings = create_state(model, optimizer, layout, SEQ, jax.random.key(0))
+    select = peft.trainable(Config(peft=PeftConfig(method=peft_method)))
+    layout = abstract_state(model, optimizer, mesh, SEQ, select)
+    state, shardings = create_state(model, optimizer, layout, SEQ, jax.random.key(0), select)
     state = with_planned_steps(state, steps)
+    frozen = {}
+    if peft_method != "none":  # a random base, laid out by the same rules
+        whole, _ = create_state(model, optimizer, abstract_state(model, optimizer, mesh, SEQ), SEQ, jax.random.key(1))
+        frozen = {peft.BASE: peft.frozen_part(whole.params)}
     task = Pretrain(Config(train=TrainConfig(z_loss=1e-3))) if recipe else TASK
-    train_fn = step.jit_train_step(model, optimizer, ocfg, mesh, shardings, task)
+    train_fn = step.jit_train_step(model, optimizer, ocfg, mesh, shardings, task,
+                                   jax.tree.map(lambda x: x.sharding, frozen))
+    initial = jax.tree.map(np.array, (state.params, frozen))  # (the step donates the state)
     batch_shardings = step.batch_shardings(mesh, TASK, microbatched=True)
     history = []
     for batch in packed_batches(steps, microbatches):
-        state, metrics = train_fn(state, sharding.global_batch(batch, batch_shardings), {})
+        state, metrics = train_fn(state, sharding.global_batch(batch, batch_shardings), frozen)
         history.append({k: float(v) for k, v in metrics.items()})
-    return history, state
+    return (history, state, frozen, initial) if peft_method != "none" else (history, state)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +97,26 @@ def test_recipe_switches_same_on_one_device_and_on_a_mesh():
     for key in ("train/loss_bits_per_token", "optim/grad_norm", "optim/param_norm", "optim/learning_rate"):
         np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference], rtol=1e-4, err_msg=key)
     assert reference[-1]["train/loss_bits_per_token"] < reference[0]["train/loss_bits_per_token"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+def test_peft_same_on_one_device_and_on_a_mesh_trains_only_adapters(method):
+    """Adapters on the 2x2x2 mesh train as on one device; every adapter moves, the frozen base is bitwise
+    unchanged, and the optimizer holds moments for the adapters only."""
+    reference, *_ = run(MeshConfig(1, 1, 1), jax.devices()[:1], peft_method=method)
+    history, state, frozen, (initial, base) = run(MeshConfig(2, 2, 2), peft_method=method)
+    for key in ("train/loss_bits_per_token", "optim/grad_norm", "optim/param_norm"):
+        np.testing.assert_allclose([h[key] for h in history], [h[key] for h in reference], rtol=2e-5, err_msg=key)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, frozen), base)  # bitwise unchanged
+    moved = jax.tree_util.tree_map_with_path(lambda path, a, b: (jax.tree_util.keystr(path), bool(np.any(
+        np.asarray(a) != np.asarray(b)))), state.params, initial)
+    assert all(m for _, m in jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple))), moved
+    names = {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    assert names <= set(adapters.ADAPTERS), names
+    adapter_size = sum(x.size for x in jax.tree.leaves(state.params))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    assert sum(x.size for x in moments) == 2 * adapter_size  # Adam's mu and nu, nothing for the base
 
 
 @pytest.mark.slow

@@ -34,9 +34,9 @@ from llm_jax.config import REPO_ROOT, Config
 from llm_jax.errors import ConfigError
 from llm_jax.parallel import sharding
 from llm_jax.tasks.base import Task
-from llm_jax.train import metrics, optim, step
+from llm_jax.train import metrics, optim, peft, step
 from llm_jax.train.setup import check_batch, load_data
-from llm_jax.train.state import abstract_state, create_state
+from llm_jax.train.state import abstract_params, abstract_state, create_state
 
 TORCH_REFERENCE = REPO_ROOT / "benchmarks" / "torch_reference.py"
 
@@ -46,7 +46,7 @@ class Bench(NamedTuple):
     task: Task
     mesh: jax.sharding.Mesh
     state: Any
-    frozen: dict  # stand-ins for the task's frozen params (DPO's reference): the policy's values, copied
+    frozen: dict  # stand-ins for the task's frozen params (DPO's reference, a peft run's base): constants
     train_fn: Any  # (state, batch, frozen) -> (state, metrics)
 
 
@@ -59,15 +59,22 @@ def bench_setup(cfg: Config, abstract: bool = False) -> Bench:
     model = tasks.model_of(cfg)
     optimizer = optim.make_optimizer(cfg.optim)
     check_batch(cfg, mesh)
-    layout = abstract_state(model, optimizer, mesh, cfg.data.seq_len)
+    select = peft.trainable(cfg)
+    layout = abstract_state(model, optimizer, mesh, cfg.data.seq_len, select)
+    # The frozen params a run reads (DPO's reference, a peft run's base) have the model's shapes, less what trains.
+    frozen_layout = abstract_params(model, mesh, cfg.data.seq_len)
+    frozen = {name: peft.frozen_part(frozen_layout) if peft.enabled(cfg) else frozen_layout
+              for name in task.frozen_exports()}
+    if peft.enabled(cfg):
+        frozen[peft.BASE] = peft.base_layout(cfg, frozen_layout)
     if abstract:
         state, shardings = layout, jax.tree.map(lambda a: a.sharding, layout)
-        frozen = {name: layout.params for name in task.frozen_exports()}
     else:
-        state, shardings = create_state(model, optimizer, layout, cfg.data.seq_len, jax.random.key(cfg.train.seed))
-        frozen = {name: jax.tree.map(jnp.copy, state.params) for name in task.frozen_exports()}
-    train_fn = step.jit_train_step(model, optimizer, cfg.optim, mesh, shardings,
-                                   task)
+        state, shardings = create_state(model, optimizer, layout, cfg.data.seq_len, jax.random.key(cfg.train.seed),
+                                        select)
+        frozen = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype, device=a.sharding), frozen)
+    train_fn = step.jit_train_step(model, optimizer, cfg.optim, mesh, shardings, task,
+                                   jax.tree.map(lambda a: a.sharding, frozen))
     return Bench(task, mesh, state, frozen, train_fn)
 
 

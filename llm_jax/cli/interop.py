@@ -10,6 +10,7 @@ def add_commands(sub) -> None:
     imp.add_argument("hf_dir", help="directory with config.json and *.safetensors (pickle files are refused)")
     imp.add_argument("out", help="the llm_jax export directory to write (must not exist)")
     imp.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in hf_dir)")
+    imp.add_argument("--adapter", help="a PEFT LoRA adapter directory for this base, folded into the weights")
     imp.set_defaults(fn=_import_hf)
     exp = sub.add_parser("export-hf", help="an llm_jax export (or run) directory -> a Hugging Face checkpoint")
     exp.add_argument("checkpoint", help="an `llm-jax export` or run directory")
@@ -19,7 +20,8 @@ def add_commands(sub) -> None:
 
 def _import_hf(args: argparse.Namespace) -> int:
     from llm_jax.interop.hf import import_hf
-    cfg = import_hf(Path(args.hf_dir), Path(args.out), Path(args.tokenizer) if args.tokenizer else None)
+    cfg = import_hf(Path(args.hf_dir), Path(args.out), Path(args.tokenizer) if args.tokenizer else None,
+                    adapter=Path(args.adapter) if args.adapter else None)
     m = cfg.model
     print(f"imported a {m.n_layers}-layer, {m.d_model}-wide model (vocab {m.vocab_size}) into {args.out}; use it with "
           f"--checkpoint {args.out} or --set checkpoint.init_from={args.out}")
@@ -28,6 +30,10 @@ def _import_hf(args: argparse.Namespace) -> int:
 
 def _export_hf(args: argparse.Namespace) -> int:
     from llm_jax.interop.hf import export_hf
-    export_hf(Path(args.checkpoint), Path(args.out))
-    print(f"wrote a Hugging Face checkpoint to {args.out} (transformers.AutoModelForCausalLM.from_pretrained)")
+    hf = export_hf(Path(args.checkpoint), Path(args.out))
+    if hf.get("peft_type"):
+        print(f"wrote a Hugging Face PEFT adapter to {args.out} (peft.PeftModel.from_pretrained(base, ...), the base "
+              f"exported with `llm-jax export-hf {hf['base_model_name_or_path']} BASE_OUT`)")
+    else:
+        print(f"wrote a Hugging Face checkpoint to {args.out} (transformers.AutoModelForCausalLM.from_pretrained)")
     return 0

@@ -28,6 +28,8 @@ def add_commands(sub) -> None:
     export.add_argument("--run-dir", required=True, help="a training run directory")
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     export.add_argument("--out", required=True, help="output directory (must not exist)")
+    export.add_argument("--merge", action="store_true",
+                        help="a peft run: the whole model (its base with the adapters; LoRA folded into the kernels)")
     export.set_defaults(fn=_export)
     masks = sub.add_parser("show-masks", help="print SFT examples with the tokens trained on marked")
     experiment_args(masks)
@@ -58,7 +60,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from llm_jax.train.export import export_params
-    step, written = export_params(Path(args.run_dir), Path(args.out), args.step)
+    step, written = export_params(Path(args.run_dir), Path(args.out), args.step, args.merge)
     print(f"{'exported' if written else 'already exported'} the params of step {step} to {args.out}; start from "
           f"them with --set checkpoint.init_from={args.out}")
     return 0

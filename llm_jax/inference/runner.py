@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from llm_jax.config import Config, ModelConfig
+from llm_jax.config import Config, ModelConfig, PeftConfig
 from llm_jax.errors import ConfigError
 from llm_jax.model import Transformer
 from llm_jax.parallel import sharding
@@ -30,8 +30,8 @@ def default_context(cfg: Config) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model_cfg: ModelConfig, params, head: str = "lm"):
-        self.cfg, self.params, self.head = model_cfg, params, head
+    def __init__(self, model_cfg: ModelConfig, params, head: str = "lm", peft: PeftConfig = PeftConfig()):
+        self.cfg, self.params, self.head, self.peft = model_cfg, params, head, peft
         placement = jax.tree.leaves(params)[0].sharding
         self.mesh = placement.mesh if isinstance(placement, jax.sharding.NamedSharding) else None
         self._cache_shapes = {}  # (batch, length) -> the cache's shapes: tracing init per window is not free
@@ -43,14 +43,14 @@ class ModelRunner:
         from llm_jax import tasks  # tasks/ runs models through this module: read it when loading, not importing
         from llm_jax.train.export import load_for_inference
         cfg, params, tokenizer = load_for_inference(Path(path), step)
-        runner = cls(cfg.model, params, tasks.TASKS[cfg.task].head)
+        runner = cls(cfg.model, params, tasks.TASKS[cfg.task].head, tasks.exported_peft(cfg))
         if runner.head != head:
             raise ConfigError(f"{path} is a {HEAD_NAMES[runner.head]} (task={cfg.task}), not the "
                               f"{HEAD_NAMES[head]} this command needs")
         return cfg, runner, tokenizer
 
     def model(self, decode: bool = False) -> Transformer:
-        return Transformer(self.cfg, head=self.head, decode=decode)
+        return Transformer(self.cfg, head=self.head, decode=decode, peft=self.peft)
 
     def jit(self, fn, **jit_kwargs):
         """jax.jit of fn, on the params' mesh when there is one."""

@@ -31,10 +31,11 @@ import json
 from pathlib import Path
 
 from llm_jax.atomic import atomic_directory
-from llm_jax.config import Config, DataConfig, ModelConfig, from_dict, gpt2, llama, to_json, validate
+from llm_jax.config import Config, DataConfig, ModelConfig, gpt2, llama, to_json, validate
 from llm_jax.data.byte_bpe import ByteLevelBPETokenizer
 from llm_jax.errors import DataError, HFError
 from llm_jax.interop.hf_params import hf_weights, params_from_hf
+from llm_jax.interop.hf_peft import adapter_weights, fold_adapter, write_adapter
 from llm_jax.interop.safetensors_io import read_weights, safetensors_numpy
 
 LLAMA_TYPES = ("llama", "mistral")
@@ -113,8 +114,10 @@ def lossless_sentencepiece(proto: bytes) -> bytes:
     return model.SerializeToString()
 
 
-def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None, scan_layers: bool = False) -> Config:
-    """Converts a local Hugging Face GPT-2 / Llama / Mistral checkpoint into an llm_jax export directory `out`.
+def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None, scan_layers: bool = False,
+              adapter: Path | None = None) -> Config:
+    """Converts a local Hugging Face GPT-2 / Llama / Mistral checkpoint into an llm_jax export directory `out`,
+    with a PEFT LoRA adapter directory folded in if `adapter` names one.
 
     The tokenizer is `tokenizer` if given, else the directory's tokenizer.json (GPT-2) or tokenizer.model
     (sentencepiece). Returns the export's Config (float32 params and compute, data.seq_len = min(2048, the
@@ -139,7 +142,10 @@ def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None, scan_layer
     if tok.vocab_size > model.vocab_size:
         raise HFError(f"the tokenizer {tok_path.name} has {tok.vocab_size} tokens, more than the model's "
                       f"vocab_size={model.vocab_size}")
-    params = params_from_hf(model, hf["model_type"], read_weights(hf_dir))
+    weights = read_weights(hf_dir)
+    if adapter is not None:
+        weights = fold_adapter(weights, Path(adapter), hf["model_type"])
+    params = params_from_hf(model, hf["model_type"], weights)
 
     import orbax.checkpoint as ocp
     with atomic_directory(out) as tmp, ocp.StandardCheckpointer() as ckpt:
@@ -153,6 +159,18 @@ def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None, scan_layer
 
 
 # ---------------------------------------------------------------------------------------------- llm_jax -> HF
+
+def _export_adapter(run_dir: Path, out: Path, cfg: Config) -> dict:
+    """A LoRA run's adapters as a PEFT adapter directory (hf_peft.py), for the base exported from init_from."""
+    from llm_jax.interop.hf_params import unstacked_layers
+    from llm_jax.train.export import load_adapters
+    cfg, trained = load_adapters(run_dir)
+    family = _family(cfg.model, cfg.task)
+    layers = unstacked_layers(cfg.model, trained)
+    tensors, ranks = adapter_weights(family, layers, trained.get("lm_head"), cfg.peft.rank)
+    with atomic_directory(out) as tmp:
+        return write_adapter(tmp, family, tensors, ranks, cfg.peft.rank, cfg.peft.alpha, cfg.checkpoint.init_from)
+
 
 def _family(m: ModelConfig, task: str = "pretrain") -> str:
     """The Hugging Face architecture ("gpt2" or "llama") of the model `m` trained by `task`."""
@@ -205,10 +223,14 @@ def export_hf(export_dir: Path, out: Path) -> dict:
     if not (export_dir / "config.json").is_file() and not (export_dir / "checkpoints").is_dir():
         raise HFError(f"{export_dir} is neither an `llm-jax export` directory nor a run directory")
     save_file = safetensors_numpy().save_file
-    from llm_jax.train.export import load_for_inference
-    if (export_dir / "config.json").is_file():  # refuse before reading any weights
-        saved = from_dict(json.loads((export_dir / "config.json").read_text()))
-        _family(saved.model, saved.task)
+    from llm_jax.train.export import load_for_inference, saved_config
+    saved = saved_config(export_dir)
+    _family(saved.model, saved.task)  # refuse before reading any weights
+    if saved.peft.method in ("prompt", "prefix"):
+        raise HFError(f"{export_dir} has peft.method={saved.peft.method} virtual tokens, which neither HF GPT-2 nor "
+                      "Llama has; only LoRA runs export (as a PEFT adapter)")
+    if saved.peft.method == "lora":
+        return _export_adapter(export_dir, out, saved)
     cfg, params, tok = load_for_inference(export_dir)
     family = _family(cfg.model, cfg.task)
     weights = hf_weights(cfg.model, family, params)

@@ -137,6 +137,13 @@ def _check_tree(cfg: ModelConfig, params: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- llm_jax -> HF
 
+def unstacked_layers(m: ModelConfig, params: dict) -> list[dict]:
+    """Each layer's params, from a (sub)tree with the layers stacked (model.scan_layers) or not."""
+    if m.scan_layers and "layers" in params:
+        params = _unstack_layers({"layers": params["layers"]}, m.n_layers)
+    return [params.get(f"layer_{i}", {}) for i in range(m.n_layers)]
+
+
 def _unstack_layers(params: dict, n_layers: int) -> dict:
     import jax
     params = dict(params)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from llm_jax.config import ModelConfig
+from llm_jax.config import ModelConfig, PeftConfig
+from llm_jax.model import adapters
 from llm_jax.model.blocked_attention import blocked_attend
 from llm_jax.model.layers import Dense, apply_rope, norm
 
@@ -67,16 +68,20 @@ def _cached(self, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
 
 
 class Attention(nn.Module):
+    """Returns the attention output (B, T, D); with return_kv, also this call's rotated keys and values (prompt
+    tuning's virtual tokens give theirs to the real tokens' call as virtual_kv). use_cache=False leaves a decoding
+    model's cache alone (the virtual tokens)."""
     cfg: ModelConfig
     decode: bool = False
+    peft: PeftConfig = PeftConfig()
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-        cfg = self.cfg
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, virtual_kv=None, use_cache=True, return_kv=False):
+        cfg, peft = self.cfg, self.peft
         n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
-        q_BxTxNxH = Dense(cfg, (n, h), ("embed", "heads", "head_dim"), name="q")(x_BxTxD)
-        k_BxTxKxH = Dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), name="k")(x_BxTxD)
-        v_BxTxKxH = Dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), name="v")(x_BxTxD)
+        q_BxTxNxH = Dense(cfg, (n, h), ("embed", "heads", "head_dim"), peft=peft, name="q")(x_BxTxD)
+        k_BxTxKxH = Dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), peft=peft, name="k")(x_BxTxD)
+        v_BxTxKxH = Dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), peft=peft, name="v")(x_BxTxD)
         if cfg.qk_norm:  # over each head's H features, before the rotation
             q_BxTxNxH, k_BxTxKxH = norm(cfg, "q_norm")(q_BxTxNxH), norm(cfg, "k_norm")(k_BxTxKxH)
         if cfg.position == "rope":
@@ -85,19 +90,25 @@ class Attention(nn.Module):
         q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "act_heads", "head_dim"))
         k_BxTxKxH = nn.with_logical_constraint(k_BxTxKxH, ("batch", "length", "act_kv_heads", "head_dim"))
         v_BxTxKxH = nn.with_logical_constraint(v_BxTxKxH, ("batch", "length", "act_kv_heads", "head_dim"))
-        if self.decode and self.has_variable("cache", "cached_k"):  # (init only creates the cache)
+        decode = self.decode and use_cache
+        if decode and self.has_variable("cache", "cached_k"):  # (init only creates the cache)
             k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS = _cached(self, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
             impl = "einsum" if cfg.attention_impl == "blocked" else cfg.attention_impl  # queries over a cache
             out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, impl)
         else:
-            if self.decode:
+            if decode:
                 _cached(self, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
             if cfg.attention_impl == "blocked":
                 out_BxTxNxH = blocked_attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
             else:
                 out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, causal_segment_mask(segment_ids_BxT),
                                      cfg.attention_impl)
+        if peft.method == "prefix" and virtual_kv is None and adapters.present(self, "prefix_k"):
+            virtual_kv = adapters.prefix_kv(self, peft, k, h, cfg.init_std)
+        if virtual_kv is not None and (gate_N := adapters.gate(self, peft, n)) is not None:
+            out_BxTxNxH = out_BxTxNxH + adapters.attend_virtual(q_BxTxNxH, *virtual_kv, gate_N)
         out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, ("batch", "length", "act_heads", "head_dim"))
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        o = Dense(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, std=out_std, name="o")
-        return o(out_BxTxNxH)
+        o = Dense(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, std=out_std, peft=peft, name="o")
+        out_BxTxD = o(out_BxTxNxH)
+        return (out_BxTxD, (k_BxTxKxH[0], v_BxTxKxH[0])) if return_kv else out_BxTxD

@@ -14,7 +14,9 @@ N counts the matmul parameters, from the config rather than the parameter tree:
 
 with d = d_model, H = n_heads, KV = n_kv_heads, hd = resolved_head_dim, ff = d_ff, V = vocab_size,
 T = seq_len. 6·N is 2 FLOPs per multiply-add for the forward pass and twice that for the backward
-pass. Left out: the input embedding and the learned position table (gathers, not matmuls), norm
+pass: half of it the gradient of the activations, half that of the weights. With frozen weights
+(parameter-efficient fine-tuning: peft.*) the weights' half is not computed, 4·N; the adapters' own
+products (rank r ≪ d) are left out. Left out: the input embedding and the learned position table (gathers, not matmuls), norm
 scales and biases (O(d) per token each, negligible), softmax, activations and the loss.
 
 The attention term: per token and layer the forward pass spends 2·T·H·hd FLOPs on QKᵀ and as much on
@@ -36,7 +38,13 @@ def matmul_params(model: ModelConfig, unembed: bool = True) -> int:
     return model.n_layers * (attention + mlp) + (model.vocab_size * d if unembed else 0)
 
 
-def flops_per_token(model: ModelConfig, seq_len: int, unembed: bool = True) -> float:
-    """Training (forward + backward) FLOPs per token; see the module docstring."""
+def flops_per_token(model: ModelConfig, seq_len: int, unembed: bool = True, frozen: bool = False) -> float:
+    """Training (forward + backward) FLOPs per token, the weights `frozen` or not; see the module docstring."""
     attention = 6 * model.n_layers * model.n_heads * model.resolved_head_dim * seq_len
-    return float(6 * matmul_params(model, unembed) + attention)
+    return float((4 if frozen else 6) * matmul_params(model, unembed) + attention)
+
+
+def forward_flops_per_token(model: ModelConfig, seq_len: int, unembed: bool = True) -> float:
+    """One forward pass's FLOPs per token (a frozen model read by the step: DPO's reference): a third of the
+    training FLOPs with trained weights."""
+    return flops_per_token(model, seq_len, unembed) / 3

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from llm_jax.config import ModelConfig
+from llm_jax.config import ModelConfig, PeftConfig
+from llm_jax.model.adapters import lora_update
 
 
 def compute_dtype(cfg: ModelConfig):
@@ -30,13 +31,15 @@ class Dense(nn.Module):
     """Contracts the last `n_in` dims of x with a kernel of shape (*in, *features) named `names`.
 
     Unlike nn.DenseGeneral, the kernel is created at its true rank, so its logical names (and the
-    sharding constraint they imply) apply from initialisation on.
+    sharding constraint they imply) apply from initialisation on. With peft.method=lora and a path that
+    peft.targets matches, the kernel gains LoRA's low-rank update (model/adapters.py).
     """
     cfg: ModelConfig
     features: tuple[int, ...]
     names: tuple[str, ...]
     n_in: int = 1
     std: float | None = None
+    peft: PeftConfig = PeftConfig()
 
     @nn.compact
     def __call__(self, x):
@@ -48,7 +51,10 @@ class Dense(nn.Module):
         # contracting (batch, length) together is several times slower on XLA's CPU backend.
         lead = x.shape[:-self.n_in]
         rows = x.reshape(-1, *x.shape[len(lead):])
-        y = jnp.tensordot(rows.astype(dtype), kernel.astype(dtype), axes=self.n_in).reshape(*lead, *self.features)
+        y = jnp.tensordot(rows.astype(dtype), kernel.astype(dtype), axes=self.n_in)
+        if (update := lora_update(self, self.peft, rows, self.n_in, self.features, self.names, dtype)) is not None:
+            y = y + update
+        y = y.reshape(*lead, *self.features)
         if cfg.use_bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[self.n_in:])
             y = y + self.param("bias", bias_init, self.features, param_dtype(cfg)).astype(dtype)
@@ -77,22 +83,23 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> 
 class MLP(nn.Module):
     """SwiGLU (Llama), GELU (GPT-2) or ReLU² (Primer; the modded-nanogpt records) feed-forward."""
     cfg: ModelConfig
+    peft: PeftConfig = PeftConfig()
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         cfg = self.cfg
         # Residual-branch outputs get GPT-2's 1/sqrt(2L) init so the stream's variance stays put with depth.
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        up_BxTxF = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), name="up")(x_BxTxD)
+        up_BxTxF = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), peft=self.peft, name="up")(x_BxTxD)
         if cfg.mlp == "swiglu":
-            gate_BxTxF = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), name="gate")(x_BxTxD)
+            gate_BxTxF = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), peft=self.peft, name="gate")(x_BxTxD)
             h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
         elif cfg.mlp == "relu2":
             h_BxTxF = jnp.square(nn.relu(up_BxTxF))
         else:
             h_BxTxF = nn.gelu(up_BxTxF, approximate=True)
         h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "act_mlp"))
-        return Dense(cfg, (cfg.d_model,), ("mlp", "embed"), std=out_std, name="down")(h_BxTxF)
+        return Dense(cfg, (cfg.d_model,), ("mlp", "embed"), std=out_std, peft=self.peft, name="down")(h_BxTxF)
 
 
 def softcap(logits: jax.Array, cap: float) -> jax.Array:

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from llm_jax.config import ModelConfig
+from llm_jax.config import ModelConfig, PeftConfig
+from llm_jax.model import adapters
 from llm_jax.model.attention import Attention
 from llm_jax.model.layers import MLP, Dense, compute_dtype, norm, param_dtype, softcap
 
@@ -24,28 +25,41 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
+    """A pre-norm block. Its carry is (residual stream, virtual stream): prompt tuning's virtual tokens (1, V, D)
+    pass through the same weights beside the real ones, which see their keys and values (None otherwise)."""
     cfg: ModelConfig
     decode: bool = False
+    peft: PeftConfig = PeftConfig()
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-        x_BxTxD = x_BxTxD + Attention(self.cfg, self.decode, name="attn")(
-            norm(self.cfg, "attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
-        x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(norm(self.cfg, "mlp_norm")(x_BxTxD))
+    def __call__(self, carry, positions_BxT, segment_ids_BxT):
+        x_BxTxD, virtual_1xVxD = carry
+        attn = Attention(self.cfg, self.decode, self.peft, name="attn")
+        attn_norm, mlp_norm = norm(self.cfg, "attn_norm"), norm(self.cfg, "mlp_norm")
+        mlp = MLP(self.cfg, self.peft, name="mlp")
+        virtual_kv = None
+        if virtual_1xVxD is not None:  # the virtual tokens attend among themselves, causally
+            ones_1xV = jnp.ones(virtual_1xVxD.shape[:2], jnp.int32)
+            out_1xVxD, virtual_kv = attn(attn_norm(virtual_1xVxD), jnp.cumsum(ones_1xV, axis=1) - 1, ones_1xV,
+                                         use_cache=False, return_kv=True)
+            virtual_1xVxD = virtual_1xVxD + out_1xVxD
+            virtual_1xVxD = virtual_1xVxD + mlp(mlp_norm(virtual_1xVxD))
+        x_BxTxD = x_BxTxD + attn(attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT, virtual_kv)
+        x_BxTxD = x_BxTxD + mlp(mlp_norm(x_BxTxD))
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
-        return x_BxTxD, None  # (carry, output) so the same block works under nn.scan
+        return (x_BxTxD, virtual_1xVxD), None  # (carry, output) so the same block works under nn.scan
 
 
-def block_stack(cfg: ModelConfig, decode: bool):
+def block_stack(cfg: ModelConfig, decode: bool, peft: PeftConfig):
     block = Block
     if cfg.remat != "none" and not decode:  # decoding has no backward pass to save memory for
         block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if not cfg.scan_layers:
-        return [block(cfg, decode, name=f"layer_{i}") for i in range(cfg.n_layers)]
+        return [block(cfg, decode, peft, name=f"layer_{i}") for i in range(cfg.n_layers)]
     scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    return [scanned(cfg, decode, name="layers")]
+    return [scanned(cfg, decode, peft, name="layers")]
 
 
 HEADS = ("lm", "reward", "value")
@@ -62,6 +76,7 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     head: str = "lm"
     decode: bool = False
+    peft: PeftConfig = PeftConfig()  # adapters (model/adapters.py); none by default
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, return_hidden: bool = False):
@@ -76,8 +91,10 @@ class Transformer(nn.Module):
                 embedding_init=nn.with_logical_partitioning(
                     nn.initializers.normal(cfg.init_std), ("positions", "embed")), name="pos_embed")(positions_BxT)
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
-        for layer in block_stack(cfg, self.decode):
-            x_BxTxD, _ = layer(x_BxTxD, positions_BxT, segment_ids_BxT)
+        carry = (x_BxTxD, self._virtual_tokens())
+        for layer in block_stack(cfg, self.decode, self.peft):
+            carry, _ = layer(carry, positions_BxT, segment_ids_BxT)
+        x_BxTxD = carry[0]
         x_BxTxD = norm(cfg, "final_norm")(x_BxTxD)
         if self.head not in HEADS:
             raise ValueError(f"head {self.head!r} is not one of {', '.join(HEADS)}")
@@ -90,9 +107,19 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits_BxTxV = embed.attend(x_BxTxD)
         else:
-            logits_BxTxV = Dense(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxTxD)
+            logits_BxTxV = Dense(cfg, (cfg.vocab_size,), ("embed", "vocab"), peft=self.peft, name="lm_head")(x_BxTxD)
         logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "act_vocab"))
         return softcap(logits_BxTxV.astype(jnp.float32), cfg.logit_softcap)
+
+
+    def _virtual_tokens(self):
+        """Prompt tuning's learned input embeddings (1, V, D), or None."""
+        cfg = self.cfg
+        if self.peft.method != "prompt" or not adapters.present(self, "prompt"):
+            return None
+        init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("virtual", "embed"))
+        prompt = self.param("prompt", init, (self.peft.virtual_tokens, cfg.d_model), jnp.float32)
+        return prompt[None].astype(compute_dtype(cfg))
 
 
 def last_real_index(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -115,9 +142,10 @@ class PolicyAndValue(nn.Module):
     value per position), as one params tree {"policy", "value"}, so that one optimizer, one checkpoint and one
     set of sharding rules hold both. Returns (logits (B, T, V), values (B, T))."""
     cfg: ModelConfig
+    peft: PeftConfig = PeftConfig()
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
         args = (tokens_BxT, positions_BxT, segment_ids_BxT)
-        return (Transformer(self.cfg, "lm", name="policy")(*args),
-                Transformer(self.cfg, "value", name="value")(*args))
+        return (Transformer(self.cfg, "lm", peft=self.peft, name="policy")(*args),
+                Transformer(self.cfg, "value", peft=self.peft, name="value")(*args))

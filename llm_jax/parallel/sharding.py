@@ -38,6 +38,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("positions", None),
     ("microbatch", None),
+    ("adapter_rank", None),  # LoRA's r: small, so replicated; A and B split like their kernel's other axes
+    ("virtual", None),  # prompt and prefix tuning's virtual tokens
 )
 _RULE_TABLE = dict(RULES)
 

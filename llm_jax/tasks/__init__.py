@@ -1,7 +1,7 @@
 """The training algorithms, one module each (see base.py), chosen by the config key `task`."""
 from __future__ import annotations
 
-from llm_jax.config import Config
+from llm_jax.config import Config, PeftConfig
 from llm_jax.errors import ConfigError
 from llm_jax.model import Transformer
 from llm_jax.tasks.base import Task
@@ -31,9 +31,15 @@ def model_of(cfg: Config):
     return TASKS[cfg.task].trained_model(cfg)
 
 
+def exported_peft(cfg: Config) -> PeftConfig:
+    """The adapters that a run's exports keep as such: prompt and prefix tuning's virtual tokens (LoRA's updates
+    are folded into the kernels; train/export.py)."""
+    return cfg.peft if cfg.peft.method in ("prompt", "prefix") else PeftConfig()
+
+
 def exported_model(cfg: Config) -> Transformer:
     """The model that a run's exports hold and inference runs: the decoder with the task's head."""
-    return Transformer(cfg.model, head=TASKS[cfg.task].head)
+    return Transformer(cfg.model, head=TASKS[cfg.task].head, peft=exported_peft(cfg))
 
 
 def exported_params(cfg: Config, params):

@@ -117,8 +117,8 @@ class Task:
 
     @classmethod
     def trained_model(cls, cfg: Config):
-        """The model whose params a run trains (and checkpoints)."""
-        return Transformer(cfg.model, head=cls.head)
+        """The model whose params a run trains (and checkpoints), with the run's adapters (peft.*)."""
+        return Transformer(cfg.model, head=cls.head, peft=cfg.peft)
 
     @staticmethod
     def exported_params(params):
@@ -132,6 +132,9 @@ class Task:
             if kind not in self.source_kinds:
                 raise ConfigError(f"data.sources entry {source!r}: task={self.name} reads "
                                   f"{', '.join(self.source_kinds)} sources, not {kind!r}")
+        if self.cfg.peft.method != "none" and not self.cfg.checkpoint.init_from:
+            raise ConfigError(f"peft.method={self.cfg.peft.method} fine-tunes an export: set checkpoint.init_from="
+                              "EXPORT (the frozen base model)")
         if self.needs_tokenizer and not self.cfg.data.tokenizer:
             raise ConfigError(f"task={self.name} needs the pretrained model's tokenizer (with its chat tokens): "
                               "set checkpoint.init_from=EXPORT or data.tokenizer=PATH")
@@ -198,7 +201,8 @@ class Task:
 
     @property
     def flops_per_token(self) -> float:
-        return flops.flops_per_token(self.cfg.model, self.cfg.data.seq_len, unembed=self.head == "lm")
+        return flops.flops_per_token(self.cfg.model, self.cfg.data.seq_len, unembed=self.head == "lm",
+                                     frozen=self.cfg.peft.method != "none")
 
     def step_shape(self) -> str:
         return f"{self.cfg.train.batch_size}×{self.cfg.data.seq_len} tokens/step"

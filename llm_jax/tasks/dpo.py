@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from llm_jax.data.batches import PairTokenBatch, TokenBatch
 from llm_jax.data.chat import preference
 from llm_jax.errors import ConfigError
+from llm_jax.model import flops
 from llm_jax.tasks.base import Evaluation, Summary
+from llm_jax.train import peft
 from llm_jax.tasks.losses import LN2, next_token_nats_and_kl
 from llm_jax.tasks.preference import PreferenceTask
 
@@ -100,11 +102,14 @@ class DPO(PreferenceTask):
     def frozen_exports(self) -> dict[str, tuple[str, Path]]:
         if self.cfg.dpo.reference:
             return {"reference": ("dpo.reference", Path(self.cfg.dpo.reference).expanduser())}
+        if peft.enabled(self.cfg):  # the reference is the frozen base, read without the adapters: no second copy
+            return {}
         return {"reference": ("checkpoint.init_from", Path(self.cfg.checkpoint.init_from).expanduser())}
 
     def sums(self, model, params, batch: PairTokenBatch, frozen: dict) -> dict:
         d = self.cfg.dpo
-        nats, ref_nats, kl = answer_nats(model, params, frozen["reference"], batch)
+        reference = frozen["reference"] if "reference" in frozen else frozen[peft.BASE]
+        nats, ref_nats, kl = answer_nats(model, params, reference, batch)
         return pair_sums(nats, ref_nats, kl, batch, d.beta, d.loss, d.label_smoothing)
 
     def scalars(self, sums: dict, prefix: str) -> dict:
@@ -112,8 +117,8 @@ class DPO(PreferenceTask):
 
     @property
     def flops_per_token(self) -> float:
-        # The policy's forward and backward pass (3 forward passes' worth) and the reference's forward pass.
-        return super().flops_per_token * 4 / 3
+        # The policy's forward and backward pass and the reference's forward pass.
+        return super().flops_per_token + flops.forward_flops_per_token(self.cfg.model, self.cfg.data.seq_len)
 
     def describe(self, data) -> str:
         return f"{super().describe(data)}, β={self.cfg.dpo.beta}, {self.cfg.dpo.loss} loss"

@@ -103,7 +103,7 @@ class RL(Task):
 
     @classmethod
     def trained_model(cls, cfg):
-        return PolicyAndValue(cfg.model) if cfg.rl.algorithm == "ppo" else Transformer(cfg.model)
+        return PolicyAndValue(cfg.model, cfg.peft) if cfg.rl.algorithm == "ppo" else Transformer(cfg.model, peft=cfg.peft)
 
     @staticmethod
     def exported_params(params):
@@ -193,10 +193,11 @@ class RL(Task):
     # --- objective ------------------------------------------------------------------------------------------
     def sums(self, model, params, batch: RolloutBatch, frozen: dict) -> dict:
         policy_params, value_params = self.policy_and_value(params)
-        logp, entropy = policy_logprobs(Transformer(self.cfg.model), policy_params, batch, self.cfg.rl.temperature)
+        c = self.cfg
+        logp, entropy = policy_logprobs(Transformer(c.model, peft=c.peft), policy_params, batch, c.rl.temperature)
         values = None
         if value_params is not None:
-            values = Transformer(self.cfg.model, "value").apply(
+            values = Transformer(c.model, "value", peft=c.peft).apply(
                 {"params": value_params}, batch.inputs, batch.positions, batch.segment_ids)
         return clipped_sums(logp, entropy, values, batch, self.cfg.rl)
 

@@ -32,6 +32,7 @@ from llm_jax.inference.stream import answer_text, stop_ids
 from llm_jax.model import Transformer
 from llm_jax.tasks import advantages as adv
 from llm_jax.tasks.losses import policy_logprobs
+from llm_jax.train import peft
 from llm_jax.train.metrics import param_count
 
 
@@ -59,10 +60,11 @@ class ModelReward:
     """A reward model's export or run directory, on the training mesh, scoring as `llm-jax score` does."""
 
     def __init__(self, path: Path, mesh, dtype: str, batch_size: int):
+        from llm_jax import tasks
         from llm_jax.inference.score import Scorer, eval_normaliser  # score.py reads exports, which read tasks
         from llm_jax.train.export import load_for_inference
         cfg, params, self.tokenizer = load_for_inference(path, mesh=mesh)
-        runner = ModelRunner(cfg.model, _cast(params, dtype), "reward")
+        runner = ModelRunner(cfg.model, _cast(params, dtype), "reward", tasks.exported_peft(cfg))
         self.params = runner.params
         self.scorer = Scorer(runner, cfg.data.seq_len, batch_size)
         self.normalise = eval_normaliser(path)[0]
@@ -80,19 +82,22 @@ class RolloutEngine:
     def __init__(self, cfg, tokenizer, policy_params, value_params=None):
         from llm_jax.train.export import load_frozen_params
         r, self.cfg, self.tokenizer = cfg.rl, cfg, tokenizer
-        self.runner = ModelRunner(cfg.model, policy_params)
+        self.runner = ModelRunner(cfg.model, policy_params, peft=cfg.peft)
         sampling, eval_sampling = (Sampling(t, r.top_k, r.top_p) for t in (r.temperature, r.eval_temperature))
         self.sampler = Generator(self.runner, sampling)
         self.greedy = self.sampler if eval_sampling == sampling else Generator(self.runner, eval_sampling)
         key, path = ("rl.reference", r.reference) if r.reference else ("checkpoint.init_from", cfg.checkpoint.init_from)
-        self.reference = _cast(load_frozen_params(Path(path).expanduser(), cfg, policy_params, tokenizer, key,
-                                                  "reference"), r.frozen_dtype)
+        if peft.enabled(cfg) and not r.reference:  # the policy's frozen base, read without its adapters: no copy
+            self.reference = peft.frozen_part(policy_params)
+        else:
+            self.reference = _cast(load_frozen_params(Path(path).expanduser(), cfg, peft.frozen_part(policy_params),
+                                                      tokenizer, key, "reference"), r.frozen_dtype)
         kind, _, token = r.reward_model.partition(":")
         self.reward = (CountReward(int(token)) if kind == "count" else
                        ModelReward(Path(r.reward_model).expanduser(), self.runner.mesh, r.frozen_dtype,
                                    cfg.train.batch_size))
         self.stops = sorted(stop_ids(tokenizer))
-        lm, value = Transformer(cfg.model), Transformer(cfg.model, "value")
+        lm, value = Transformer(cfg.model, peft=cfg.peft), Transformer(cfg.model, "value", peft=cfg.peft)
 
         def forward(policy, value_params, reference, rows):
             logp_BxT, _ = policy_logprobs(lm, policy, rows, r.temperature)

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from llm_jax.config import CheckpointConfig, Config, differences, from_dict, to_dict
 from llm_jax.data.tokenizer import from_bytes
 from llm_jax.errors import CheckpointError
+from llm_jax.train import peft
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -48,7 +49,9 @@ def manager(run_dir: Path, cfg: CheckpointConfig, read_only: bool = False) -> oc
 
 
 def meta(cfg: Config, tokenizer_path: Path) -> dict:
-    return {"config": to_dict(cfg), "process_count": jax.process_count(),
+    """The config, the tokenizer and, for a peft run, the fingerprint of the base its adapters belong to."""
+    base = {"peft_base": peft.fingerprint(Path(cfg.checkpoint.init_from))} if peft.enabled(cfg) else {}
+    return {"config": to_dict(cfg), "process_count": jax.process_count(), **base,
             "tokenizer_model": base64.b64encode(Path(tokenizer_path).read_bytes()).decode("ascii")}
 
 
@@ -159,9 +162,9 @@ def restore_data(run_dir: Path, cfg: Config, step: int, source) -> str:
 
 
 def check_compatible(saved: dict, cfg: Config, tokenizer) -> None:
-    """The task and the model must match field for field (the rest may change: train.steps, to train longer);
-    the tokenizer must be the one the checkpoint was trained with."""
-    diffs = differences(from_dict(saved["config"]), cfg, keys=("task", "model."))
+    """The task, the model and the adapters must match field for field (the rest may change: train.steps, to
+    train longer); the tokenizer and a peft run's base must be the ones the checkpoint was trained with."""
+    diffs = differences(from_dict(saved["config"]), cfg, keys=("task", "model.", "peft."))
     if diffs:
         raise CheckpointError(f"the checkpoint was written by a different task or model ({'; '.join(diffs)}); "
                               "use the same task and model.* settings, or --fresh to start over")
@@ -170,6 +173,7 @@ def check_compatible(saved: dict, cfg: Config, tokenizer) -> None:
         old = from_bytes(saved_tok)
         raise CheckpointError(f"the tokenizer differs from the checkpoint's (vocab size {tokenizer.vocab_size} now, "
                               f"{old.vocab_size} in the checkpoint); resume with the original data settings")
+    peft.check_base(saved, cfg, "the checkpoint")
 
 
 def estimated_bytes(state) -> int:

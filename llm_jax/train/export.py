@@ -8,6 +8,7 @@ carried evaluation scores (a reward model's), eval.json.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,31 +17,41 @@ import orbax.checkpoint as ocp
 
 from llm_jax import tasks
 from llm_jax.atomic import atomic_directory
-from llm_jax.config import HEAD_FIELDS, CheckpointConfig, Config, MeshConfig, differences, from_dict
+from llm_jax.config import HEAD_FIELDS, CheckpointConfig, Config, MeshConfig, differences, from_dict, to_dict
 from llm_jax.data.tokenizer import Tokenizer, from_bytes
 from llm_jax.errors import CheckpointError, ConfigError, MeshError
+from llm_jax.model import adapters
 from llm_jax.parallel import sharding
+from llm_jax.train import peft
 from llm_jax.train.checkpoint import checkpoint_dir, committed_steps, manager, restore_params
 from llm_jax.train.state import abstract_params
 
 
-def export_params(run_dir: Path, out: Path, step: int | None = None) -> tuple[int, bool]:
+def export_params(run_dir: Path, out: Path, step: int | None = None, merge: bool = False) -> tuple[int, bool]:
     """Writes the params of a checkpoint (the latest by default) with the config and tokenizer to `out`.
     Returns the step and whether `out` was written now: the same export made before (the same command run
-    again, after a kill that came too late to matter) is left as it is."""
+    again, after a kill that came too late to matter) is left as it is.
+
+    A peft run's checkpoints hold only its adapters: merge=True writes a whole model, its base with LoRA's
+    updates folded into the kernels (an ordinary export), or with the prompt or prefix vectors beside them."""
     run_dir, out = Path(run_dir), Path(out)
     step = _saved_step(run_dir, step, f"no checkpoint in {checkpoint_dir(run_dir)}")
     meta = _saved_meta(run_dir, step)
+    cfg = from_dict(meta["config"])
+    if peft.enabled(cfg) and not merge:
+        raise CheckpointError(f"{run_dir} is a peft.method={cfg.peft.method} run, whose checkpoints hold only the "
+                              "adapters: pass --merge for a whole model, or use `llm-jax export-hf` for a Hugging "
+                              "Face PEFT adapter directory")
+    saved = json.loads(json.dumps(to_dict(dataclasses.replace(cfg, peft=tasks.exported_peft(cfg)))))  # as on disk
     if out.exists():
         if _is_export(out) and (out / "step").read_text().strip() == str(step) and \
-                json.loads((out / "config.json").read_text()) == meta["config"]:
+                json.loads((out / "config.json").read_text()) == saved:
             return step, False
         raise CheckpointError(f"export directory {out} already exists (and is not this export of step {step})")
-    cfg = from_dict(meta["config"])
     params = _restore(run_dir, cfg, inference_mesh(cfg), step)
     with atomic_directory(out) as tmp, ocp.StandardCheckpointer() as ckpt:
         ckpt.save((tmp / "params").absolute(), params)
-        (tmp / "config.json").write_text(json.dumps(meta["config"], indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
         if meta.get("eval"):
             (tmp / "eval.json").write_text(json.dumps(meta["eval"], indent=2, sort_keys=True))
         (tmp / "tokenizer.model").write_bytes(base64.b64decode(meta["tokenizer_model"]))
@@ -88,8 +99,32 @@ def _restore(path: Path, cfg: Config, mesh, step: int | None = None):
     if _is_export(path):
         with ocp.StandardCheckpointer() as ckpt:
             return ckpt.restore((path / "params").absolute(), abstract_params(tasks.exported_model(cfg), mesh))
-    trained = restore_params(path, _saved_step(path, step, ""), abstract_params(tasks.model_of(cfg), mesh))
+    step = _saved_step(path, step, "")
+    layout = abstract_params(tasks.model_of(cfg), mesh)
+    trained = restore_params(path, step, peft.trainable(cfg)(layout))
+    if peft.enabled(cfg):
+        trained = _with_frozen_base(path, cfg, step, layout, trained)
     return tasks.exported_params(cfg, trained)
+
+
+def load_adapters(run_dir: Path, step: int | None = None) -> tuple[Config, dict]:
+    """The config and the trained part (adapters, a new head) of a peft run's checkpoint, on the host."""
+    run_dir = Path(run_dir)
+    step = _saved_step(run_dir, step, f"no checkpoint in {checkpoint_dir(run_dir)}")
+    cfg = from_dict(_saved_meta(run_dir, step)["config"])
+    if not peft.enabled(cfg):
+        raise CheckpointError(f"{run_dir} is not a peft run (peft.method=none): it has no adapters")
+    layout = abstract_params(tasks.model_of(cfg), inference_mesh(cfg))
+    return cfg, jax.device_get(restore_params(run_dir, step, peft.trainable(cfg)(layout)))
+
+
+def _with_frozen_base(run_dir: Path, cfg: Config, step: int, layout, adapters_: dict):
+    """A peft run's whole model at checkpoint `step`: its adapters on the base they were trained on (float32),
+    LoRA's folded into the kernels."""
+    peft.check_base(_saved_meta(run_dir, step), cfg, f"{run_dir} (step {step})")
+    base = peft.load_base(tasks.make(cfg, check=False), peft.frozen_part(layout), dtype="float32")
+    params = adapters.merge(adapters_, base)
+    return adapters.fold_lora(params, cfg.peft) if cfg.peft.method == "lora" else params
 
 
 def saved_eval(path: Path, step: int | None = None) -> dict[str, float]:

@@ -26,7 +26,7 @@ from llm_jax.errors import NonFiniteError, Preempted
 from llm_jax.parallel import sharding
 from llm_jax.parallel.distributed import is_main
 from llm_jax.tasks.base import Evaluation
-from llm_jax.train import checkpoint, metrics, step
+from llm_jax.train import checkpoint, metrics, peft, step
 from llm_jax.train.budget import Budget, Clock, agree
 from llm_jax.train.preemption import PreemptionWatch
 from llm_jax.train.setup import Setup, build
@@ -68,10 +68,11 @@ def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict
 
 
 def evaluate(setup: Setup, params, max_batches: int) -> tuple[dict, int]:
-    """The objective's sums over the held-out split (e.g. nats/tokens/bytes); also how many batches were scored."""
+    """The objective's sums over the held-out split (e.g. nats/tokens/bytes); also how many batches were scored.
+    `params`: the trained ones (a peft run's adapters: the task sees them on their frozen base)."""
     shardings = step.batch_shardings(setup.mesh, setup.task, microbatched=False)
     eval_step = lambda p, local: setup.eval_fn(p, sharding.global_batch(local, shardings), setup.frozen)  # noqa: E731
-    return setup.task.evaluate(setup.data, params, eval_step, max_batches)
+    return setup.task.evaluate(setup.data, peft.with_base(params, setup.frozen), eval_step, max_batches)
 
 
 def evaluation(setup: Setup, params, step_done: int, writer: Writer | None = None) -> Evaluation:
@@ -119,7 +120,9 @@ def _train_steps(setup: Setup, writer: Writer, references: ReferenceLines, mngr,
         return plan.update(pending[0], bar, state)
     try:
         while done < plan.total:
-            batch = _shorten(source.next_batch(state), done, cfg.train.seq_len_warmup_steps)
+            # (a rollout generates with the whole model: a peft run's adapters on their frozen base)
+            whole = state.replace(params=peft.with_base(state.params, setup.frozen))
+            batch = _shorten(source.next_batch(whole), done, cfg.train.seq_len_warmup_steps)
             batch = sharding.global_batch(batch, batch_shardings)
             made = source.scalars()  # what producing the batch measured (a rollout's rewards), logged at its step
             if made:

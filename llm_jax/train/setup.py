@@ -20,9 +20,9 @@ from llm_jax.experiment import resolve
 from llm_jax.parallel import sharding
 from llm_jax.parallel.distributed import barrier, is_main
 from llm_jax.tasks.base import Task
-from llm_jax.train import checkpoint, metrics, optim, step
+from llm_jax.train import checkpoint, metrics, optim, peft, step
 from llm_jax.train.export import load_frozen_params
-from llm_jax.train.state import abstract_state, create_state, with_planned_steps
+from llm_jax.train.state import abstract_params, abstract_state, create_state, with_planned_steps
 
 
 @dataclass
@@ -62,12 +62,14 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
                           "which cannot be cut into shorter windows")
     model = tasks.model_of(cfg)
     optimizer = optim.make_optimizer(cfg.optim)
-    layout = abstract_state(model, optimizer, mesh, cfg.data.seq_len)
+    select = peft.trainable(cfg)
+    layout = abstract_state(model, optimizer, mesh, cfg.data.seq_len, select)
     opened = open_run_dir(run_dir, fresh, cfg)
     try:
         data = load_data(task, run_dir)
-        state, shardings = create_state(model, optimizer, layout, cfg.data.seq_len, jax.random.key(cfg.train.seed))
-        frozen = load_frozen(task, state.params, data.tokenizer)
+        state, shardings = create_state(model, optimizer, layout, cfg.data.seq_len, jax.random.key(cfg.train.seed),
+                                        select)
+        frozen = load_frozen(task, model, mesh, data.tokenizer)
         if is_main():
             checkpoint.check_writable(run_dir, checkpoint.estimated_bytes(state), cfg.checkpoint.keep)
     except Exception:
@@ -76,10 +78,14 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
         raise
     state, start_step = _initial_state(task, run_dir, opened.resume, state, data)
     cfg, state, planned = _plan_length(cfg, state)
-    train_fn = step.jit_train_step(model, optimizer, cfg.optim, mesh, shardings, task)
-    eval_fn = step.jit_eval_step(model, mesh, shardings.params, task)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    train_fn = step.jit_train_step(model, optimizer, cfg.optim, mesh, shardings, task, frozen_shardings)
+    whole_shardings = jax.tree.map(lambda x: x.sharding, peft.with_base(state.params, frozen))
+    eval_fn = step.jit_eval_step(model, mesh, whole_shardings, task, frozen_shardings)
+    if peft.enabled(cfg) and is_main():
+        print(peft.describe(cfg, state, frozen), flush=True)
     return Setup(cfg, task, run_dir, mesh, data, state, frozen, start_step, train_fn, eval_fn,
-                 metrics.param_count(state.params), opened.earlier_attempt, planned)
+                 metrics.param_count(peft.with_base(state.params, frozen)), opened.earlier_attempt, planned)
 
 
 def _plan_length(cfg: Config, state):
@@ -149,10 +155,18 @@ def saved_differences(run_dir: Path, cfg: Config) -> list[str]:
     return differences(saved, cfg)
 
 
-def load_frozen(task: Task, target_params, tokenizer) -> dict:
-    """The params of the task's frozen exports (Task.frozen_exports), laid out like target_params."""
-    return {name: load_frozen_params(path, task.cfg, target_params, tokenizer, key, name)
-            for name, (key, path) in task.frozen_exports().items()}
+def load_frozen(task: Task, model, mesh, tokenizer) -> dict:
+    """The params of the task's frozen exports (Task.frozen_exports) and a peft run's base, laid out like the
+    model's params (without the trained part, for peft)."""
+    cfg = task.cfg
+    layout = abstract_params(model, mesh, cfg.data.seq_len)
+    if peft.enabled(cfg):
+        layout = peft.frozen_part(layout)
+    frozen = {name: load_frozen_params(path, cfg, layout, tokenizer, key, name)
+              for name, (key, path) in task.frozen_exports().items()}
+    if peft.enabled(cfg):
+        frozen[peft.BASE] = peft.load_base(task, layout)
+    return frozen
 
 
 def _initial_state(task: Task, run_dir: Path, resume: bool, state, data):
@@ -163,7 +177,7 @@ def _initial_state(task: Task, run_dir: Path, resume: bool, state, data):
             raise RunDirError(f"run directory {run_dir} has no readable checkpoint left (damaged ones are in "
                               f"{run_dir / 'corrupt_checkpoints'}); pass --fresh to start over")
         return restored
-    if cfg.checkpoint.init_from:
+    if cfg.checkpoint.init_from and not peft.enabled(cfg):  # (a peft run's base is frozen, its adapters new)
         params, fresh = task.initial_params(state.params)
         if fresh and is_main():
             print(f"init_from {cfg.checkpoint.init_from}: {', '.join(fresh)} initialised fresh (not in the export)")

@@ -30,9 +30,13 @@ def _dummy_inputs(batch: int, seq_len: int):
     return tokens, tokens, jnp.ones((batch, seq_len), jnp.int32)
 
 
-def _boxed_init(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int):
+def _keep_all(params):
+    return params
+
+
+def _boxed_init(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int, select):
     def init(rng):
-        params = model.init(rng, *_dummy_inputs(1, seq_len))["params"]
+        params = select(model.init(rng, *_dummy_inputs(1, seq_len))["params"])
         # optax keeps the Partitioned boxes on its moments, so they inherit the parameters' logical names.
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                           rng=jax.random.key_data(rng), skipped=jnp.zeros((), jnp.int32),
@@ -47,10 +51,11 @@ def abstract_params(model, mesh, seq_len: int = 8):
     return _checked_layout(boxed, mesh, params_of=lambda tree: tree)
 
 
-def abstract_state(model, optimizer, mesh, seq_len: int):
+def abstract_state(model, optimizer, mesh, seq_len: int, select=_keep_all):
     """Shapes, dtypes and shardings of the whole train state on `mesh`, allocating nothing: the layout
-    create_state fills, a restore target, a step compiled ahead of time."""
-    boxed = jax.eval_shape(_boxed_init(model, optimizer, seq_len), jax.random.key(0))
+    create_state fills, a restore target, a step compiled ahead of time. select(params) -> the params that
+    train (train/peft.trainable: the adapters of a peft run)."""
+    boxed = jax.eval_shape(_boxed_init(model, optimizer, seq_len, select), jax.random.key(0))
     return _checked_layout(boxed, mesh, params_of=lambda state: state.params)
 
 
@@ -68,11 +73,12 @@ def _checked_layout(boxed, mesh, params_of):
                         sharding.tree_shardings(specs, mesh))
 
 
-def create_state(model, optimizer, layout, seq_len: int, rng) -> tuple[TrainState, Any]:
-    """Initialises the train state directly in `layout` (abstract_state's); returns it and its shardings."""
+def create_state(model, optimizer, layout, seq_len: int, rng, select=_keep_all) -> tuple[TrainState, Any]:
+    """Initialises the train state directly in `layout` (abstract_state's, with the same `select`); returns it
+    and its shardings."""
     shardings = jax.tree.map(lambda a: a.sharding, layout)
     mesh = jax.tree.leaves(layout)[0].sharding.mesh
-    boxed_init = _boxed_init(model, optimizer, seq_len)
+    boxed_init = _boxed_init(model, optimizer, seq_len, select)
     return sharding.jit_on_mesh(lambda r: nn.unbox(boxed_init(r)), mesh, out_shardings=shardings)(rng), shardings
 
 

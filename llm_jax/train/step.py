@@ -3,9 +3,9 @@
 train_step(state, batch, frozen) -> (state, metrics). Batch entries have shape (M, B/M, ...): M microbatches
 whose gradients of the summed loss are accumulated, then divided once by the total count (target tokens,
 pairs), so accumulation gives exactly the gradient of the big batch. What is summed and reported comes from
-the run's Task (tasks/). `frozen` holds the task's frozen params by name (DPO's reference model; {} for most
-tasks), laid out like the trained params: read, never differentiated or updated, and not part of the state
-(so not checkpointed).
+the run's Task (tasks/). `frozen` holds the task's frozen params by name (DPO's reference model; a peft run's
+base, train/peft.py; {} for most tasks): read, never differentiated or updated, and not part of the state (so
+not checkpointed).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import optax
 from llm_jax.config import OptimConfig
 from llm_jax.parallel import sharding
 from llm_jax.tasks.base import Task
-from llm_jax.train import optim
+from llm_jax.train import optim, peft
 from llm_jax.train.state import TrainState
 
 
@@ -26,7 +26,7 @@ def train_step(state: TrainState, batch, frozen: dict, *, model, optimizer, opti
 
     def sums_and_grads(microbatch):
         def loss_fn(p):
-            sums = task.sums(model, p, microbatch, frozen)
+            sums = task.sums(model, peft.with_base(p, frozen), microbatch, frozen)
             return sums[task.loss], sums
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         return sums, grads
@@ -67,24 +67,19 @@ def batch_shardings(mesh, task: Task, microbatched: bool):
     return sharding.batch_shardings(mesh, task.batch_type.axes(), *(("microbatch",) if microbatched else ()))
 
 
-def jit_train_step(model, optimizer, optim_cfg: OptimConfig, mesh, state_shardings, task: Task):
-    """(state, batch, frozen) -> (state, metrics); frozen: the task's frozen params by name (Task.frozen_exports),
-    each laid out like state.params ({} for most tasks)."""
+def jit_train_step(model, optimizer, optim_cfg: OptimConfig, mesh, state_shardings, task: Task, frozen_shardings):
+    """(state, batch, frozen) -> (state, metrics); frozen: the frozen params by name (Setup.frozen), laid out as
+    frozen_shardings says."""
     fn = lambda s, b, f: train_step(s, b, f, model=model, optimizer=optimizer, optim_cfg=optim_cfg, task=task)
     return sharding.jit_on_mesh(
-        fn, mesh, in_shardings=(state_shardings, batch_shardings(mesh, task, microbatched=True),
-                                frozen_shardings(task, state_shardings.params)),
+        fn, mesh, in_shardings=(state_shardings, batch_shardings(mesh, task, microbatched=True), frozen_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def jit_eval_step(model, mesh, param_shardings, task: Task):
-    """(params, batch, frozen) -> the task's sums over the batch."""
+def jit_eval_step(model, mesh, param_shardings, task: Task, frozen_shardings):
+    """(params, batch, frozen) -> the task's sums over the batch; params: the model's whole params (a peft run's
+    adapters with their base, peft.with_base), laid out as param_shardings says."""
     return sharding.jit_on_mesh(
         lambda p, b, f: task.sums(model, p, b, f), mesh,
-        in_shardings=(param_shardings, batch_shardings(mesh, task, microbatched=False),
-                      frozen_shardings(task, param_shardings)),
+        in_shardings=(param_shardings, batch_shardings(mesh, task, microbatched=False), frozen_shardings),
         out_shardings=sharding.replicated(mesh))
-
-
-def frozen_shardings(task: Task, param_shardings) -> dict:
-    return {name: param_shardings for name in task.frozen_exports()}
