@@ -76,6 +76,7 @@ class PeftConfig:
     alpha: float = 16.0
     # A regex searched in each kernel's path ("layers/attn/q/kernel"); default: attention and MLP kernels
     targets: str = r"(^|/)(q|k|v|o|gate|up|down)/kernel$"
+    dropout: float = 0.0  # lora: dropout on the adapters' input in training steps (not in evaluation or decoding)
     virtual_tokens: int = 16  # prompt and prefix
     base_dtype: str = "float32"  # float32 | bfloat16: how the frozen base weights are held
 
@@ -126,6 +127,8 @@ def _check_peft(cfg) -> None:
     if p.rank <= 0 or p.alpha <= 0 or p.virtual_tokens <= 0:
         raise ConfigError(f"peft.rank={p.rank}, peft.alpha={p.alpha} and peft.virtual_tokens={p.virtual_tokens} "
                           "must be positive")
+    if not 0.0 <= p.dropout < 1.0:
+        raise ConfigError(f"peft.dropout={p.dropout} must lie in [0, 1)")
     try:
         re.compile(p.targets)
     except re.error as e:

@@ -93,10 +93,24 @@ def test_decoding_with_the_kv_cache_is_the_full_forward(method):
     assert got == jnp.argmax(logits[0, len(prompt) - 1:-1], axis=-1).tolist()
 
 
+def test_lora_dropout_only_where_a_dropout_key_is_given():
+    """peft.dropout drops the adapters' input in train steps (which pass a key); evaluation and decoding pass none
+    and see the whole update, so they match dropout=0."""
+    cfg, _, params = peft_params("lora", scan=True)
+    dropped = PeftConfig(method="lora", rank=4, alpha=8.0, dropout=0.5)
+    model = Transformer(cfg, peft=dropped)
+    run = jax.jit(lambda key: model.apply({"params": params}, *inputs(), rngs={"dropout": key}))
+    a, b = run(jax.random.key(1)), run(jax.random.key(2))
+    assert np.abs(np.asarray(a - b)).max() > 1e-3  # a different mask per key
+    np.testing.assert_array_equal(a, run(jax.random.key(1)))
+    np.testing.assert_allclose(apply(cfg, dropped, params), apply(cfg, dataclasses.replace(dropped, dropout=0.0),
+                                                                  params), atol=1e-6)
+
+
 def test_peft_config_errors_name_the_key(tmp_path, capsys):
     base = apply_overrides(load_experiment("sft_tiny"), ["peft.method=lora", "checkpoint.init_from=x"])
     for sets, message in ((["peft.rank=0"], "peft.rank=0"), (["peft.method=dora"], "peft.method='dora'"),
-                          (["peft.targets=("], "peft.targets")):
+                          (["peft.targets=("], "peft.targets"), (["peft.dropout=1"], "peft.dropout=1")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate(apply_overrides(base, sets))
     assert main(["train", "--config", "pretrain_tiny", "--run-dir", str(tmp_path / "run"),

@@ -35,11 +35,15 @@ def param_path(module: nn.Module, name: str) -> str:
 def lora_update(module: nn.Module, peft: PeftConfig, rows, n_in: int, features: tuple[int, ...],
                 names: tuple[str, ...], dtype):
     """x·A·B·alpha/rank for the kernel of `module` (a Dense of rows (R, *in) -> (R, *features), axes named
-    `names`), or None where LoRA does not apply. A starts like PEFT's (uniform, ±1/sqrt(fan-in)), B at zero."""
+    `names`), or None where LoRA does not apply. A starts like PEFT's (uniform, ±1/sqrt(fan-in)), B at zero; x goes
+    through peft.dropout where the call has a "dropout" key."""
     if peft.method != "lora" or not re.search(peft.targets, param_path(module, "kernel")) \
             or not present(module, "lora_a"):
         return None
     in_shape = rows.shape[1:]
+    if peft.dropout and module.has_rng("dropout"):  # train steps pass the key; evaluation and decoding do not
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - peft.dropout, rows.shape)
+        rows = jnp.where(keep, rows / (1.0 - peft.dropout), 0.0).astype(rows.dtype)
     a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
     a = module.param("lora_a", nn.with_logical_partitioning(a_init, (*names[:n_in], "adapter_rank")),
                      (*in_shape, peft.rank), jnp.float32)

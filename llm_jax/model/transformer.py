@@ -56,7 +56,7 @@ def block_stack(cfg: ModelConfig, decode: bool, peft: PeftConfig):
         block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if not cfg.scan_layers:
         return [block(cfg, decode, peft, name=f"layer_{i}") for i in range(cfg.n_layers)]
-    scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+    scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return [scanned(cfg, decode, peft, name="layers")]

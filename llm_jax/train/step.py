@@ -21,23 +21,40 @@ from llm_jax.train import optim, peft
 from llm_jax.train.state import TrainState
 
 
+class _WithDropoutKey:
+    """The model, its `apply` given a "dropout" key (LoRA's peft.dropout: the only consumer; model/adapters.py)."""
+
+    def __init__(self, model, key):
+        self.model, self.key = model, key
+
+    def apply(self, *args, **kwargs):
+        return self.model.apply(*args, rngs={"dropout": self.key}, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 def train_step(state: TrainState, batch, frozen: dict, *, model, optimizer, optim_cfg: OptimConfig, task: Task):
     frozen = jax.lax.stop_gradient(frozen)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-    def sums_and_grads(microbatch):
+    def sums_and_grads(microbatch, index):
+        keyed = _WithDropoutKey(model, jax.random.fold_in(step_key, index))
+
         def loss_fn(p):
-            sums = task.sums(model, peft.with_base(p, frozen), microbatch, frozen)
+            sums = task.sums(keyed, peft.with_base(p, frozen), microbatch, frozen)
             return sums[task.loss], sums
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         return sums, grads
 
-    def accumulate(carry, microbatch):
-        return jax.tree.map(jnp.add, carry, sums_and_grads(microbatch)), None
+    def accumulate(carry, indexed):
+        return jax.tree.map(jnp.add, carry, sums_and_grads(*indexed)), None
 
     first = jax.tree.map(lambda x: x[0], batch)
-    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(sums_and_grads, first)[0])
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(sums_and_grads, first, 0)[0])
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-    (sums, grads), _ = jax.lax.scan(accumulate, (zero_sums, zero_grads), batch)
+    n_micro = jax.tree.leaves(batch)[0].shape[0]
+    (sums, grads), _ = jax.lax.scan(accumulate, (zero_sums, zero_grads), (batch, jnp.arange(n_micro)))
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums[task.count], 1.0), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     lr_factor = optim.lr_factor(optim_cfg, state.step, state.planned_steps)
