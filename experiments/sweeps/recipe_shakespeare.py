@@ -1,34 +1,13 @@
-"""The modern recipe, one switch at a time, on Tiny Shakespeare at a fixed wall-clock budget.
-
-Each point is `pretrain_shakespeare` with one switch changed, trained for the same 60 s of training time
-(train.time_budget_s: the step count and the schedule are planned from the measured step rate, so a switch
-that makes steps slower pays for it in steps):
+"""The modern recipe, one switch at a time, on Tiny Shakespeare (`pretrain_shakespeare` at its measured batch of
+32) at 60 s of training each (the switches and their sources: llm_jax/sweep/recipe.py):
 
     llm-jax sweep recipe_shakespeare               # runs/sweeps/recipe_shakespeare/: one per point, ~15 minutes
     llm-jax report runs/sweeps/recipe_shakespeare  # report.md: bits/byte against wall-clock and FLOPs
 
-Where each switch comes from:
-  optim.optimizer=muon        Muon (K. Jordan et al. 2024), the optimizer of the modded-nanogpt speed-run records
-  model.qk_norm               QK-norm (Dehghani et al. 2023, ViT-22B; OLMo 2; modded-nanogpt)
-  model.logit_softcap=30      tanh soft-capping of the output logits (Gemma 2; modded-nanogpt)
-  train.z_loss=1e-4           the z-loss of PaLM (Chowdhery et al. 2022)
-  optim.schedule=wsd          warmup-stable-decay (MiniCPM, Hu et al. 2024; Hägele et al. 2024)
-  model.tie_embeddings        tied input and output embeddings (GPT-2), against untied (Llama)
-  model.mlp=relu2             ReLU² MLP (Primer, So et al. 2021; modded-nanogpt), d_ff 576: SwiGLU's parameters
-  train.seq_len_warmup_steps  short windows first (Li et al. 2022, sequence-length warmup)
-  model.vocab_size            the tokenizer's vocabulary (1024, 2048 = the default, 4096)
 The measured results are in docs/recipe.md.
 """
-from llm_jax.sweep.plan import Sweep
-
-# The base as measured: the experiment before it shipped the winners (each point sets it, then its switch).
-BEFORE = {"optim.optimizer": "adamw", "model.mlp": "swiglu", "model.d_ff": 384, "model.vocab_size": 2048, "train.batch_size": 32}
-SWITCHES = ({}, {"optim.optimizer": "muon"}, {"model.qk_norm": True}, {"model.logit_softcap": 30.0},
-            {"train.z_loss": 1e-4}, {"optim.schedule": "wsd"}, {"model.tie_embeddings": True},
-            {"model.mlp": "relu2", "model.d_ff": 576}, {"train.seq_len_warmup_steps": 40},
-            {"model.vocab_size": 1024}, {"model.vocab_size": 4096})
+from llm_jax.sweep.recipe import recipe_sweep, switches
 
 
-def sweep() -> Sweep:
-    return Sweep(base="pretrain_shakespeare", points=tuple({**BEFORE, **switch} for switch in SWITCHES),
-                 overrides=("train.time_budget_s=60", "train.eval_every=100", "checkpoint.every=0"))
+def sweep():
+    return recipe_sweep("pretrain_shakespeare", {"train.batch_size": 32}, 60, switches(seq_len_warmup_steps=40))
