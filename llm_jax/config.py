@@ -34,6 +34,7 @@ class ModelConfig:
     mlp: str = "swiglu"  # swiglu | gelu | relu2 (ReLU squared, ungated: Primer, So et al. 2021)
     tie_embeddings: bool = False
     use_bias: bool = False
+    qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2); use_bias implies them
     # RMSNorm of each head's queries and keys before RoPE (Dehghani et al. 2023; OLMo 2; modded-nanogpt): bounded
     # attention logits, so higher learning rates stay stable.
     qk_norm: bool = False
@@ -42,9 +43,8 @@ class ModelConfig:
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
-    # auto: einsum on CPU, else jax.nn.dot_product_attention's choice (cuDNN flash attention on GPUs where it
-    # runs, XLA otherwise); xla | cudnn: that implementation of jax.nn.dot_product_attention; einsum: written out;
-    # blocked: an online softmax over key blocks (model/blocked_attention.py: long sequences on CPU)
+    # auto: einsum on CPU, else jax.nn.dot_product_attention's choice (cuDNN flash attention where it runs);
+    # xla | cudnn: that implementation; einsum: written out; blocked: online softmax over key blocks (long on CPU)
     attention_impl: str = "auto"
     scan_layers: bool = True
     # >0: the loss computes the output layer and its log-softmax in vocabulary chunks of this size, never
@@ -82,6 +82,9 @@ class DataConfig:
     tokenizer_type: str = "bpe"  # bpe | unigram
     tokenizer_train_bytes: int = 8_000_000  # corpus sample the tokenizer is trained on
     prepared: str = ""  # a directory from `llm-jax prepare` (any task); empty: prepare into RUN_DIR/data
+    # How dialogues become tokens (data/chat/template.py): llm_jax | sep | chatml; empty: the init_from export's
+    # template, else llm_jax.
+    chat_template: str = ""
     num_workers: int = 0  # grain worker processes (0: in the main process)
 
 
@@ -216,19 +219,21 @@ def validate(cfg: Config) -> Config:
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must lie strictly between 0 and 1")
     _check_recipe(cfg)
-    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1 or cfg.checkpoint.keep_period < 0:
-        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every}, checkpoint.keep={cfg.checkpoint.keep}, "
-                          f"checkpoint.keep_period={cfg.checkpoint.keep_period}: need every >= 0, keep >= 1, "
-                          "keep_period >= 0")
+    c = cfg.checkpoint
+    if c.every < 0 or c.keep < 1 or c.keep_period < 0:
+        raise ConfigError(f"checkpoint.every={c.every}, checkpoint.keep={c.keep}, checkpoint.keep_period="
+                          f"{c.keep_period}: need every >= 0, keep >= 1, keep_period >= 0")
     task_config.validate(cfg)
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    from llm_jax.data.chat.template import TEMPLATES  # the one list of templates; imported late (numpy, tokenizers)
+    if cfg.data.chat_template not in ("", *TEMPLATES):
+        raise ConfigError(f"data.chat_template={cfg.data.chat_template!r} is not one of {', '.join(TEMPLATES)}")
     return cfg
 
 
 def _check_recipe(cfg: Config) -> None:
-    """The training-recipe switches: each a non-negative number, in its range."""
-    t, o = cfg.train, cfg.optim
+    t, o = cfg.train, cfg.optim  # the training-recipe switches: each a non-negative number, in its range
     for key in ("train.time_budget_s", "train.z_loss", "train.seq_len_warmup_steps", "model.logit_softcap",
                 "optim.muon_learning_rate", "optim.muon_momentum"):
         section, name = key.split(".")
@@ -247,6 +252,7 @@ HEAD_FIELDS = ("reward_init_std",)
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
 
 # Configs saved before `task` replaced the data section's format and the model's head (run dirs, exports) load.
 _LEGACY_TASKS = {"text": "pretrain", "dialogue": "sft", "preference": "reward"}
@@ -272,16 +278,6 @@ def from_dict(d: dict) -> Config:
         else:
             kwargs[name] = value
     return Config(**kwargs)
-
-
-def differences(saved: Config, cfg: Config, keys: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> list[str]:
-    """"key: old saved, new now" per differing dotted key (starting with one of `keys`, not in `ignore`)."""
-    def flat(c: Config) -> dict:
-        return {f"{section}.{k}" if isinstance(v, dict) else section: x
-                for section, v in to_dict(c).items() for k, x in (v.items() if isinstance(v, dict) else [(None, v)])}
-    old, new = flat(saved), flat(cfg)
-    return [f"{key}: {old[key]!r} saved, {new[key]!r} now" for key in new
-            if old.get(key) != new[key] and key not in ignore and (not keys or key.startswith(keys))]
 
 
 def to_json(cfg: Config) -> str:

@@ -79,9 +79,10 @@ class Attention(nn.Module):
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, virtual_kv=None, use_cache=True, return_kv=False):
         cfg, peft = self.cfg, self.peft
         n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
-        q_BxTxNxH = Dense(cfg, (n, h), ("embed", "heads", "head_dim"), peft=peft, name="q")(x_BxTxD)
-        k_BxTxKxH = Dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), peft=peft, name="k")(x_BxTxD)
-        v_BxTxKxH = Dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), peft=peft, name="v")(x_BxTxD)
+        qkv = dict(peft=peft, bias=cfg.use_bias or cfg.qkv_bias)
+        q_BxTxNxH = Dense(cfg, (n, h), ("embed", "heads", "head_dim"), name="q", **qkv)(x_BxTxD)
+        k_BxTxKxH = Dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), name="k", **qkv)(x_BxTxD)
+        v_BxTxKxH = Dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), name="v", **qkv)(x_BxTxD)
         if cfg.qk_norm:  # over each head's H features, before the rotation
             q_BxTxNxH, k_BxTxKxH = norm(cfg, "q_norm")(q_BxTxNxH), norm(cfg, "k_norm")(k_BxTxKxH)
         if cfg.position == "rope":

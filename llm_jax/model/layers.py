@@ -40,6 +40,7 @@ class Dense(nn.Module):
     n_in: int = 1
     std: float | None = None
     peft: PeftConfig = PeftConfig()
+    bias: bool | None = None  # None: model.use_bias
 
     @nn.compact
     def __call__(self, x):
@@ -55,7 +56,7 @@ class Dense(nn.Module):
         if (update := lora_update(self, self.peft, rows, self.n_in, self.features, self.names, dtype)) is not None:
             y = y + update
         y = y.reshape(*lead, *self.features)
-        if cfg.use_bias:
+        if cfg.use_bias if self.bias is None else self.bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.names[self.n_in:])
             y = y + self.param("bias", bias_init, self.features, param_dtype(cfg)).astype(dtype)
         return y

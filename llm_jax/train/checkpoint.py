@@ -27,7 +27,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from llm_jax.config import CheckpointConfig, Config, differences, from_dict, to_dict
+from llm_jax.config import CheckpointConfig, Config, from_dict, to_dict
 from llm_jax.data.tokenizer import from_bytes
 from llm_jax.errors import CheckpointError
 from llm_jax.train import peft
@@ -195,3 +195,13 @@ def check_writable(run_dir: Path, state_bytes: int, keep: int) -> None:
     if free < need:
         raise CheckpointError(f"not enough free space for checkpoints in {run_dir}: about {need / 2**20:.0f} MiB "
                               f"needed (checkpoint.keep={keep}), {free / 2**20:.0f} MiB free")
+
+
+def differences(saved: Config, cfg: Config, keys: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> list[str]:
+    """"key: old saved, new now" per differing dotted key (starting with one of `keys`, not in `ignore`)."""
+    def flat(c: Config) -> dict:
+        return {f"{section}.{k}" if isinstance(v, dict) else section: x
+                for section, v in to_dict(c).items() for k, x in (v.items() if isinstance(v, dict) else [(None, v)])}
+    old, new = flat(saved), flat(cfg)
+    return [f"{key}: {old[key]!r} saved, {new[key]!r} now" for key in new
+            if old.get(key) != new[key] and key not in ignore and (not keys or key.startswith(keys))]

@@ -17,13 +17,13 @@ import orbax.checkpoint as ocp
 
 from llm_jax import tasks
 from llm_jax.atomic import atomic_directory
-from llm_jax.config import HEAD_FIELDS, CheckpointConfig, Config, MeshConfig, differences, from_dict, to_dict
+from llm_jax.config import HEAD_FIELDS, CheckpointConfig, Config, MeshConfig, from_dict, to_dict
 from llm_jax.data.tokenizer import Tokenizer, from_bytes
 from llm_jax.errors import CheckpointError, ConfigError, MeshError
 from llm_jax.model import adapters
 from llm_jax.parallel import sharding
 from llm_jax.train import peft
-from llm_jax.train.checkpoint import checkpoint_dir, committed_steps, manager, restore_params
+from llm_jax.train.checkpoint import checkpoint_dir, committed_steps, differences, manager, restore_params
 from llm_jax.train.state import abstract_params
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 
 from llm_jax import tasks
-from llm_jax.config import Config, differences, from_dict
+from llm_jax.config import Config, from_dict
 from llm_jax.errors import ConfigError, RunDirError
 from llm_jax.experiment import resolve
 from llm_jax.parallel import sharding
@@ -146,13 +146,13 @@ def open_run_dir(run_dir: Path, fresh: bool, cfg: Config) -> RunDir:
 
 def saved_differences(run_dir: Path, cfg: Config) -> list[str]:
     """The keys in which the config an earlier attempt saved in RUN_DIR/config.json differs from cfg
-    (config.differences); a config.json llm_jax did not write is a RunDirError."""
+    (checkpoint.differences); a config.json llm_jax did not write is a RunDirError."""
     try:
         saved = from_dict(json.loads((run_dir / "config.json").read_text()))
     except (ValueError, TypeError) as e:  # a config.json another program left (atomic writes leave none)
         raise RunDirError(f"{run_dir / 'config.json'} is not an llm_jax config ({e}); pass --fresh to "
                           "delete the directory and start over") from None
-    return differences(saved, cfg)
+    return checkpoint.differences(saved, cfg)
 
 
 def load_frozen(task: Task, model, mesh, tokenizer) -> dict:

@@ -31,6 +31,8 @@ import numpy as np
 from llm_jax.data.chat.dialogue import ROLES, Message, dialogue_problem
 from llm_jax.data.tokenizer import Tokenizer
 
+TEMPLATES = ("llm_jax", "sep", "chatml")
+
 
 def render(dialogue: list[Message], tokenizer: Tokenizer,
            max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
