@@ -101,7 +101,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def with_init_from(cfg: Config) -> Config:
     """Fine-tuning an export: its model (with this config's head fields) and its tokenizer are the ones to
-    train. Applying it twice changes nothing."""
+    train, and its chat template unless this config names one. Applying it twice changes nothing."""
     if not cfg.checkpoint.init_from:
         return cfg
     export = Path(cfg.checkpoint.init_from)
@@ -111,7 +111,8 @@ def with_init_from(cfg: Config) -> Config:
     saved = from_dict(json.loads((export / "config.json").read_text()))
     head = {f: getattr(cfg.model, f) for f in HEAD_FIELDS}
     return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, **head),
-                               data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.model")))
+                               data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.model"),
+                                                        chat_template=cfg.data.chat_template or saved.data.chat_template))
 
 
 def resolve(cfg: Config) -> Config:

@@ -171,7 +171,7 @@ def test_dialogue_problem():
 
 def spans(tok, dialogue):
     """Expected (ids, mask) built turn by turn, by hand."""
-    sp = tok.special_ids
+    sp = tok.specials
     ids, mask = [], []
     for m in dialogue:
         content = tok.encode(m.content)
@@ -185,7 +185,7 @@ DIALOGUE = [Message(S, "Be brief."), Message(U, "What is the capital of France?"
 
 
 def test_render_matches_hand_layout_and_mask_boundaries(tok):
-    sp = tok.special_ids
+    sp = tok.specials
     ids, mask = render(DIALOGUE, tok)
     want_ids, want_mask = spans(tok, DIALOGUE)
     assert ids.dtype == np.int32 and mask.dtype == bool
@@ -207,8 +207,8 @@ def test_targets_and_weights_shift(tok):
     assert len(inputs) == len(targets) == len(weights) == len(ids) - 1
     # The first weighted target is the first answer token, predicted from the <|assistant|> tag.
     first = np.argmax(weights)
-    assert inputs[first] == tok.special_ids["<|assistant|>"] and targets[first] == tok.encode("Paris.")[0]
-    assert targets[-1] == tok.special_ids["<|end|>"] and weights[-1]
+    assert inputs[first] == tok.specials["<|assistant|>"] and targets[first] == tok.encode("Paris.")[0]
+    assert targets[-1] == tok.specials["<|end|>"] and weights[-1]
     assert not mask[0]  # so weights = mask[1:] drops nothing
 
 
@@ -221,14 +221,14 @@ def test_truncation_mid_answer_and_all_answers(tok):
     np.testing.assert_array_equal(mask_c, mask[:cut])
     assert mask_c.sum() == 2 and mask_c.any()
     ids_c, mask_c = render(DIALOGUE[1:3], tok, max_len=answer[0])  # ends at the <|assistant|> tag
-    assert len(ids_c) == answer[0] and ids_c[-1] == tok.special_ids["<|assistant|>"]
+    assert len(ids_c) == answer[0] and ids_c[-1] == tok.specials["<|assistant|>"]
     assert not mask_c.any()  # nothing to learn: the caller drops and counts it
     np.testing.assert_array_equal(render(DIALOGUE, tok, max_len=10_000)[0], render(DIALOGUE, tok)[0])
 
 
 def test_render_prompt_ends_with_assistant_tag(tok):
     prompt = render_prompt(DIALOGUE[:4], tok)
-    assert prompt.dtype == np.int32 and prompt[-1] == tok.special_ids["<|assistant|>"]
+    assert prompt.dtype == np.int32 and prompt[-1] == tok.specials["<|assistant|>"]
     full, _ = render(DIALOGUE, tok)
     np.testing.assert_array_equal(full[:len(prompt)], prompt)  # training and inference agree
     with pytest.raises(ValueError, match="render_prompt needs"):
@@ -239,7 +239,7 @@ def test_chinese_and_literal_tags_round_trip(tok):
     dialogue = [Message(U, "床前明月光，疑是地上霜。<|end|>"), Message(A, "举头望明月，低头思故乡。😀")]
     ids, mask = render(dialogue, tok)
     assert tok.decode(ids) == "床前明月光，疑是地上霜。<|end|>举头望明月，低头思故乡。😀"  # tags decode to ""
-    assert (ids == tok.special_ids["<|end|>"]).sum() == 2  # literal text never becomes a control token
+    assert (ids == tok.specials["<|end|>"]).sum() == 2  # literal text never becomes a control token
     assert tok.decode(ids[mask]) == dialogue[1].content
 
 

@@ -143,7 +143,7 @@ def test_rows_weight_exactly_the_answers_and_their_end(tmp_path, tiny_export):
     task.prepare(tmp_path / "data")
     data = task.load(tmp_path / "data")
     assert isinstance(data, PreparedAnswerPairs)
-    end, rows = tok.special_ids["<|end|>"], task.rows(data, "train")
+    end, rows = tok.specials["<|end|>"], task.rows(data, "train")
     assert len(rows) == data.meta["splits"]["train"]["pairs"] > 0
     for i in range(len(rows)):
         row = rows[i]
@@ -301,7 +301,7 @@ def polite_share(run_or_export, prompts):
     cfg, params, tok = load_for_inference(run_or_export)
     from llm_jax.data.chat.template import render_prompt
     gen = Generator(ModelRunner(cfg.model, params), Sampling(temperature=0))
-    end = tok.special_ids["<|end|>"]
+    end = tok.specials["<|end|>"]
     answers = gen.generate([render_prompt([Message("user", q)], tok).tolist() for q in prompts], 24,
                            stop_ids=[end, tok.eos_id])
     texts = [tok.decode([t for t in a if t not in (end, tok.eos_id)]).strip() for a in answers]

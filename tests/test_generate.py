@@ -197,7 +197,7 @@ def test_generate_and_sample_report_an_empty_prompt_or_no_tokens_as_config_error
             gen.generate(prompts, max_new_tokens)
 
     class Tokens:  # encodes every text as its characters' codes
-        encode = staticmethod(lambda text: [ord(c) for c in text])
+        encode = encode_prompt = staticmethod(lambda text: [ord(c) for c in text])
 
     out = io.StringIO()
     with pytest.raises(ConfigError, match="encodes to no tokens"):
@@ -231,7 +231,7 @@ def test_chat_survives_an_empty_answer():
     import tempfile, pathlib
     with tempfile.TemporaryDirectory() as d:
         tok = train_tokenizer(["hello world, how are you today? " * 50], pathlib.Path(d) / "t", 300)
-    END = tok.special_ids["<|end|>"]
+    END = tok.specials["<|end|>"]
     out = io.StringIO()
     dialogue = chat(Silent(), tok, 5, 0, inp=io.StringIO("hi\nagain\n\n"), out=out)
     assert out.getvalue().count("(no answer)") == 2 and dialogue == []

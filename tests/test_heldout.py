@@ -236,6 +236,6 @@ def test_eval_primes_with_given_files_or_the_runs_training_text(prepared, tmp_pa
     assert primer == prepared.tokenizer.decode_bytes(prepared.tokens("train")[:]) and str(prepared.path) in source
     texts = ["the quick brown fox\n", "runs over the lazy dog\n"]
     totals = {"nats": 50.0, "tokens": 12.0, "bytes": float(sum(len(t.encode()) for t in texts))}
-    r = report(totals, texts, primer, source)
+    r = report(totals, [t.encode() for t in texts], primer, source)
     assert r["primer"]["bytes"] == len(primer) and set(r["baselines_bits_per_byte"]) >= {"xz", "xz_primed"}
     assert "xz -9e primed" in format_report(r, as_json=False)

@@ -176,7 +176,7 @@ def test_a_lora_run_checkpoints_only_adapters_and_its_merged_export_is_the_same_
 # ---------------------------------------------------------------------------------------------- Hugging Face PEFT
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
 def test_lora_adapters_load_both_ways_with_the_same_logits(tmp_path, kind):
     """A PEFT LoRA adapter (random A and B) folded in by import-hf gives PEFT's logits; our LoRA params written as a
     PEFT adapter and loaded by peft onto the same base give ours."""

@@ -147,7 +147,7 @@ def test_qa_feedback_expands_labels(tmp_path):
 def test_render_fits_uncut(tok):
     prompt = (Message(S, "Be brief."), Message(U, "Hello, how are you?"))
     chosen, rejected = render_answers(prompt, ["I am fine.", "Go away."], tok, SEQ_LEN)
-    end, head = tok.special_ids["<|end|>"], render_prompt(list(prompt), tok).tolist()
+    end, head = tok.specials["<|end|>"], render_prompt(list(prompt), tok).tolist()
     assert chosen.tolist() == head + tok.encode("I am fine.") + [end] and chosen.dtype == np.int32
     assert rejected.tolist() == head + tok.encode("Go away.") + [end]
 
@@ -160,7 +160,7 @@ def test_render_cuts_prompt_from_the_left_and_answers_at_the_end(tok, long_answe
     full_prompt, ids = render_prompt(list(prompt), tok).tolist(), tok.encode_batch(answers)
     assert len(full_prompt) + len(ids[0]) >= SEQ_LEN  # the longest does not fit
     long, short = render_answers(prompt, answers, tok, SEQ_LEN)
-    assert len(long) == SEQ_LEN and long[-1] == short[-1] == tok.special_ids["<|end|>"]
+    assert len(long) == SEQ_LEN and long[-1] == short[-1] == tok.specials["<|end|>"]
     keep = SEQ_LEN // 2 - 1 if long_answer else SEQ_LEN - 1 - len(ids[0])  # half the room, or all it leaves
     head = full_prompt[len(full_prompt) - keep:]
     assert long[:keep].tolist() == short[:keep].tolist() == head  # the same latest prompt tokens for both

@@ -30,7 +30,7 @@ def test_fine_tuned_model_reproduces_its_answers_greedily(tmp_path, capsys, tiny
 
     cfg, params, tok = load_for_inference(sft_run)
     gen = Generator(ModelRunner(cfg.model, params), Sampling(temperature=0))
-    end = tok.special_ids["<|end|>"]
+    end = tok.specials["<|end|>"]
     prompts = [render_prompt([Message("user", q)], tok).tolist() for q, _ in QA]
     answers = gen.generate(prompts, 16, stop_ids=[end, tok.eos_id])
     for (q, expected), answer in zip(QA, answers):

@@ -115,7 +115,7 @@ def test_weights_are_exactly_the_assistant_targets(prepared, tok):
     for k in range(60):
         ids, mask = render(dialogue(k), tok, max_len=SEQ_LEN + 1)
         rendered[tuple(ids.tolist())] = mask
-    end, assistant = tok.special_ids["<|end|>"], tok.special_ids["<|assistant|>"]
+    end, assistant = tok.specials["<|end|>"], tok.specials["<|assistant|>"]
     n_examples, n_full = 0, 0
     for batch in (all_rows(prepared, "train"), all_rows(prepared, "eval")):
         for r, start, stop in _segments(batch):
@@ -148,7 +148,7 @@ def test_multi_turn_weights_by_hand(tok):
     row = row_arrays([(ids, mask)], len(ids) + 3, tok.pad_id, np.uint16)
     batch = row_batch(row["tokens"], row["segments"], row["mask"], tok.byte_lengths())
     weighted = batch.targets[batch.weights == 1]
-    end = tok.special_ids["<|end|>"]
+    end = tok.specials["<|end|>"]
     assert weighted.tolist() == [*tok.encode("Hello"), end, *tok.encode("Yes"), end]
     assert tok.decode(weighted) == "HelloYes"  # specials decode to nothing
     assert batch.target_bytes[batch.weights == 1].sum() == len(b"HelloYes")
@@ -231,7 +231,7 @@ def test_masked_loss_equals_hand_sum():
 def test_a_tokenizer_without_chat_tokens_gets_text_tags_and_eos(tmp_path):
     """An imported model's sentencepiece (no reserved chat ids, no pad): tags become text, a turn ends with EOS."""
     import sentencepiece as spm
-    from llm_jax.data.chat.template import chat_tags
+    from llm_jax.data.chat.template import tags as chat_tags
     from llm_jax.data.tokenizer import Tokenizer
     model = tmp_path / "foreign"
     spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 4), model_prefix=str(model), vocab_size=320,
@@ -239,11 +239,11 @@ def test_a_tokenizer_without_chat_tokens_gets_text_tags_and_eos(tmp_path):
                                    minloglevel=2)
     tok = Tokenizer.load(f"{model}.model")
     tags = chat_tags(tok)
-    assert tags["end"] == (tok.eos_id,) and tok.decode(list(tags["user"])).strip() == "<|user|>"
+    assert tags.end == tok.eos_id and tok.decode(list(tags.open["user"])).strip() == "<|user|>" and tags.note
     ids, mask = render([Message(U, "Hi"), Message(A, "Paris.")], tok)
     answer = list(tok.encode("Paris.")) + [tok.eos_id]
     assert ids[mask].tolist() == answer  # exactly the answer and the EOS that ends it are trained
-    assert ids.tolist()[-len(answer) - len(tags["assistant"]):-len(answer)] == list(tags["assistant"])
+    assert ids.tolist()[-len(answer) - len(tags.open["assistant"]):-len(answer)] == list(tags.open["assistant"])
     prepared = prepared_sft(config(tmp_path, n_dialogues=20), tmp_path / "p", f"{model}.model")
     batch = prepared.rows("train", SEQ_LEN)[0]
     assert batch.weights.sum() > 0 and (batch.inputs >= 0).all()

@@ -51,18 +51,21 @@ def test_byte_lengths_sum_to_utf8_length(tokenizer, text):
 
 def test_layout_and_zero_byte_ids(tokenizer):
     assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 2, 3)
-    assert list(tokenizer.special_ids) == list(SPECIAL_TOKENS)
-    reserved = [0, 1, 2, 3, *tokenizer.special_ids.values()]
+    assert tokenizer.specials == {"<pad>": 0, "<s>": 2, "</s>": 3, **{t: 4 + i for i, t in enumerate(SPECIAL_TOKENS)}}
+    reserved = [0, 1, 2, 3, *tokenizer.specials.values()]
     assert all(tokenizer.byte_lengths()[reserved] == 0)
     assert tokenizer.decode(reserved) == ""
     assert all(tokenizer.byte_lengths()[8:264] == 1)  # the byte pieces
 
 
-def test_special_tokens_never_come_from_text(tokenizer):
-    specials = set(tokenizer.special_ids.values())
-    assert len(specials) == len(SPECIAL_TOKENS) and N_RESERVED <= tokenizer.vocab_size
+def test_special_tokens_never_come_from_text_but_do_from_a_prompt(tokenizer):
+    specials = set(tokenizer.specials.values())
+    assert len(specials) == len(SPECIAL_TOKENS) + 3 and N_RESERVED <= tokenizer.vocab_size
     for text in [*SPECIAL_TOKENS, "".join(SPECIAL_TOKENS), *TEXTS]:
         assert not specials & set(tokenizer.encode(text))
+    user, end = tokenizer.specials["<|user|>"], tokenizer.specials["<|end|>"]
+    assert tokenizer.encode_prompt("<|user|>hi<|end|><|end|>") == [user, *tokenizer.encode("hi"), end, end]
+    assert tokenizer.encode_prompt("plain <|user text") == tokenizer.encode("plain <|user text")
 
 
 def test_decode_bytes_keeps_a_character_cut_in_two(tokenizer):

@@ -77,7 +77,7 @@ def _eval(args: argparse.Namespace) -> int:
     primer, source = primer_of(args.prime, Path(args.checkpoint), cfg)
     context = args.context or cfg.data.seq_len
     totals = evaluate_texts(runner, tokenizer, texts, context, args.stride or max(1, context // 2))
-    print(format_report(report(totals, texts, primer, source), args.json))
+    print(format_report(report(totals, [tokenizer.scored_bytes(t) for t in texts], primer, source), args.json))
     return 0
 
 

@@ -78,7 +78,7 @@ def _show_masks(args: argparse.Namespace) -> int:
         raise ConfigError("show-masks needs a tokenizer: --set checkpoint.init_from=EXPORT or data.tokenizer=PATH")
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
     for n, dialogue in enumerate(itertools.islice(iter_dialogues(cfg.data.sources, data_dir(cfg)), args.n)):
-        ids, mask = render(dialogue, tokenizer, max_len=cfg.data.seq_len + 1)
+        ids, mask = render(dialogue, tokenizer, max_len=cfg.data.seq_len + 1, template=cfg.data.chat_template)
         print(f"--- dialogue {n}: {len(ids)} tokens, {int(mask.sum())} trained on (in ⟦ ⟧)\n"
               f"{show(ids, mask, tokenizer)}")
     return 0

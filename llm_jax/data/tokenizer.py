@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import io
 import itertools
+import json
 import re
 import warnings
 from pathlib import Path
@@ -26,8 +27,10 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from llm_jax.data import wordpiece
 from llm_jax.data.byte_bpe import ByteLevelBPETokenizer
 from llm_jax.data.pieces import SPECIAL_TOKENS, PieceTable
+from llm_jax.data.wordpiece import WordPieceTokenizer
 from llm_jax.errors import DataError
 
 N_RESERVED = 4 + len(SPECIAL_TOKENS) + 256  # pad/unk/bos/eos, specials, byte pieces
@@ -49,9 +52,11 @@ class Tokenizer(PieceTable):
         path = Path(path)
         if not path.is_file():
             raise DataError(f"tokenizer model {path} does not exist")
+        if path.name == "vocab.txt":  # a BERT WordPiece vocabulary, with its settings beside it
+            return WordPieceTokenizer(wordpiece.from_vocab(path, path.parent / "tokenizer_config.json"))
         data = path.read_bytes()
-        if path.suffix == ".json" or _is_json(data):  # a Hugging Face byte-level BPE (GPT-2) tokenizer.json
-            return ByteLevelBPETokenizer.from_json(data, path)
+        if path.suffix == ".json" or _is_json(data):  # a Hugging Face tokenizer.json
+            return _from_json(data, path)
         try:
             return cls(data)
         except RuntimeError as e:
@@ -80,8 +85,8 @@ class Tokenizer(PieceTable):
         return self._sp.eos_id()
 
     @property
-    def special_ids(self) -> dict[str, int]:
-        return {name: self._sp.piece_to_id(name) for name in SPECIAL_TOKENS}
+    def specials(self) -> dict[str, int]:
+        return {self._sp.id_to_piece(i): i for i in range(self._sp.vocab_size()) if self._sp.is_control(i)}
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """encode() of each text, on all cores (sentencepiece's own thread pool).
@@ -202,8 +207,17 @@ def _train(sentences: list[str], vocab_size: int, model_type: str) -> bytes:
 
 
 def from_bytes(data: bytes):
-    """The tokenizer whose serialized() is `data`: a sentencepiece model, or a byte-level BPE tokenizer.json."""
-    return ByteLevelBPETokenizer.from_json(data) if _is_json(data) else Tokenizer(data)
+    """The tokenizer whose serialized() is `data`: a sentencepiece model, or a Hugging Face tokenizer.json."""
+    return _from_json(data) if _is_json(data) else Tokenizer(data)
+
+
+def _from_json(data: bytes, path: Path | None = None) -> PieceTable:
+    """A tokenizer.json: WordPiece (BERT's) or byte-level BPE (GPT-2's, Qwen2's), by its model type."""
+    try:
+        kind = (json.loads(data).get("model") or {}).get("type")
+    except ValueError as e:
+        raise DataError(f"{path or 'tokenizer'}: not a tokenizer.json ({e})") from None
+    return (WordPieceTokenizer if kind == "WordPiece" else ByteLevelBPETokenizer).from_json(data, path)
 
 
 def _is_json(data: bytes) -> bool:

@@ -6,8 +6,9 @@ token is predicted as the start of a document). A text longer than the model's c
 data.seq_len, or --context) is scored in overlapping windows of W tokens that start every S = --stride
 tokens (default W / 2): the first window scores all its targets, every later one only its last S, each of
 which has thus seen at least W - S tokens of context. Every target is scored exactly once. Bits per byte
-divide the summed nats by the UTF-8 bytes of the scored tokens, which are exactly the text's bytes.
-The compressors see each text separately too; their bits are summed over texts. Primed (--prime FILE..., by
+divide the summed nats by the UTF-8 bytes of the scored tokens, which are exactly the text's bytes; through a
+lossy tokenizer (WordPiece) they are the bytes its tokens stand for (tokenizer.scored_bytes), and the
+compressors are given those same bytes. The compressors see each text separately too; their bits are summed over texts. Primed (--prime FILE..., by
 default the training text of a run directory whose prepared data is still there), each also reports the bits it
 adds for a text after the primer: a compressor that has read what the model has read (evaluation/baselines.py).
 """
@@ -119,9 +120,10 @@ def _batch(chunk: list[Window], batch_size: int, context: int, byte_lengths: np.
                       weights=weights, target_bytes=byte_lengths[targets].astype(np.int32))
 
 
-def report(totals: dict, texts: list[str], primer: bytes = b"", primer_source: str = "") -> dict:
-    """The model's rates and each compressor's on the same texts, primed ones too when there is a primer."""
-    data = [t.encode() for t in texts if t]
+def report(totals: dict, scored: list[bytes], primer: bytes = b"", primer_source: str = "") -> dict:
+    """The model's rates and each compressor's on the same bytes (`scored`: each text's scored_bytes), primed
+    ones too when there is a primer."""
+    data = [d for d in scored if d]
     n_bytes = sum(map(len, data))
     if int(totals["bytes"]) != n_bytes:
         raise RuntimeError(f"scored {int(totals['bytes'])} bytes but the texts have {n_bytes}: the byte table "
@@ -132,7 +134,7 @@ def report(totals: dict, texts: list[str], primer: bytes = b"", primer_source: s
                 for d in data]
     compressors = {k: sum(bits[k] * size for bits, size in per_text) / n_bytes for k in per_text[0][0]}
     rates = compression_rates(totals)
-    return {"texts": len(texts), "bytes": n_bytes, "tokens": int(totals["tokens"]),
+    return {"texts": len(scored), "bytes": n_bytes, "tokens": int(totals["tokens"]),
             "bits_per_token": float(rates["bits_per_token"]), "bits_per_byte": float(rates["bits_per_byte"]),
             "tokens_per_byte": totals["tokens"] / n_bytes, "baselines_bits_per_byte": compressors,
             **({"primer": {"source": primer_source, "bytes": len(primer)}} if primer else {})}

@@ -5,7 +5,9 @@ the payload is within a fraction of a percent of the model's cross-entropy on th
 
 Bytes -> tokens is exactly reversible for any bytes: maximal valid UTF-8 runs are tokenized as text, every
 other byte becomes its byte-fallback piece (sentencepiece ids 8..263, or a GPT-2 byte token), and
-compression checks decode_bytes(tokens) == data.
+compression checks decode_bytes(tokens) == data. A lossy tokenizer (WordPiece) is used only where its tokens
+give the input back exactly (Chinese text without whitespace); other input is refused before anything is
+written.
 
 Windows: the tokens are cut into windows of `context` tokens, and each window starts from a fresh KV cache
 whose first input is EOS (pretraining documents end with EOS, so "after EOS" means "start of a document").
@@ -65,6 +67,8 @@ def byte_piece_ids(tokenizer) -> list[int]:
 
 def to_tokens(data: bytes, tokenizer: Tokenizer) -> list[int]:
     """Tokens that decode_bytes back to exactly `data`: valid UTF-8 runs as text, other bytes as byte pieces."""
+    if not tokenizer.lossless:
+        return _lossy_tokens(data, tokenizer)
     byte_ids = byte_piece_ids(tokenizer)
     # surrogateescape turns each invalid byte into a lone surrogate, which valid UTF-8 never decodes to.
     parts = _INVALID_RUNS.split(data.decode("utf-8", "surrogateescape"))
@@ -77,6 +81,18 @@ def to_tokens(data: bytes, tokenizer: Tokenizer) -> list[int]:
         tokens += ids
     if tokenizer.decode_bytes(tokens) != data:
         raise DataError("internal error: tokens do not decode to the input bytes")
+    return tokens
+
+
+def _lossy_tokens(data: bytes, tokenizer: Tokenizer) -> list[int]:
+    """The tokens of `data` if they give it back exactly, else a DataError at the first byte they change."""
+    text = data.decode("utf-8", "replace")
+    tokens = tokenizer.encode(text)
+    back = tokenizer.decode_bytes(tokens)
+    if back != data:
+        at = next((i for i, (a, b) in enumerate(zip(data, back)) if a != b), min(len(data), len(back)))
+        raise DataError(f"this {type(tokenizer).__name__} cannot reproduce the input, so it cannot compress it "
+                        f"losslessly: its tokens change byte {at} ({data[at:at + 12]!r} becomes {back[at:at + 12]!r})")
     return tokens
 
 

@@ -31,12 +31,12 @@ from llm_jax.atomic import write_atomic
 from llm_jax.data.batches import TokenBatch, answer_rows
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.chat.prompts import split_prompts
-from llm_jax.data.chat.template import render_prompt
+from llm_jax.data.chat.template import render_prompt, stop_ids
 from llm_jax.errors import ConfigError, DataError
 from llm_jax.inference.generate import Generator, Sampling, check_sampling
 from llm_jax.inference.runner import ModelRunner, default_context
 from llm_jax.inference.score import Scorer, eval_normaliser
-from llm_jax.inference.stream import answer_text, stop_ids
+from llm_jax.inference.stream import answer_text
 from llm_jax.tasks.losses import next_token_nats
 
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL = 10_000, 0, 0.95
@@ -85,9 +85,9 @@ def prompt_record(prompt: tuple[Message, ...]):
 # --- answers and their log-probabilities -----------------------------------------------------------------
 
 def answer_all(generator: Generator, tokenizer, prompts: list[np.ndarray], max_tokens: int, seed: int,
-               batch_size: int) -> list[list[int]]:
+               batch_size: int, stops: list[int]) -> list[list[int]]:
     """Each prompt's answer tokens (ending with the end-of-turn token when it stopped); batch k uses seed + k."""
-    stops, out = sorted(stop_ids(tokenizer)), []
+    out = []
     for k, start in enumerate(range(0, len(prompts), batch_size)):
         out += generator.generate([p.tolist() for p in prompts[start:start + batch_size]], max_tokens,
                                   seed=seed + k, stop_ids=stops, pad_id=tokenizer.pad_id)
@@ -139,12 +139,16 @@ def kl_warning(sampling: Sampling) -> str | None:
 # --- the comparison --------------------------------------------------------------------------------------
 
 def load_policies(policy: Path, baseline: Path, sampling: Sampling, max_tokens: int):
-    """((cfg, runner) of the policy, of the baseline), their tokenizer; a ConfigError unless it is the same."""
+    """((cfg, runner) of the policy, of the baseline), their tokenizer; a ConfigError unless they share the
+    tokenizer and the chat template (the KL of one to the other reads the same prompt tokens)."""
     loaded = [ModelRunner.load(Path(path)) for path in (policy, baseline)]
-    (_, _, tokenizer), (_, _, other) = loaded
+    (cfg, _, tokenizer), (other_cfg, _, other) = loaded
     if tokenizer.sha256 != other.sha256:
         raise ConfigError(f"--policy {policy} and --baseline {baseline} have different tokenizers (sha256 "
                           f"{tokenizer.sha256[:12]} and {other.sha256[:12]}): the KL of one to the other needs one")
+    if (cfg.data.chat_template or "llm_jax") != (other_cfg.data.chat_template or "llm_jax"):
+        raise ConfigError(f"--policy {policy} and --baseline {baseline} have different chat templates "
+                          f"({cfg.data.chat_template!r}, {other_cfg.data.chat_template!r}): the KL needs one")
     for _, runner, _ in loaded:
         check_sampling(sampling, max_tokens, model=runner.cfg)
     return [(cfg, runner) for cfg, runner, _ in loaded], tokenizer
@@ -161,15 +165,16 @@ def compare(policy: Path, baseline: Path, judge: Path, sources: tuple[str, ...],
     prompts = held_out_prompts(sources, root, eval_fraction, samples)
     ((cfg_a, run_a), (cfg_b, run_b)), tokenizer = load_policies(policy, baseline, sampling, max_tokens)
     judge_cfg, judge_runner, judge_tokenizer = ModelRunner.load(Path(judge), head="reward")
-    rendered = [render_prompt(list(p), tokenizer) for p in prompts]
+    template = cfg_a.data.chat_template
+    rendered, stops = [render_prompt(list(p), tokenizer, template) for p in prompts], sorted(stop_ids(tokenizer, template))
     ids_a = [fit_prompt(ids, default_context(cfg_a), max_tokens, policy) for ids in rendered]
     ids_b = [fit_prompt(ids, default_context(cfg_b), max_tokens, baseline) for ids in rendered]
-    answers_a = answer_all(Generator(run_a, sampling), tokenizer, ids_a, max_tokens, seed, batch_size)
-    answers_b = answer_all(Generator(run_b, sampling), tokenizer, ids_b, max_tokens, seed, batch_size)
+    answers_a = answer_all(Generator(run_a, sampling), tokenizer, ids_a, max_tokens, seed, batch_size, stops)
+    answers_b = answer_all(Generator(run_b, sampling), tokenizer, ids_b, max_tokens, seed, batch_size, stops)
     kl = (answer_nats(run_b, ids_a, answers_a, tokenizer.pad_id, batch_size)
           - answer_nats(run_a, ids_a, answers_a, tokenizer.pad_id, batch_size))
-    texts = [(answer_text(tokenizer, a), answer_text(tokenizer, b)) for a, b in zip(answers_a, answers_b)]
-    raw = np.asarray(Scorer(judge_runner, judge_cfg.data.seq_len, batch_size).answer_rewards(
+    texts = [(answer_text(tokenizer, a, stops), answer_text(tokenizer, b, stops)) for a, b in zip(answers_a, answers_b)]
+    raw = np.asarray(Scorer(judge_runner, judge_cfg.data.seq_len, batch_size, judge_cfg.data.chat_template).answer_rewards(
         [(p, list(pair)) for p, pair in zip(prompts, texts)], judge_tokenizer), np.float64)
     normalise, mean, std = eval_normaliser(Path(judge))
     rewards = normalise(raw)

@@ -6,12 +6,14 @@ callers stream them and stops once every row has produced a stop token or the bu
 Sampling: temperature 0 is greedy; otherwise logits are divided by the temperature, then restricted to
 the top-k and to the smallest set whose probability reaches top-p (nucleus), then sampled. check_sampling
 validates the settings before anything is loaded, under the names the caller's users know them by.
+A Generator made with trace=K also returns, from the same jitted steps, what the model believed at each step
+(StepTrace: the chosen token's log-probability and the K most probable tokens), for `llm-jax sample --trace`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +86,22 @@ def sample_token(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> j
     return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+class StepTrace(NamedTuple):
+    """One step's next-token distribution per row: log-softmax of the raw logits (temperature 1, before top-k
+    and top-p), i.e. what the model believes, whatever the sampling settings then draw from it."""
+    logprob_B: jax.Array  # of the chosen token
+    top_ids_BxK: jax.Array  # the K most probable tokens, most probable first
+    top_logprobs_BxK: jax.Array
+
+
+def step_trace(logits_BxV: jax.Array, token_B: jax.Array, k: int) -> StepTrace:
+    # On device: K values per row cross to the host, not the vocabulary's logits.
+    logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    top_logprobs_BxK, top_ids_BxK = jax.lax.top_k(logprobs_BxV, k)
+    chosen_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
+    return StepTrace(chosen_B, top_ids_BxK.astype(jnp.int32), top_logprobs_BxK)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int = 0):
     """tokens, positions and segment ids (B, P) of left-padded prompts, and each prompt's length; P is the
     longest prompt's length, or `width` if that is more."""
@@ -108,54 +126,69 @@ class Generator:
     logical sharding rules in force (batch over data and fsdp, heads over tensor, the KV cache sharded like
     the keys). The params are an argument of the jitted steps, so `generate(..., params=...)` decodes with
     other values of the same shapes as the runner's (a policy being trained) without compiling again.
+
+    trace=K > 0: each step also computes a StepTrace with the K most probable tokens (all of them if the
+    vocabulary is smaller), passed to generate's `on_trace`; trace=0 (the default) compiles the steps without it.
     """
 
-    def __init__(self, runner: ModelRunner, sampling: Sampling = Sampling()):
+    def __init__(self, runner: ModelRunner, sampling: Sampling = Sampling(), trace: int = 0):
         self.runner, self.sampling = runner, sampling
+        self.trace = min(trace, runner.cfg.vocab_size)
         self.model = runner.model(decode=True)
         self._prefill = self.runner.jit(self._prefill_fn)
         self._step = self.runner.jit(self._step_fn, donate_argnums=(1,))
 
+    def _choose(self, logits_BxV, rng):
+        """The next token of each row and, with trace, the step's StepTrace (else None)."""
+        token_B = sample_token(logits_BxV, rng, self.sampling)
+        return token_B, step_trace(logits_BxV, token_B, self.trace) if self.trace else None
+
     def _prefill_fn(self, params, cache, tokens, positions, segments, rng):
         logits, updated = self.model.apply({"params": params, "cache": cache}, tokens, positions, segments,
                                            mutable=["cache"])
-        return sample_token(logits[:, -1], rng, self.sampling), updated["cache"]
+        return self._choose(logits[:, -1], rng), updated["cache"]
 
     def _step_fn(self, params, cache, token_B, position_B, rng):
         logits, updated = self.model.apply({"params": params, "cache": cache}, token_B[:, None],
                                            position_B[:, None], jnp.ones_like(token_B)[:, None], mutable=["cache"])
-        return sample_token(logits[:, -1], rng, self.sampling), updated["cache"]
+        return self._choose(logits[:, -1], rng), updated["cache"]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0,
                  stop_ids: Sequence[int] = (), pad_id: int = 0,
                  on_tokens: Callable[[list[int | None]], None] | None = None, params=None,
-                 prompt_width: int = 0) -> list[list[int]]:
+                 prompt_width: int = 0,
+                 on_trace: Callable[[list[int | None], StepTrace], None] | None = None) -> list[list[int]]:
         """New tokens for each prompt (a stop token included, nothing after it). `on_tokens` receives each
-        step's token per row (None for rows already stopped), for streaming. prompt_width: pad the prompts to at
+        step's token per row (None for rows already stopped), for streaming; `on_trace` (a Generator with
+        trace > 0) the same and the step's StepTrace, as numpy arrays. prompt_width: pad the prompts to at
         least this many tokens, so that calls with prompts of other lengths reuse one compilation (RL rollouts)."""
         params = self.runner.params if params is None else params
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        if on_trace is not None and not self.trace:
+            raise ConfigError("on_trace needs a Generator made with trace > 0")
         tokens, positions, segments, lengths = left_pad(prompts, pad_id, prompt_width)
         total = tokens.shape[1] + max_new_tokens
         self.runner.check_length(int(lengths.max()) + max_new_tokens, "prompt + max tokens")
         rngs = jax.random.split(jax.random.key(seed), max_new_tokens)
-        token, cache = self._prefill(params, self.runner.empty_cache(len(prompts), total), tokens, positions,
-                                     segments, rngs[0])
+        (token, trace), cache = self._prefill(params, self.runner.empty_cache(len(prompts), total), tokens,
+                                              positions, segments, rngs[0])
         outputs: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(len(prompts), bool)
         stop = set(stop_ids)
         for t in range(max_new_tokens):
-            host = np.asarray(jax.device_get(token))
+            host, host_trace = jax.device_get((token, trace))  # fetched together; None without trace
             step_tokens: list[int | None] = []
-            for row, tok in enumerate(host.tolist()):
+            for row, tok in enumerate(np.asarray(host).tolist()):
                 step_tokens.append(None if done[row] else tok)
                 if not done[row]:
                     outputs[row].append(tok)
                     done[row] = tok in stop
             if on_tokens is not None:
                 on_tokens(step_tokens)
+            if on_trace is not None:
+                on_trace(step_tokens, host_trace)
             if done.all() or t == max_new_tokens - 1:
                 break
-            token, cache = self._step(params, cache, token, jnp.asarray(lengths + t, jnp.int32), rngs[t + 1])
+            (token, trace), cache = self._step(params, cache, token, jnp.asarray(lengths + t, jnp.int32), rngs[t + 1])
         return outputs

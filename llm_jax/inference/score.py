@@ -36,8 +36,8 @@ ROW_AXES = ("batch", "length")
 class Scorer:
     """Jitted rewards of token sequences (each at most seq_len), through the model's runner."""
 
-    def __init__(self, runner: ModelRunner, seq_len: int, batch_size: int = 32):
-        self.runner, self.seq_len = runner, seq_len
+    def __init__(self, runner: ModelRunner, seq_len: int, batch_size: int = 32, template: str = ""):
+        self.runner, self.seq_len, self.template = runner, seq_len, template  # the reward model's chat template
         self.batch_size = runner.round_rows(batch_size)  # whole rows per device
         model = runner.model()
         self._forward = runner.jit_batch(lambda p, rows: model.apply({"params": p}, *rows), (ROW_AXES,) * 3)
@@ -59,7 +59,7 @@ class Scorer:
         one prompt cut for all the answers of an item)."""
         sequences, counts = [], []
         for prompt, answers in items:
-            sequences += render_answers(prompt, answers, tokenizer, self.seq_len)
+            sequences += render_answers(prompt, answers, tokenizer, self.seq_len, self.template)
             counts.append(len(answers))
         raw, out = self.rewards(sequences, tokenizer.pad_id).tolist(), []
         for n in counts:
@@ -113,7 +113,7 @@ def score_file(checkpoint: Path, input_path: Path, output: Path | None, step: in
     """Scores every line of input_path; writes one JSON line per input line; returns the summary."""
     items = read_items(Path(input_path))
     cfg, runner, tokenizer = ModelRunner.load(Path(checkpoint), step, head="reward")
-    scorer = Scorer(runner, cfg.data.seq_len, batch_size)
+    scorer = Scorer(runner, cfg.data.seq_len, batch_size, cfg.data.chat_template)
     normalise, mean, std = eval_normaliser(Path(checkpoint), step)
     scored = [i for i, (_, item) in enumerate(items) if not isinstance(item, str)]
     rewards = scorer.answer_rewards([(item.prompt, [item.chosen, item.rejected]) if isinstance(item, Pair) else

@@ -1,7 +1,8 @@
-"""`llm-jax sample` and `llm-jax chat`: text in, streamed text out, through the chat template for chat.
+"""`llm-jax sample` and `llm-jax chat`: text in, streamed text out, through the model's chat template for chat.
 
 Tokens are printed as they are produced. Their bytes go through an incremental UTF-8 decoder, so a
-character split over several byte-fallback tokens appears once it is complete.
+character split over several byte-fallback tokens appears once it is complete. A sample prompt is encoded
+with its special tokens parsed ("[CLS]今天" starts with [CLS]'s id); what is typed in a chat stays text.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import codecs
 import sys
 from typing import TextIO
 
-from llm_jax.data.chat.template import chat_tags, render_prompt
+from llm_jax.data.chat.template import render_prompt, stop_ids
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import ConfigError
@@ -35,38 +36,35 @@ class TextStream:
         self.out.flush()
 
 
-def stop_ids(tokenizer: Tokenizer) -> set[int]:
-    return {tokenizer.eos_id, *chat_tags(tokenizer)["end"]}
-
-
-def answer_text(tokenizer, tokens: list[int]) -> str:
-    """The text of an answer, without its stop token, stripped (as chat adds it to the dialogue)."""
-    stops = stop_ids(tokenizer)
+def answer_text(tokenizer, tokens: list[int], stops) -> str:
+    """The text of an answer, without its stop tokens, stripped (as chat adds it to the dialogue)."""
     return tokenizer.decode([t for t in tokens if t not in stops]).strip()
 
 
 def sample(generator: Generator, tokenizer: Tokenizer, prompt: str, max_tokens: int, seed: int,
-           out: TextIO | None = None) -> list[int]:
-    """Continues `prompt` as a document, streaming the continuation."""
+           out: TextIO | None = None, stops: set[int] | None = None) -> list[int]:
+    """Continues `prompt` as a document, streaming the continuation, until one of `stops` (default: EOS and the
+    end of a turn)."""
     out = out or sys.stdout  # looked up now: the stream may have been replaced since import
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode_prompt(prompt)
     if not ids:
         raise ConfigError(f"prompt {prompt!r}: encodes to no tokens; generation needs at least 1")
     # Here, not only in generate(), which would raise after the prompt is printed.
     check_sampling(generator.sampling, max_tokens, model=generator.runner.cfg, name=str)
     out.write(prompt)
-    stream = TextStream(tokenizer, out, stop_ids(tokenizer))
-    tokens = generator.generate([ids], max_tokens, seed=seed, stop_ids=sorted(stop_ids(tokenizer)),
-                                on_tokens=stream)[0]
+    stops = stop_ids(tokenizer) if stops is None else stops
+    stream = TextStream(tokenizer, out, stops)
+    tokens = generator.generate([ids], max_tokens, seed=seed, stop_ids=sorted(stops), on_tokens=stream)[0]
     stream.close()
     return tokens
 
 
 def chat(generator: Generator, tokenizer: Tokenizer, max_tokens: int, seed: int, system: str = "",
-         inp: TextIO | None = None, out: TextIO | None = None) -> list[Message]:
-    """A multi-turn conversation on the terminal; the whole dialogue so far is the context of each answer.
-    An empty line or end of input ends it."""
+         inp: TextIO | None = None, out: TextIO | None = None, template: str = "") -> list[Message]:
+    """A multi-turn conversation on the terminal through the chat `template`; the whole dialogue so far is the
+    context of each answer. An empty line or end of input ends it."""
     inp, out = inp or sys.stdin, out or sys.stdout
+    stops = stop_ids(tokenizer, template)
     dialogue = [Message("system", system)] if system else []
     turn = 0
     while True:
@@ -78,10 +76,10 @@ def chat(generator: Generator, tokenizer: Tokenizer, max_tokens: int, seed: int,
             return dialogue
         dialogue.append(Message("user", line.strip()))
         out.write("model> ")
-        stream = TextStream(tokenizer, out, stop_ids(tokenizer))
-        answer = generator.generate([render_prompt(dialogue, tokenizer).tolist()], max_tokens, seed=seed + turn,
-                                    stop_ids=sorted(stop_ids(tokenizer)), on_tokens=stream)[0]
-        text = tokenizer.decode([t for t in answer if t not in stop_ids(tokenizer)]).strip()
+        stream = TextStream(tokenizer, out, stops)
+        answer = generator.generate([render_prompt(dialogue, tokenizer, template).tolist()], max_tokens,
+                                    seed=seed + turn, stop_ids=sorted(stops), on_tokens=stream)[0]
+        text = answer_text(tokenizer, answer, stops)
         if not text:  # the template has no empty turns: drop the unanswered question from the context
             out.write("(no answer)")
             dialogue.pop()

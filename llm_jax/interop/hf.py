@@ -1,28 +1,33 @@
-"""Hugging Face checkpoints in and out: GPT-2 and Llama-family models as llm_jax export directories.
+"""Hugging Face checkpoints in and out: GPT-2, Llama-family and Qwen2 models as llm_jax export directories.
 
-    import_hf(HF_DIR, OUT)      a local HF model directory (config.json + *.safetensors, sharded or not)
-                                -> an `llm-jax export`-style directory (params/, config.json, tokenizer.model,
-                                step), usable by `llm-jax sample`, `eval`, checkpoint.init_from, ...
+    import_hf(HF_DIR, OUT)      a local HF model directory (config.json and its weights: *.safetensors, else
+                                pytorch_model.bin, sharded or not) -> an `llm-jax export`-style directory
+                                (params/, config.json, tokenizer.model, step), usable by `llm-jax sample`,
+                                `eval`, checkpoint.init_from, ...
     export_hf(EXPORT, OUT)      the reverse: an llm_jax export (or run) directory -> config.json,
                                 model.safetensors and the tokenizer, loadable by transformers'
                                 AutoModelForCausalLM.from_pretrained(OUT).
 
-Supported: model_type "gpt2" (Conv1D (in, out) weights, packed c_attn, learned positions, LayerNorm with bias,
-tanh GELU) and "llama" / "mistral" (RMSNorm, half-split RoPE, SwiGLU, grouped KV heads; no biases, no RoPE
-scaling, silu). Refused, with one line: pickle weights (*.bin, *.pt), attention/MLP biases on Llama
-(Qwen2-style q/k/v biases included), rope scaling, other activations, GPT-2's scale_attn_by_inverse_layer_idx,
-and on export any model that is not a language model (a reward model's task).
-A Mistral sliding window shorter than the context is not modelled: data.seq_len is capped at it.
+Supported (hf_config.py): model_type "gpt2" (Conv1D (in, out) weights, packed c_attn, learned positions,
+LayerNorm with bias, tanh GELU), "llama" / "mistral" (RMSNorm, half-split RoPE, SwiGLU, grouped KV heads; no
+biases, no RoPE scaling, silu) and "qwen2" (Qwen2 / Qwen2.5: Llama with q/k/v biases, model.qkv_bias).
+Refused, with one line: pickles that need more than PyTorch's weights-only unpickler (safetensors_io.py),
+attention/MLP biases on Llama, rope scaling, other activations, GPT-2's scale_attn_by_inverse_layer_idx, and
+on export any model that is not a language model (a reward model's task). A sliding attention window shorter
+than the context (Mistral's; Qwen2's when use_sliding_window is on) is not modelled: data.seq_len is capped at
+it.
 
-This module maps the configs and tokenizers; the weights are read and written with safetensors' numpy API
-(safetensors_io.py: neither torch nor transformers is needed) and renamed and reshaped by hf_params.py.
-Parameters are float32 and compute_dtype is float32, for parity.
+This module maps the tokenizers and directories; the configs are mapped by hf_config.py, the weights read
+(safetensors with numpy alone, pickles with torch) and written by safetensors_io.py and renamed and reshaped
+by hf_params.py. Parameters are float32 and compute_dtype is float32, for parity.
 
 Tokenizers: a sentencepiece `tokenizer.model` (Llama) is copied with its dummy prefix turned off (see
-lossless_sentencepiece); a byte-level BPE `tokenizer.json` (GPT-2's, also Llama-3-style ones) is copied as it is
-to the export's `tokenizer.model` file name (llm_jax's Tokenizer.load recognises the JSON). export_hf writes
-them back as tokenizer.model / tokenizer.json (no tokenizer_config.json: transformers' AutoTokenizer may need
-one written by hand).
+lossless_sentencepiece); a byte-level BPE `tokenizer.json` (GPT-2's, Qwen2's, also Llama-3-style ones) is
+copied as it is to the export's `tokenizer.model` file name (llm_jax's Tokenizer.load recognises the JSON); a
+BERT WordPiece `vocab.txt` + `tokenizer_config.json` (the Chinese GPT-2s) becomes its `tokenizers` JSON there.
+export_hf writes them back as tokenizer.model / tokenizer.json / vocab.txt + tokenizer_config.json (for the
+others transformers' AutoTokenizer may need a tokenizer_config.json written by hand). The chat template travels
+as data.chat_template in the export's config and as generation_config.json's eos_token_id (its stop tokens).
 """
 from __future__ import annotations
 
@@ -31,72 +36,29 @@ import json
 from pathlib import Path
 
 from llm_jax.atomic import atomic_directory
-from llm_jax.config import Config, DataConfig, ModelConfig, gpt2, llama, to_json, validate
+from llm_jax.config import Config, DataConfig, ModelConfig, to_json, validate
 from llm_jax.data.byte_bpe import ByteLevelBPETokenizer
+from llm_jax.data.wordpiece import WordPieceTokenizer
 from llm_jax.errors import DataError, HFError
+from llm_jax.interop.hf_config import hf_config_json, hf_model_config
 from llm_jax.interop.hf_params import hf_weights, params_from_hf
 from llm_jax.interop.hf_peft import adapter_weights, fold_adapter, write_adapter
 from llm_jax.interop.safetensors_io import read_weights, safetensors_numpy
 
-LLAMA_TYPES = ("llama", "mistral")
-GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-
-
 # ---------------------------------------------------------------------------------------------- HF -> llm_jax
 
-def _rope_theta(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = params.get("rope_type", "default")
-    if (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")) or rope_type != "default":
-        raise HFError(f"rope scaling ({scaling or params}) is not supported; only plain RoPE")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-
-
-def hf_model_config(hf: dict) -> tuple[ModelConfig, int]:
-    """The llm_jax ModelConfig of an HF config.json, and the longest sequence it models faithfully."""
-    kind = hf.get("model_type")
-    if kind == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
-        if act not in GPT2_ACTIVATIONS:
-            raise HFError(f"GPT-2 activation_function={act!r} is not supported (llm_jax has the tanh GELU, gelu_new)")
-        if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-            raise HFError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
-        d, n = hf["n_embd"], hf["n_head"]
-        positions = hf.get("n_positions", 1024)
-        model = gpt2(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=n, n_kv_heads=n,
-                     head_dim=0, d_ff=hf.get("n_inner") or 4 * d, max_seq_len=positions,
-                     norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-                     tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-        return model, positions
-    if kind in LLAMA_TYPES:
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise HFError(f"{kind} with attention_bias/mlp_bias is not supported (llm_jax's Llama has no biases)")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise HFError(f"{kind} hidden_act={hf.get('hidden_act')!r} is not supported (only silu / SwiGLU)")
-        d, n = hf["hidden_size"], hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or d // n
-        positions = hf.get("max_position_embeddings", 2048)
-        model = llama(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
-                      n_kv_heads=hf.get("num_key_value_heads") or n, head_dim=head_dim,
-                      d_ff=hf["intermediate_size"], max_seq_len=positions,
-                      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(hf),
-                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-        if kind == "mistral" and hf.get("sliding_window"):
-            positions = min(positions, hf["sliding_window"])
-        return model, positions
-    raise HFError(f"model_type={kind!r} is not supported (supported: gpt2, {', '.join(LLAMA_TYPES)})")
-
-
-def _tokenizer_source(hf_dir: Path, kind: str, tokenizer: Path | None) -> Path:
+def _tokenizer_source(hf_dir: Path, hf: dict, tokenizer: Path | None) -> Path:
     if tokenizer is not None:
         return Path(tokenizer)
-    names = ("tokenizer.json", "tokenizer.model") if kind == "gpt2" else ("tokenizer.model", "tokenizer.json")
+    names = ("tokenizer.json", "tokenizer.model", "vocab.txt")
+    if hf["model_type"] in ("llama", "mistral"):  # GPT-2, Qwen2 ship byte-level BPE; Llama 1/2, Mistral sentencepiece
+        names = ("tokenizer.model", "tokenizer.json", "vocab.txt")
+    if str(hf.get("tokenizer_class", "")).startswith("Bert"):  # the Chinese GPT-2s: a BERT WordPiece vocab.txt
+        names = ("vocab.txt",)
     for name in names:
         if (hf_dir / name).is_file():
             return hf_dir / name
-    raise HFError(f"{hf_dir} has no tokenizer.model (sentencepiece) or tokenizer.json (byte-level BPE); "
-                  "pass the tokenizer file explicitly")
+    raise HFError(f"{hf_dir} has no {' or '.join(names)}; pass the tokenizer file with --tokenizer")
 
 
 def lossless_sentencepiece(proto: bytes) -> bytes:
@@ -115,14 +77,17 @@ def lossless_sentencepiece(proto: bytes) -> bytes:
 
 
 def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None, scan_layers: bool = False,
-              adapter: Path | None = None) -> Config:
-    """Converts a local Hugging Face GPT-2 / Llama / Mistral checkpoint into an llm_jax export directory `out`,
-    with a PEFT LoRA adapter directory folded in if `adapter` names one.
+              adapter: Path | None = None, chat_template: str = "") -> Config:
+    """Converts a local Hugging Face GPT-2 / Llama / Mistral / Qwen2 checkpoint into an llm_jax export directory
+    `out`, with a PEFT LoRA adapter directory folded in if `adapter` names one.
 
-    The tokenizer is `tokenizer` if given, else the directory's tokenizer.json (GPT-2) or tokenizer.model
-    (sentencepiece). Returns the export's Config (float32 params and compute, data.seq_len = min(2048, the
-    model's context)).
+    The tokenizer is `tokenizer` if given, else the directory's tokenizer.json (GPT-2, Qwen2), tokenizer.model
+    (sentencepiece: Llama, Mistral) or vocab.txt (BERT WordPiece, with its tokenizer_config.json: a config with
+    tokenizer_class BertTokenizer). The export records `chat_template`, by default the one the tokenizer's
+    special tokens are for (sep for [CLS]/[SEP], chatml for <|im_start|>/<|im_end|>, else llm_jax's). Returns the
+    export's Config (float32 params and compute, data.seq_len = min(2048, the model's context)).
     """
+    from llm_jax.data.chat import template
     from llm_jax.data.tokenizer import Tokenizer
     hf_dir, out = Path(hf_dir), Path(out)
     if out.exists():
@@ -132,13 +97,15 @@ def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None, scan_layer
     hf = json.loads((hf_dir / "config.json").read_text())
     model, context = hf_model_config(hf)
     model = dataclasses.replace(model, compute_dtype="float32", param_dtype="float32", scan_layers=scan_layers)
-    cfg = validate(Config(name=f"hf-{hf['model_type']}", model=model,
-                          data=dataclasses.replace(DataConfig(), seq_len=min(2048, context))))
-    tok_path = _tokenizer_source(hf_dir, hf["model_type"], tokenizer)
+    tok_path = _tokenizer_source(hf_dir, hf, tokenizer)
     try:
         tok = Tokenizer.load(tok_path)
     except DataError as e:
         raise HFError(str(e)) from None
+    chat_template = chat_template or template.suggested(tok)
+    template.tags(tok, chat_template)  # a template this tokenizer cannot render is refused here, not at SFT
+    cfg = validate(Config(name=f"hf-{hf['model_type']}", model=model,
+                          data=DataConfig(seq_len=min(2048, context), chat_template=chat_template)))
     if tok.vocab_size > model.vocab_size:
         raise HFError(f"the tokenizer {tok_path.name} has {tok.vocab_size} tokens, more than the model's "
                       f"vocab_size={model.vocab_size}")
@@ -151,9 +118,8 @@ def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None, scan_layer
     with atomic_directory(out) as tmp, ocp.StandardCheckpointer() as ckpt:
         ckpt.save((tmp / "params").absolute(), params)
         (tmp / "config.json").write_text(to_json(cfg))
-        data = tok.serialized()
-        is_bpe = isinstance(tok, ByteLevelBPETokenizer)
-        (tmp / "tokenizer.model").write_bytes(data if is_bpe else lossless_sentencepiece(data))
+        data = tok.serialized()  # a tokenizer.json is kept as it is, under the name every export uses
+        (tmp / "tokenizer.model").write_bytes(lossless_sentencepiece(data) if isinstance(tok, Tokenizer) else data)
         (tmp / "step").write_text("0\n")
     return cfg
 
@@ -173,17 +139,17 @@ def _export_adapter(run_dir: Path, out: Path, cfg: Config) -> dict:
 
 
 def _family(m: ModelConfig, task: str = "pretrain") -> str:
-    """The Hugging Face architecture ("gpt2" or "llama") of the model `m` trained by `task`."""
+    """The Hugging Face architecture ("gpt2", "llama" or "qwen2") of the model `m` trained by `task`."""
     from llm_jax import tasks
     if task not in tasks.TASKS or tasks.TASKS[task].head != "lm":
         lm_tasks = ", ".join(name for name, t in tasks.TASKS.items() if t.head == "lm")
         raise HFError(f"task={task!r}: only language models (the lm head, tasks {lm_tasks}) have a Hugging Face "
                       "equivalent here")
     if m.qk_norm or m.logit_softcap:
-        raise HFError(f"model.qk_norm={m.qk_norm}, model.logit_softcap={m.logit_softcap}: neither HF GPT-2 nor Llama "
-                      "has QK-norm or logit soft-capping")
+        raise HFError(f"model.qk_norm={m.qk_norm}, model.logit_softcap={m.logit_softcap}: none of HF GPT-2, Llama "
+                      "and Qwen2 has QK-norm or logit soft-capping")
     if (m.norm, m.position, m.mlp, m.use_bias) == ("rmsnorm", "rope", "swiglu", False):
-        return "llama"
+        return "qwen2" if m.qkv_bias else "llama"
     if (m.norm, m.position, m.mlp, m.use_bias) == ("layernorm", "learned", "gelu", True):
         if m.n_kv_heads != m.n_heads or m.resolved_head_dim * m.n_heads != m.d_model:
             raise HFError("GPT-2 has neither grouped KV heads nor head_dim * n_heads != d_model")
@@ -191,32 +157,15 @@ def _family(m: ModelConfig, task: str = "pretrain") -> str:
             raise HFError("an untied GPT-2-shaped llm_jax model has an output bias, which HF GPT-2 lacks")
         return "gpt2"
     raise HFError(f"model (norm={m.norm}, position={m.position}, mlp={m.mlp}, use_bias={m.use_bias}) is neither "
-                  "llama-shaped (rmsnorm, rope, swiglu, no bias) nor gpt2-shaped (layernorm, learned, gelu, bias)")
-
-
-def _hf_config(m: ModelConfig, family: str, tok) -> dict:
-    bos, eos = (int(tok.bos_id) if tok.bos_id >= 0 else None), (int(tok.eos_id) if tok.eos_id >= 0 else None)
-    if family == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
-                "n_positions": m.max_seq_len, "n_embd": m.d_model, "n_layer": m.n_layers, "n_head": m.n_heads,
-                "n_inner": m.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
-                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-                "tie_word_embeddings": True, "bos_token_id": bos, "eos_token_id": eos, "dtype": "float32"}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
-            "hidden_size": m.d_model, "intermediate_size": m.d_ff, "num_hidden_layers": m.n_layers,
-            "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads, "head_dim": m.resolved_head_dim,
-            "hidden_act": "silu", "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
-            "rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-            "rope_scaling": None, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-            "tie_word_embeddings": m.tie_embeddings, "bos_token_id": bos, "eos_token_id": eos,
-            "pad_token_id": int(tok.pad_id) if tok.pad_id >= 0 else None, "dtype": "float32"}
+                  "llama-shaped (rmsnorm, rope, swiglu, no bias; with model.qkv_bias: qwen2) nor gpt2-shaped "
+                  "(layernorm, learned, gelu, bias)")
 
 
 def export_hf(export_dir: Path, out: Path) -> dict:
     """Writes an llm_jax export (or run) directory as a Hugging Face model directory `out`: config.json,
-    model.safetensors (float32) and the tokenizer (tokenizer.model for sentencepiece, tokenizer.json for
-    byte-level BPE). Returns the HF config."""
+    generation_config.json, model.safetensors (float32) and the tokenizer (tokenizer.model for sentencepiece,
+    tokenizer.json for byte-level BPE, vocab.txt and tokenizer_config.json for WordPiece). Returns the HF
+    config."""
     export_dir, out = Path(export_dir), Path(out)
     if out.exists():
         raise HFError(f"output directory {out} already exists")
@@ -227,19 +176,35 @@ def export_hf(export_dir: Path, out: Path) -> dict:
     saved = saved_config(export_dir)
     _family(saved.model, saved.task)  # refuse before reading any weights
     if saved.peft.method in ("prompt", "prefix"):
-        raise HFError(f"{export_dir} has peft.method={saved.peft.method} virtual tokens, which neither HF GPT-2 nor "
-                      "Llama has; only LoRA runs export (as a PEFT adapter)")
+        raise HFError(f"{export_dir} has peft.method={saved.peft.method} virtual tokens, which none of HF GPT-2, "
+                      "Llama and Qwen2 has; only LoRA runs export (as a PEFT adapter)")
     if saved.peft.method == "lora":
         return _export_adapter(export_dir, out, saved)
     cfg, params, tok = load_for_inference(export_dir)
     family = _family(cfg.model, cfg.task)
     weights = hf_weights(cfg.model, family, params)
-    hf = _hf_config(cfg.model, family, tok)
+    hf = hf_config_json(cfg.model, family, tok)
+    if isinstance(tok, WordPieceTokenizer):
+        hf["tokenizer_class"] = "BertTokenizer"  # what AutoTokenizer reads vocab.txt with
     with atomic_directory(out) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}, indent=2))
-        name = "tokenizer.json" if isinstance(tok, ByteLevelBPETokenizer) else "tokenizer.model"
-        (tmp / name).write_bytes(tok.serialized())
+            {"bos_token_id": hf["bos_token_id"], "eos_token_id": _stops(tok, cfg.data.chat_template)}, indent=2))
+        for name, data in _tokenizer_files(tok).items():
+            (tmp / name).write_bytes(data)
     return hf
+
+
+def _stops(tok, chat_template: str) -> int | list[int]:
+    """generation_config's eos_token_id: what ends an answer in the export's chat template (EOS and, for chatml,
+    <|im_end|>), so that transformers' generate stops where llm_jax's does."""
+    from llm_jax.data.chat.template import stop_ids
+    stops = sorted(stop_ids(tok, chat_template))
+    return stops[0] if len(stops) == 1 else stops
+
+
+def _tokenizer_files(tok) -> dict[str, bytes]:
+    if isinstance(tok, WordPieceTokenizer):
+        return tok.hf_files()
+    return {"tokenizer.json" if isinstance(tok, ByteLevelBPETokenizer) else "tokenizer.model": tok.serialized()}

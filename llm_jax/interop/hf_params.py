@@ -1,4 +1,5 @@
-"""Weights between Hugging Face names and llm_jax's param tree, both ways, for GPT-2 and the Llama family.
+"""Weights between Hugging Face names and llm_jax's param tree, both ways, for GPT-2 and the Llama family
+(Qwen2 included: Llama's weights plus q/k/v_proj biases, llm_jax's model.qkv_bias).
 
 GPT-2's Conv1D weights are (in, out) and its q/k/v are packed into one c_attn; torch Linear weights (Llama's)
 are (out, in). llm_jax keeps per-head kernels (D, N, H) and, with model.scan_layers, the layers stacked
@@ -14,7 +15,8 @@ from llm_jax.errors import HFError
 
 def params_from_hf(m: ModelConfig, kind: str, weights: dict[str, np.ndarray]) -> dict:
     """The llm_jax params (float32) of the HF `weights` of a model_type `kind` model (gpt2, else the Llama
-    family) whose llm_jax config is `m`, checked leaf for leaf against the model; every weight must be used."""
+    family, Qwen2 included) whose llm_jax config is `m`, checked leaf for leaf against the model; every weight
+    must be used."""
     if kind == "gpt2":
         take = _Take(weights, ("transformer.", ""))
         params = _gpt2_params(m, take)
@@ -32,8 +34,8 @@ def params_from_hf(m: ModelConfig, kind: str, weights: dict[str, np.ndarray]) ->
 
 
 def hf_weights(m: ModelConfig, family: str, params: dict) -> dict[str, np.ndarray]:
-    """The HF weights (contiguous float32, by HF name) of llm_jax `params` for a `family` ("gpt2" or "llama")
-    model whose llm_jax config is `m`."""
+    """The HF weights (contiguous float32, by HF name) of llm_jax `params` for a `family` ("gpt2", "llama" or
+    "qwen2") model whose llm_jax config is `m`."""
     import jax
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
     if m.scan_layers:
@@ -96,6 +98,9 @@ def _llama_params(m: ModelConfig, take: _Take) -> dict:
                 "k": {"kernel": take(p + "self_attn.k_proj.weight").T.reshape(d, k, h)},
                 "v": {"kernel": take(p + "self_attn.v_proj.weight").T.reshape(d, k, h)},
                 "o": {"kernel": take(p + "self_attn.o_proj.weight").T.reshape(n, h, d)}}
+        if m.qkv_bias:
+            for name, heads in (("q", n), ("k", k), ("v", k)):
+                attn[name]["bias"] = take(p + f"self_attn.{name}_proj.bias").reshape(heads, h)
         params[f"layer_{i}"] = {
             "attn_norm": {"scale": take(p + "input_layernorm.weight")},
             "attn": attn,
@@ -182,6 +187,9 @@ def _llama_weights(m: ModelConfig, p: dict) -> dict[str, np.ndarray]:
         w[pre + "self_attn.k_proj.weight"] = a["k"]["kernel"].reshape(d, kh).T
         w[pre + "self_attn.v_proj.weight"] = a["v"]["kernel"].reshape(d, kh).T
         w[pre + "self_attn.o_proj.weight"] = a["o"]["kernel"].reshape(nh, d).T
+        if m.qkv_bias:
+            for name in "qkv":
+                w[pre + f"self_attn.{name}_proj.bias"] = a[name]["bias"].reshape(-1)
         for name in ("gate", "up", "down"):
             w[pre + f"mlp.{name}_proj.weight"] = mlp[name]["kernel"].T
         w[pre + "input_layernorm.weight"] = layer["attn_norm"]["scale"]

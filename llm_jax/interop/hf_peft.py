@@ -1,4 +1,5 @@
-"""LoRA adapters in Hugging Face PEFT's format, both ways (GPT-2 and the Llama family).
+"""LoRA adapters in Hugging Face PEFT's format, both ways (GPT-2 and the Llama family, Qwen2 included: its q/k/v
+biases belong to the frozen base, so its adapters are Llama's).
 
     export_adapter(RUN_DIR, OUT)   a peft.method=lora run's adapters -> adapter_config.json and
                                    adapter_model.safetensors, which `peft.PeftModel.from_pretrained(base, OUT)`

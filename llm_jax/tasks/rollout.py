@@ -25,10 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from llm_jax.data.batches import RolloutBatch, TokenBatch, answer_rows
-from llm_jax.data.chat.template import render_prompt
+from llm_jax.data.chat.template import render_prompt, stop_ids
 from llm_jax.inference.generate import Generator, Sampling
 from llm_jax.inference.runner import ModelRunner
-from llm_jax.inference.stream import answer_text, stop_ids
+from llm_jax.inference.stream import answer_text
 from llm_jax.model import Transformer
 from llm_jax.tasks import advantages as adv
 from llm_jax.tasks.losses import policy_logprobs
@@ -66,7 +66,7 @@ class ModelReward:
         cfg, params, self.tokenizer = load_for_inference(path, mesh=mesh)
         runner = ModelRunner(cfg.model, _cast(params, dtype), "reward", tasks.exported_peft(cfg))
         self.params = runner.params
-        self.scorer = Scorer(runner, cfg.data.seq_len, batch_size)
+        self.scorer = Scorer(runner, cfg.data.seq_len, batch_size, cfg.data.chat_template)
         self.normalise = eval_normaliser(path)[0]
 
     def __call__(self, prompts, k: int, answers: list[list[int]], texts: list[str]) -> np.ndarray:
@@ -96,7 +96,7 @@ class RolloutEngine:
         self.reward = (CountReward(int(token)) if kind == "count" else
                        ModelReward(Path(r.reward_model).expanduser(), self.runner.mesh, r.frozen_dtype,
                                    cfg.train.batch_size))
-        self.stops = sorted(stop_ids(tokenizer))
+        self.stops = sorted(stop_ids(tokenizer, cfg.data.chat_template))
         lm, value = Transformer(cfg.model, peft=cfg.peft), Transformer(cfg.model, "value", peft=cfg.peft)
 
         def forward(policy, value_params, reference, rows):
@@ -118,7 +118,7 @@ class RolloutEngine:
     def prompt_ids(self, prompts) -> list[np.ndarray]:
         """Each prompt rendered by the chat template, cut from the left to leave room for the answer."""
         room = self.cfg.data.seq_len - self.cfg.rl.max_answer_tokens
-        return [render_prompt(list(p), self.tokenizer)[-room:] for p in prompts]
+        return [render_prompt(list(p), self.tokenizer, self.cfg.data.chat_template)[-room:] for p in prompts]
 
     def answer(self, generator: Generator, policy_params, prompt_ids: list[np.ndarray], seed: int):
         """(answers' tokens, their texts, whether each ended its turn), generated in chunks of a rollout's rows
@@ -134,7 +134,7 @@ class RolloutEngine:
                                           prompt_width=self.cfg.data.seq_len - r.max_answer_tokens)
         answers = answers[:len(prompt_ids)]
         ended = np.array([a[-1] in self.stops for a in answers])
-        return answers, [answer_text(self.tokenizer, a) for a in answers], ended
+        return answers, [answer_text(self.tokenizer, a, self.stops) for a in answers], ended
 
     def forward(self, policy_params, value_params, rows: TokenBatch) -> tuple[np.ndarray, ...]:
         """(log π, log ref, values) of every target, (N, T) each, in chunks of train.batch_size rows (the last

@@ -14,7 +14,7 @@ Preparation (prepare_preference, once per data config and tokenizer):
      right-padded with pad_id; lengths (N, 2) int32; margins (N,) float32; prompt_lengths (N,) int32, the
      tokens of the (cut) prompt that starts both sequences.
 The directory appears atomically and is reused when the fingerprint (sources, data_dir, eval_fraction,
-seq_len, tokenizer sha256, FORMAT) matches.
+seq_len, chat template, tokenizer sha256, FORMAT) matches.
 
 Rows are data/batches.PairBatch: inputs, positions (0.. on real tokens), segment_ids (1 on real tokens, 0 on
 padding) of shape (2, seq_len); margin and valid scalars. The reward of a sequence is read at its last real
@@ -34,7 +34,7 @@ from llm_jax.data.chat import sft
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.chat.pairs import Pair, PairStats, iter_pair_groups
 from llm_jax.data.chat.prepared import publish_chat_data, split_indices
-from llm_jax.data.chat.template import chat_tags, render_prompt
+from llm_jax.data.chat.template import render_prompt, tags
 from llm_jax.data.shards import NpyRows, PreparedArrays, token_dtype
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import DataError
@@ -45,22 +45,24 @@ FORMAT = 2  # bump when the layout, the split or the truncation changes: old dir
 # --- rendering -------------------------------------------------------------------------------------------
 
 def render_answers(prompt: tuple[Message, ...], answers: list[str], tokenizer: Tokenizer,
-                   seq_len: int) -> list[np.ndarray]:
-    """int32 ids of prompt + answer + <|end|> for each answer, at most seq_len each, one prompt cut for all."""
-    return _render(prompt, answers, tokenizer, seq_len)[0]
+                   seq_len: int, template: str = "") -> list[np.ndarray]:
+    """int32 ids of prompt + answer + the end of the turn for each answer, at most seq_len each, one prompt cut
+    for all, through the chat `template`."""
+    return _render(prompt, answers, tokenizer, seq_len, template)[0]
 
 
-def render_pair(pair: Pair, tokenizer: Tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray] | str:
+def render_pair(pair: Pair, tokenizer: Tokenizer, seq_len: int,
+                template: str = "") -> tuple[np.ndarray, np.ndarray] | str:
     """(chosen ids, rejected ids), or "identical after truncation" when the cut leaves nothing to compare."""
-    return _render_pair(pair, tokenizer, seq_len)[0]
+    return _render_pair(pair, tokenizer, seq_len, template)[0]
 
 
 def _render(prompt: tuple[Message, ...], answers: list[str], tokenizer: Tokenizer,
-            seq_len: int) -> tuple[list[np.ndarray], bool, int]:
+            seq_len: int, template: str) -> tuple[list[np.ndarray], bool, int]:
     """render_answers, whether anything was cut, and the length of the (cut) prompt that starts each one."""
-    prompt_ids = render_prompt(list(prompt), tokenizer)
+    prompt_ids = render_prompt(list(prompt), tokenizer, template)
     answer_ids = tokenizer.encode_batch(answers)
-    end = np.asarray(chat_tags(tokenizer)["end"], np.int32)
+    end = np.asarray([tags(tokenizer, template).end], np.int32)
     room = seq_len - len(end)  # the end of the turn always stays: the reward is read there
     longest = max(map(len, answer_ids))
     # The answer replies to the latest turn, so the prompt loses its oldest tokens; it keeps half the room
@@ -71,9 +73,10 @@ def _render(prompt: tuple[Message, ...], answers: list[str], tokenizer: Tokenize
     return sequences, len(prompt_ids) + longest > room, keep
 
 
-def _render_pair(pair: Pair, tokenizer: Tokenizer,
-                 seq_len: int) -> tuple[tuple[np.ndarray, np.ndarray] | str, bool, int]:
-    (chosen, rejected), cut, prompt_len = _render(pair.prompt, [pair.chosen, pair.rejected], tokenizer, seq_len)
+def _render_pair(pair: Pair, tokenizer: Tokenizer, seq_len: int,
+                 template: str) -> tuple[tuple[np.ndarray, np.ndarray] | str, bool, int]:
+    (chosen, rejected), cut, prompt_len = _render(pair.prompt, [pair.chosen, pair.rejected], tokenizer, seq_len,
+                                                  template)
     return ("identical after truncation" if np.array_equal(chosen, rejected) else (chosen, rejected)), cut, prompt_len
 
 
@@ -169,13 +172,13 @@ def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.data.seq_len, "dtype": dtype.name,
             "records": stats.n_records, "pairs": stats.n_pairs, "skipped": dict(stats.skipped),
-            "splits": {split: _write_split(pairs, sources, tokenizer, cfg.data.seq_len, tmp / split, dtype)
-                       for split, pairs in splits.items()}}
+            "splits": {split: _write_split(pairs, cfg, tokenizer, tmp / split, dtype) for split, pairs in splits.items()}}
 
 
-def _write_split(pairs: list[tuple[str, Pair]], sources: tuple[str, ...], tokenizer: Tokenizer, seq_len: int,
-                 prefix: Path, dtype) -> dict:
-    rendered = [(source, pair.margin, *_render_pair(pair, tokenizer, seq_len)) for source, pair in pairs]
+def _write_split(pairs: list[tuple[str, Pair]], cfg: Config, tokenizer: Tokenizer, prefix: Path, dtype) -> dict:
+    sources, seq_len = cfg.data.sources, cfg.data.seq_len
+    rendered = [(source, pair.margin, *_render_pair(pair, tokenizer, seq_len, cfg.data.chat_template))
+                for source, pair in pairs]
     kept = [r for r in rendered if not isinstance(r[2], str)]
     n = len(kept)
     tokens, lengths, margins, prompt_lengths = (

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from llm_jax.config import Config, data_dir
-from llm_jax.data.chat.template import chat_tags
+from llm_jax.data.chat.template import tags
 from llm_jax.data.pieces import PieceTable
 from llm_jax.data.shards import PreparedDir
 from llm_jax.data.tokenizer import Tokenizer, check_fits
@@ -24,9 +24,12 @@ def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | P
     `prepare_into(cfg, tmp, tokenizer) -> meta`, unless out_dir already holds the same data config's; prints
     `describe(meta)` of what it made. `prepared.load(out_dir)` reads it."""
     tokenizer = chat_tokenizer(cfg, tokenizer)
+    if note := tags(tokenizer, cfg.data.chat_template).note:  # also refuses a template the tokenizer cannot do
+        print(note)
     d = cfg.data
     fields = {"format": fmt, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
-              "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
+              "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256,
+              **({"chat_template": d.chat_template} if d.chat_template else {})}
 
     def build(tmp: Path) -> dict:
         (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
@@ -36,14 +39,10 @@ def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | P
 
 
 def chat_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:
-    """The tokenizer (loaded if given as a path), checked to fit the model. One without llm_jax's reserved
-    chat tokens (an imported model's) gets text tags (template.chat_tags), and is told so."""
+    """The tokenizer (loaded if given as a path), checked to fit the model."""
     if not isinstance(tokenizer, PieceTable):
         tokenizer = Tokenizer.load(Path(tokenizer).expanduser())
     check_fits(tokenizer, cfg.model.vocab_size, "the tokenizer")
-    if len(chat_tags(tokenizer)["user"]) > 1:
-        print("the tokenizer has no chat tokens of its own: role tags are written as text (<|user|> ...) and a "
-              "turn ends with EOS")
     return tokenizer
 
 

@@ -5,7 +5,8 @@ nats*weights by sum(weights) over the whole batch, and weights are 1.0 exactly o
 tokens (content and the assistant's closing <|end|>), 0 elsewhere.
 
 Preparation (prepare_sft, once per data config and tokenizer):
-  1. every dialogue of iter_dialogues, in order, rendered by template.render(d, tok, max_len=seq_len + 1);
+  1. every dialogue of iter_dialogues, in order, rendered by template.render(d, tok, max_len=seq_len + 1)
+     through data.chat_template;
   2. the dialogues split by prepared.split_indices: shuffled with the fixed SPLIT_SEED, the LAST
      max(1, round(n * data.eval_fraction)) of that order held out for eval (so eval mixes all sources), the
      rest train, each split in that order;
@@ -15,7 +16,7 @@ Preparation (prepare_sft, once per data config and tokenizer):
   5. rows of seq_len + 1 tokens written as .npy arrays: tokens (uint16, or uint32 for big vocabularies),
      segments (uint16: 1, 2, ... per example in the row, 0 padding) and mask (uint8: render's loss_mask).
 The directory appears atomically and is reused when the fingerprint (sources, data_dir, eval_fraction,
-seq_len, tokenizer sha256, FORMAT) matches.
+seq_len, chat template, tokenizer sha256, FORMAT) matches.
 
 A row of W = seq_len + 1 tokens becomes inputs = row[:-1], targets = row[1:]; segment_ids and positions
 (restarting at 0 per example, 0 on padding) describe the inputs; weights = mask[1:] where the target is in the
@@ -135,7 +136,7 @@ def prepare_sft(cfg: Config, out_dir: str | Path, tokenizer: Tokenizer | str | P
 
 def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
     stats = DialogueStats()
-    examples = [_render(d, tokenizer, cfg.data.seq_len + 1)
+    examples = [_render(d, tokenizer, cfg.data.seq_len + 1, cfg.data.chat_template)
                 for d in iter_dialogues(cfg.data.sources, data_dir(cfg), stats)]
     if not examples:
         raise DataError(f"data.sources={list(cfg.data.sources)} yielded no trainable dialogue "
@@ -148,8 +149,8 @@ def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
             "dialogues": stats.n_yielded, "skipped": dict(stats.skipped), "splits": splits}
 
 
-def _render(dialogue: list[Message], tokenizer: Tokenizer, max_len: int) -> Example | None:
-    ids, mask = render(dialogue, tokenizer, max_len=max_len)
+def _render(dialogue: list[Message], tokenizer: Tokenizer, max_len: int, template: str) -> Example | None:
+    ids, mask = render(dialogue, tokenizer, max_len=max_len, template=template)
     return (ids, mask) if mask.any() else None  # all assistant tokens cut away: nothing to learn
 
 

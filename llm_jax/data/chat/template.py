@@ -1,55 +1,126 @@
-"""The chat template: THE one definition of how a dialogue becomes tokens, for training and for inference.
+"""Chat templates: THE definition of how a dialogue becomes tokens, for training and for inference, chosen by
+name (data.chat_template; an export records the one its model was trained with):
 
-Each turn is its role tag, the content's ordinary tokens, then `<|end|>`:
+    llm_jax (default)  <|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>
+    sep                [CLS]Hi[SEP]Hello![SEP]How are you?[SEP]...   (the classic Chinese dialogue GPT-2)
+    chatml             <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n   (Qwen)
 
-    [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!")]
-    ids:        <|system|> Be brief. <|end|> <|user|> Hi <|end|> <|assistant|> Hello! <|end|>
-    loss_mask:  0          0  0      0       0        0  0       0             1 1    1
-(with "Be brief." encoding to 2 tokens and "Hello!" to 2; the spaces only separate tokens, none is added). The tags are the tokenizer's reserved control ids
-(tokenizer.SPECIAL_TOKENS), inserted by id: text that spells "<|user|>" encodes as ordinary pieces, so
-user content cannot forge a turn. A foreign tokenizer (an imported Hugging Face model) has no such ids: its
-tags are then the text "<|user|>\n" (etc.) encoded as ordinary tokens, and a turn ends with EOS (see
-chat_tags); everything below holds the same, except that such tags can be typed. No BOS/EOS: a dialogue is delimited by its tags (packing keeps dialogues
-apart with segment ids).
+A template is a function tokenizer -> Tags: the ids once before the first turn (`begin`: sep's [CLS]), the ids
+before each role's content (`open`), the one token that closes every turn (`end`), and ids after it (`after`:
+ChatML's newline). To add a template, write such a function and name it in TEMPLATES; everything below
+(training masks, prompts, stop tokens, the preference and RL renderings) follows from its Tags.
 
-Training: render() gives ids and loss_mask, True exactly on assistant content tokens and the assistant's
-closing <|end|>, the token that teaches the model to stop. The role tags are never targets: they are
-given, not predicted. Next-token shift: the model reads ids[:-1] and predicts ids[1:], so the weight of
-target ids[t] is loss_mask[t]: use targets_and_weights(), which returns (inputs, targets, weights) =
-(ids[:-1], ids[1:], loss_mask[1:]). loss_mask[0] is always False (ids[0] is a tag), so nothing is lost.
+The tags are the tokenizer's special tokens, inserted by id: content that spells "<|user|>", "[SEP]" or
+"<|im_end|>" encodes as ordinary pieces (tokenizer.encode never parses specials), so it cannot forge a turn.
+llm_jax's tags on a tokenizer without its reserved chat tokens (an imported model's) are the text "<|user|>\\n"
+(etc.) encoded as ordinary tokens, and a turn ends with EOS. sep needs [CLS] and [SEP], chatml needs
+<|im_start|> and <|im_end|>: a tokenizer without them is a ConfigError. sep has no roles: a system message is
+one more segment before the first user turn.
 
-Inference: render_prompt() renders the dialogue so far (ending with a user turn) and appends
-`<|assistant|>`; the model writes the answer and the caller stops at `<|end|>` (or EOS). The answer then
-joins the dialogue as Message("assistant", text), which re-renders to exactly the tokens seen.
+Training: render() gives ids and loss_mask, True exactly on assistant content tokens and the `end` that closes
+an assistant turn, the token that teaches the model to stop; tags are given, never targets. Next-token shift:
+the model reads ids[:-1] and predicts ids[1:], so the weight of target ids[t] is loss_mask[t]: use
+targets_and_weights(). loss_mask[0] is always False (ids[0] is a tag or the system text), so nothing is lost.
+
+Inference: render_prompt() renders the dialogue so far (ending with a user turn) and appends the assistant's
+`open`; the model writes the answer and the caller stops at `end` (or EOS). The answer then joins the dialogue
+as Message("assistant", text), which re-renders to exactly the tokens seen.
 """
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from llm_jax.data.chat.dialogue import ROLES, Message, dialogue_problem
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data.pieces import SPECIAL_TOKENS, PieceTable
+from llm_jax.errors import ConfigError
 
-TEMPLATES = ("llm_jax", "sep", "chatml")
+DEFAULT = "llm_jax"
 
 
-def render(dialogue: list[Message], tokenizer: Tokenizer,
-           max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Tags:
+    open: dict[str, tuple[int, ...]]  # by role: the ids before the content
+    end: int  # closes every turn: trained on after an answer, the token generation stops at
+    begin: tuple[int, ...] = ()  # once, before the first turn
+    after: tuple[int, ...] = ()  # after `end`, never trained on
+    note: str = ""  # said once where data is prepared: how the template falls back on this tokenizer
+
+
+def _llm_jax(tok: PieceTable) -> Tags:
+    ids = [tok.specials.get(name) for name in SPECIAL_TOKENS]
+    if None not in ids and len(set(ids)) == len(ids) and not {tok.unk_id, tok.eos_id} & set(ids):
+        return Tags(open={name[2:-2]: (i,) for name, i in zip(SPECIAL_TOKENS, ids) if name != "<|end|>"}, end=ids[-1])
+    return Tags(open={role: tuple(tok.encode(f"<|{role}|>\n")) for role in ROLES}, end=tok.eos_id,
+                note="the tokenizer has no chat tokens of its own: role tags are written as text (<|user|> ...) "
+                     "and a turn ends with EOS")
+
+
+def _sep(tok: PieceTable) -> Tags:
+    cls, sep = _needed(tok, "sep", "[CLS]", "[SEP]")
+    return Tags(open={role: () for role in ROLES}, end=sep, begin=(cls,))
+
+
+def _chatml(tok: PieceTable) -> Tags:
+    start, end = _needed(tok, "chatml", "<|im_start|>", "<|im_end|>")
+    return Tags(open={role: (start, *tok.encode(f"{role}\n")) for role in ROLES}, end=end,
+                after=tuple(tok.encode("\n")))
+
+
+TEMPLATES: dict[str, Callable[[PieceTable], Tags]] = {"llm_jax": _llm_jax, "sep": _sep, "chatml": _chatml}
+
+
+def _needed(tok: PieceTable, template: str, *names: str) -> list[int]:
+    missing = [name for name in names if name not in tok.specials]
+    if missing:
+        raise ConfigError(f"data.chat_template={template} needs the special tokens {' and '.join(names)}, which this "
+                          f"tokenizer lacks ({', '.join(missing)}); its specials: {', '.join(tok.specials) or 'none'}")
+    return [tok.specials[name] for name in names]
+
+
+def suggested(tokenizer: PieceTable) -> str:
+    """The template a tokenizer's own special tokens are for: sep for [CLS]/[SEP] (a BERT vocabulary), chatml for
+    <|im_start|>/<|im_end|> (Qwen's), else the default."""
+    for name, needed in (("sep", ("[CLS]", "[SEP]")), ("chatml", ("<|im_start|>", "<|im_end|>"))):
+        if all(token in tokenizer.specials for token in needed):
+            return name
+    return DEFAULT
+
+
+def tags(tokenizer: PieceTable, template: str = "") -> Tags:
+    """The Tags of `template` (empty: the default) on `tokenizer`."""
+    by_name = _TAGS.setdefault(tokenizer, {})
+    name = template or DEFAULT
+    if name not in by_name:
+        if name not in TEMPLATES:
+            raise ConfigError(f"data.chat_template={name!r} is not one of {', '.join(TEMPLATES)}")
+        by_name[name] = TEMPLATES[name](tokenizer)
+    return by_name[name]
+
+
+# Tags by tokenizer: encoding text tags costs as much as rendering a short dialogue, which asks for them per row.
+_TAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def render(dialogue: list[Message], tokenizer: PieceTable, max_len: int | None = None,
+           template: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(ids int32[L], loss_mask bool[L]) of a dialogue, cut to its first max_len tokens if given.
 
     After a cut, `loss_mask.any()` says whether an assistant token survived; an example where it is False
     has nothing to learn and must be dropped (and counted) by the caller, not trained on as zero.
     """
-    tags = chat_tags(tokenizer)
-    pieces, masks = [], []
+    t = tags(tokenizer, template)
+    pieces, masks = [list(t.begin)], [[False] * len(t.begin)]
     for message, content_ids in zip(dialogue, tokenizer.encode_batch([m.content for m in dialogue])):
         if message.role not in ROLES:
             raise ValueError(f"message role {message.role!r} is not one of {', '.join(ROLES)}")
-        tag = tags[message.role]
-        turn = [*tag, *content_ids, *tags["end"]]
-        pieces.append(turn)
-        masks.append([False] * len(tag) + [message.role == "assistant"] * (len(turn) - len(tag)))
+        opening = t.open[message.role]
+        pieces.append([*opening, *content_ids, t.end, *t.after])
+        trained = message.role == "assistant"
+        masks.append([False] * len(opening) + [trained] * (len(content_ids) + 1) + [False] * len(t.after))
         if max_len is not None and sum(map(len, pieces)) >= max_len:
             break  # the rest would be cut anyway: don't build it
     ids = np.fromiter((i for p in pieces for i in p), np.int32)
@@ -64,44 +135,23 @@ def targets_and_weights(ids: np.ndarray, loss_mask: np.ndarray) -> tuple[np.ndar
     return ids[:-1], ids[1:], loss_mask[1:]
 
 
-def render_prompt(dialogue: list[Message], tokenizer: Tokenizer) -> np.ndarray:
-    """int32 ids of a dialogue awaiting its answer ([system], user, ..., user), ending with <|assistant|>."""
+def render_prompt(dialogue: list[Message], tokenizer: PieceTable, template: str = "") -> np.ndarray:
+    """int32 ids of a dialogue awaiting its answer ([system], user, ..., user), ending with the assistant's tag."""
     problem = dialogue_problem([*dialogue, Message("assistant", "answer")])
     if problem:
         raise ValueError(f"render_prompt needs [system], user, assistant, ..., user turns: {problem}")
-    ids, _ = render(dialogue, tokenizer)
-    return np.append(ids, np.asarray(chat_tags(tokenizer)["assistant"], np.int32)).astype(np.int32)
+    ids, _ = render(dialogue, tokenizer, template=template)
+    return np.append(ids, np.asarray(tags(tokenizer, template).open["assistant"], np.int32)).astype(np.int32)
 
 
-def chat_tags(tokenizer: Tokenizer) -> dict[str, tuple[int, ...]]:
-    """The ids of each role's tag and of the end of a turn ("end"), by role name.
-
-    A tokenizer trained by llm_jax reserves one control id per tag. One that lacks them (the chat tokens are
-    missing, collide, or fall back to unk/eos) gets text tags: "<|user|>\n" encoded as ordinary tokens, and EOS
-    as the end of a turn, so that SFT, reward models and chat still work on imported models.
-    """
-    tags = _TAGS.get(tokenizer)
-    if tags is None:
-        tags = _TAGS[tokenizer] = _chat_tags(tokenizer)
-    return tags
+def stop_ids(tokenizer: PieceTable, template: str = "") -> set[int]:
+    """The tokens that end an answer: the end of a turn, and EOS."""
+    return {tokenizer.eos_id, tags(tokenizer, template).end} - {-1}
 
 
-# Tags by tokenizer: encoding text tags costs as much as rendering a short dialogue, which asks for them per row.
-_TAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _chat_tags(tokenizer: Tokenizer) -> dict[str, tuple[int, ...]]:
-    special = tokenizer.special_ids  # keyed by the token text, "<|user|>" -> id
-    ids = list(special.values())
-    if len(set(ids)) == len(ids) and not {tokenizer.unk_id, tokenizer.eos_id} & set(ids):
-        return {name[2:-2]: (i,) for name, i in special.items()}
-    text = {name[2:-2]: tuple(tokenizer.encode(name + "\n")) for name in special if name != "<|end|>"}
-    return {**text, "end": (tokenizer.eos_id,)}
-
-
-def show(ids: np.ndarray, loss_mask: np.ndarray, tokenizer: Tokenizer) -> str:
-    """The rendered text with every trained-on span in ⟦ ⟧, for checking a mask by eye."""
-    names = {ids[0]: f"<|{role}|>" for role, ids in chat_tags(tokenizer).items() if len(ids) == 1}
+def show(ids: np.ndarray, loss_mask: np.ndarray, tokenizer: PieceTable) -> str:
+    """The rendered text with every trained-on span in ⟦ ⟧ and special tokens by name, for checking by eye."""
+    names = {i: text for text, i in tokenizer.specials.items()}
     out, run, open_span = [], [], False
 
     def flush():  # bytes are decoded per run, so characters split over byte tokens come out whole
