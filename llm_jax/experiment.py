@@ -112,7 +112,8 @@ def with_init_from(cfg: Config) -> Config:
     head = {f: getattr(cfg.model, f) for f in HEAD_FIELDS}
     return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, **head),
                                data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.model"),
-                                                        chat_template=cfg.data.chat_template or saved.data.chat_template))
+                                                        chat_template=cfg.data.chat_template
+                                                        or saved.data.chat_template))
 
 
 def resolve(cfg: Config) -> Config:

@@ -12,7 +12,7 @@ from llm_jax.data.chat.pairs import Pair
 from llm_jax.data.chat.preference import render_pair
 from llm_jax.data.chat.template import TEMPLATES, render, render_prompt, show, stop_ids, tags
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
-from llm_jax.errors import ConfigError
+from llm_jax.errors import ConfigError, DataError
 from tests.test_wordpiece import write_vocab
 
 DIALOGUE = [Message("system", "你好"), Message("user", "今天天气"), Message("assistant", "真好"),
@@ -70,6 +70,8 @@ def test_chatml_renders_roles_and_trains_on_the_answer_and_im_end(chatml_bpe):
         [start, *enc("assistant\n")]
     assert stop_ids(tok, "chatml") == {end, tok.eos_id}
     assert "<|im_start|>user\nHello there<|im_end|>" in show(ids, mask, tok)
+    # typed in a sample prompt, the same tags become their ids
+    assert tok.encode_prompt("<|im_start|>user\nHello there<|im_end|>\n") == [start, *enc("user\nHello there"), end, *nl]
 
 
 def test_content_spelling_a_tag_cannot_forge_a_turn(bert, chatml_bpe):
@@ -97,6 +99,17 @@ def test_a_template_the_tokenizer_cannot_do_is_a_config_error(tmp_path, bert):
     assert set(TEMPLATES) == {"llm_jax", "sep", "chatml"}
     with pytest.raises(ConfigError, match="data.chat_template='alpaca' is not one of llm_jax, sep, chatml"):
         validate(dataclasses.replace(Config(), data=DataConfig(chat_template="alpaca")))
+
+
+def test_data_rendered_with_another_template_is_refused(tmp_path):
+    from llm_jax.data.chat.prepared import check_template
+    cfg = dataclasses.replace(Config(), data=DataConfig(chat_template="sep"))
+    check_template({"config": {"chat_template": "sep"}}, cfg, tmp_path)
+    for meta, config in (({"config": {}}, cfg), ({"config": {"chat_template": "sep"}}, Config())):
+        with pytest.raises(DataError, match="was rendered with chat template (llm_jax|sep), this run's") as e:
+            check_template(meta, config, tmp_path)
+        assert "\n" not in str(e.value)
+    check_template({"config": {}}, dataclasses.replace(Config(), data=DataConfig(chat_template="llm_jax")), tmp_path)
 
 
 def test_fine_tuning_an_export_keeps_its_template_unless_told(tmp_path):

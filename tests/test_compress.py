@@ -125,3 +125,20 @@ def test_files_round_trip_and_a_failed_decompression_writes_nothing(tok, runner,
     with pytest.raises(CheckpointError, match="different checkpoint"):
         codec.decompress_file("ckpt", tmp_path / "in.llmz", tmp_path / "again.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.llmz", "in.txt", "out.txt"]
+
+
+def test_format_1_files_are_still_checked_against_the_config_as_it_was_then():
+    """Format 1 hashed ModelConfig's repr of its day (before model.qkv_bias): that text, rebuilt, is what it was;
+    format 2 hashes only fields off their defaults, so adding a field changes no file's hash."""
+    import hashlib
+    from llm_jax.config import ModelConfig
+    runner = SimpleNamespace(cfg=ModelConfig(), params={})
+    then = ("ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=0, d_ff=384, "
+            "max_seq_len=2048, norm='rmsnorm', norm_eps=1e-05, position='rope', rope_theta=10000.0, mlp='swiglu', "
+            "tie_embeddings=False, use_bias=False, qk_norm=False, logit_softcap=0.0, init_std=0.02, "
+            "param_dtype='float32', compute_dtype='auto', attention_impl='auto', scan_layers=True, logits_chunk=0, "
+            "remat='none', reward_init_std=0.0)")
+    assert codec.model_sha256(runner, version=1) == hashlib.sha256(then.encode()).digest()
+    assert codec.model_sha256(runner) == hashlib.sha256(b"{}").digest()
+    with pytest.raises(DataError, match="format version 3 is not supported"):
+        codec.read_header(b"LLMZ" + bytes([3]) + bytes(HEADER_SIZE - 5))

@@ -17,6 +17,7 @@ import sentencepiece as spm  # noqa: E402
 from llm_jax.config import gpt2, llama  # noqa: E402
 from llm_jax.data.byte_bpe import ByteLevelBPETokenizer  # noqa: E402
 from llm_jax.data.tokenizer import Tokenizer  # noqa: E402
+from llm_jax.errors import DataError  # noqa: E402
 from llm_jax.interop.hf import HFError, _family, export_hf, import_hf  # noqa: E402
 from llm_jax.model import Transformer  # noqa: E402
 from llm_jax.train.export import load_for_inference  # noqa: E402
@@ -269,11 +270,24 @@ def test_byte_level_bpe_tokenizer_is_exact_in_bytes(tmp_path, style):
     assert tok.decode_bytes(np.array(tok.encode(MIXED))) == MIXED.encode()
     import pickle
     assert pickle.loads(pickle.dumps(tok)).encode(MIXED) == tok.encode(MIXED)
-
+    # Special tokens spelt in a sample prompt become their ids.
+    assert tok.encode_prompt("<|endoftext|>a b") == [eot, *tok.encode("a b")]
+    # Qwen2's tokenizer normalises to NFC: text not in NFC counts (and gives back) its NFC bytes, and compress,
+    # which must give back its input, refuses it.
+    assert tok.lossless == (style == "gpt2")
+    decomposed = "cafe\u0301 \u2126"
+    if style == "qwen2":
+        from llm_jax.inference.codec import to_tokens
+        assert tok.scored_bytes(decomposed) == "caf\u00e9 \u03a9".encode()
+        with pytest.raises(DataError, match="cannot reproduce the input.*byte 3"):
+            to_tokens(decomposed.encode(), tok)
+        assert tok.decode_bytes(to_tokens("café Ω".encode(), tok)) == "café Ω".encode()
+    else:
+        assert tok.scored_bytes(decomposed) == decomposed.encode()
 
 
 def sft_three_steps(tmp_path, experiment: str, run_dir):
-    """Three SFT steps of `experiment` on tmp_path/export (through the chat template's text tags)."""
+    """Three SFT steps of `experiment` on tmp_path/export, through the export's chat template."""
     from llm_jax.cli.main import main
     dialogues = tmp_path / "chats.jsonl"
     dialogues.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "the cat"},
@@ -317,11 +331,14 @@ def test_qwen2_with_its_tokenizer_json_and_a_lora_run_export(tmp_path):
     assert main(["import-hf", str(hf_dir), str(tmp_path / "export")]) == 0
     cfg, params, tok = load_for_inference(tmp_path / "export")
     assert isinstance(tok, ByteLevelBPETokenizer) and cfg.model.qkv_bias and cfg.data.seq_len == 64
+    assert cfg.data.chat_template == "chatml"  # picked for its <|im_start|>/<|im_end|>
     im_start, im_end = 301, 302  # Qwen2's chat tokens: special, added after the vocabulary
     tokens = np.array([[im_start, *tok.encode("user\nthe cat sat"), im_end]], np.int32)
     np.testing.assert_allclose(jax_logits(cfg, params, tokens), hf_logits(model, tokens), atol=1e-4, rtol=0)
     assert main(["export-hf", str(tmp_path / "export"), str(tmp_path / "base")]) == 0
     assert (tmp_path / "base" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    generation = json.loads((tmp_path / "base" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tok.eos_id, im_end]  # transformers stops where chatml's turn ends
 
     sft_three_steps(tmp_path, "sft_lora_tiny", tmp_path / "lora")
     assert main(["export-hf", str(tmp_path / "lora"), str(tmp_path / "adapter")]) == 0

@@ -46,8 +46,9 @@ def _generator(args: argparse.Namespace, prompt: str | None = None, trace: int =
 
 def _sample(args: argparse.Namespace) -> int:
     top = _trace_top(args)
-    generator, tokenizer, _ = _generator(args, prompt=args.prompt, trace=top)
-    stops = set() if args.ignore_eos else None
+    from llm_jax.data.chat.template import stop_ids
+    generator, tokenizer, cfg = _generator(args, prompt=args.prompt, trace=top)
+    stops = set() if args.ignore_eos else stop_ids(tokenizer, cfg.data.chat_template)
     if top:
         from llm_jax.inference.trace import trace_sample
         trace_sample(generator, tokenizer, args.prompt, args.max_tokens, args.seed, as_json=args.json, stops=stops)

@@ -42,7 +42,8 @@ class PieceTable:
 
     @property
     def specials(self) -> dict[str, int]:
-        """The special tokens by their text ("<|end|>", "[SEP]", "<|im_end|>"): ids that text never encodes to."""
+        """The special tokens by their text ("<|end|>", "[SEP]", "<|im_end|>"): ids that text never encodes to.
+        Read-only (shared, not copied)."""
         raise NotImplementedError
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -117,7 +118,7 @@ class HFJsonTokenizer(PieceTable):
 
     @property
     def specials(self) -> dict[str, int]:
-        return dict(self._specials)
+        return self._specials
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -17,6 +17,7 @@ is then smaller than requested, which the model's embedding table tolerates.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import itertools
 import json
@@ -84,8 +85,8 @@ class Tokenizer(PieceTable):
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
-    @property
-    def specials(self) -> dict[str, int]:
+    @functools.cached_property
+    def specials(self) -> dict[str, int]:  # a scan of the vocabulary: once
         return {self._sp.id_to_piece(i): i for i in range(self._sp.vocab_size()) if self._sp.is_control(i)}
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

@@ -55,14 +55,20 @@ def from_vocab(vocab_path: Path, config_path: Path | None = None) -> bytes:
         raise DataError("a WordPiece vocab.txt needs the `tokenizers` package: pip install -e '.[hf]'") from None
     if not vocab_path.is_file():
         raise DataError(f"WordPiece vocabulary {vocab_path} does not exist")
-    lines = vocab_path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = vocab_path.read_text(encoding="utf-8").split("\n")
+        settings = json.loads(config_path.read_text()) if config_path is not None and config_path.is_file() else {}
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{vocab_path.parent}: vocab.txt or tokenizer_config.json is unreadable ({e})") from None
     vocab = {}
     for token in (line.rstrip("\r") for line in (lines[:-1] if lines[-1] == "" else lines)):
         vocab.setdefault(token, len(vocab))  # a repeated line keeps its first id, as BERT's loader does
-    settings = json.loads(config_path.read_text()) if config_path is not None and config_path.is_file() else {}
     if settings.get("do_basic_tokenize", True) is False:
         raise DataError(f"{config_path}: do_basic_tokenize=false is not supported (only BERT's basic tokenizer)")
     specials = {key: settings.get(key) or DEFAULT_SPECIALS[key] for key in SPECIAL_KEYS}
+    renamed = [f"{key}={name!r}" for key, name in specials.items() if name != DEFAULT_SPECIALS[key]]
+    if renamed:  # bos/eos/pad are found by their usual names ([CLS], [SEP], [PAD])
+        raise DataError(f"{config_path}: special tokens other than BERT's are not supported ({', '.join(renamed)})")
     if specials["unk_token"] not in vocab:
         raise DataError(f"{vocab_path}: the unknown token {specials['unk_token']!r} is not in the vocabulary")
     tok = Tokenizer(models.WordPiece(vocab, unk_token=specials["unk_token"], max_input_chars_per_word=100))

@@ -6,11 +6,12 @@ token is predicted as the start of a document). A text longer than the model's c
 data.seq_len, or --context) is scored in overlapping windows of W tokens that start every S = --stride
 tokens (default W / 2): the first window scores all its targets, every later one only its last S, each of
 which has thus seen at least W - S tokens of context. Every target is scored exactly once. Bits per byte
-divide the summed nats by the UTF-8 bytes of the scored tokens, which are exactly the text's bytes; through a
-lossy tokenizer (WordPiece) they are the bytes its tokens stand for (tokenizer.scored_bytes), and the
-compressors are given those same bytes. The compressors see each text separately too; their bits are summed over texts. Primed (--prime FILE..., by
-default the training text of a run directory whose prepared data is still there), each also reports the bits it
-adds for a text after the primer: a compressor that has read what the model has read (evaluation/baselines.py).
+divide the summed nats by the UTF-8 bytes of the scored tokens, which are exactly the text's bytes; through
+a lossy tokenizer (WordPiece) they are the bytes its tokens stand for (tokenizer.scored_bytes), and the
+compressors are given those same bytes. The compressors see each text separately too; their bits are summed
+over texts. Primed (--prime FILE..., by default the training text of a run directory whose prepared data is
+still there), each also reports the bits it adds for a text after the primer: a compressor that has read what
+the model has read (evaluation/baselines.py).
 """
 from __future__ import annotations
 

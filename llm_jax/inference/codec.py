@@ -23,10 +23,14 @@ would differ in the last bits. Decompress on the machine type (and software vers
 Format (big-endian), HEADER_SIZE = 93 bytes, then the arithmetic-coded payload:
     magic b"LLMZ" | version u8 | model sha256 (32 bytes: params and model config) | tokenizer sha256 (32) |
     original byte length u64 | token count u64 | context u32 | crc32 of the original bytes u32
+Version 2 hashes the model config's fields that differ from their defaults, so a field added to ModelConfig
+later leaves old files readable; version 1 (still read) hashed the config's repr as it was then.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import re
 import struct
 import time
@@ -38,13 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.atomic import write_atomic
+from llm_jax.config import ModelConfig
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import CheckpointError, DataError
 from llm_jax.inference.arithmetic import CODE_BITS, Decoder, Encoder, decode_symbol, quantise
 from llm_jax.inference.runner import ModelRunner, default_context
 
 MAGIC = b"LLMZ"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct(">4sB32s32sQQII")
 HEADER_SIZE = _HEADER.size
 _INVALID_RUNS = re.compile("([\udc80-\udcff]+)")
@@ -98,9 +103,17 @@ def _lossy_tokens(data: bytes, tokenizer: Tokenizer) -> list[int]:
 
 # ---- the model's next-token distributions, computed identically on both sides ----
 
-def model_sha256(runner: ModelRunner) -> bytes:
-    """sha256 over the model config and every param leaf (path, dtype, shape, bytes) in tree order."""
-    h = hashlib.sha256(repr(runner.cfg).encode())
+def model_sha256(runner: ModelRunner, version: int = VERSION) -> bytes:
+    """sha256 over the model config and every param leaf (path, dtype, shape, bytes) in tree order, as the
+    format `version` defines it."""
+    cfg = runner.cfg
+    if version == 1:  # ModelConfig's repr before model.qkv_bias existed
+        config = repr(cfg).replace(", qkv_bias=False", "")
+    else:
+        default = ModelConfig()
+        config = json.dumps({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                             if getattr(cfg, f.name) != getattr(default, f.name)}, sort_keys=True)
+    h = hashlib.sha256(config.encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(runner.params)[0]:
         host = np.ascontiguousarray(jax.device_get(leaf))
         h.update(f"{jax.tree_util.keystr(path)}|{host.dtype}|{host.shape}".encode())
@@ -164,12 +177,12 @@ def read_header(blob: bytes) -> dict:
     if len(blob) < HEADER_SIZE or blob[:4] != MAGIC:
         raise DataError("not an llm_jax compressed file (bad magic or shorter than the header)")
     magic, version, model_sha, tok_sha, n_bytes, n_tokens, context, crc = _HEADER.unpack_from(blob)
-    if version != VERSION:
-        raise DataError(f"compressed format version {version} is not supported (this is version {VERSION})")
+    if version not in (1, VERSION):
+        raise DataError(f"compressed format version {version} is not supported (this reads 1 and {VERSION})")
     if n_tokens > n_bytes:  # every coded token is at least one byte
         raise DataError(f"corrupt header: {n_tokens} tokens for {n_bytes} bytes")
     return {"model_sha256": model_sha, "tokenizer_sha256": tok_sha, "bytes": n_bytes, "tokens": n_tokens,
-            "context": context, "crc32": crc}
+            "context": context, "crc32": crc, "version": version}
 
 
 def check_same_model(header: dict, runner: ModelRunner, tokenizer: Tokenizer) -> None:
@@ -177,7 +190,7 @@ def check_same_model(header: dict, runner: ModelRunner, tokenizer: Tokenizer) ->
     if theirs != ours:
         raise CheckpointError(f"compressed with a different tokenizer (tokenizer sha256 {theirs[:12]}… vs "
                               f"{ours[:12]}…)")
-    theirs, ours = header["model_sha256"].hex(), model_sha256(runner).hex()
+    theirs, ours = header["model_sha256"].hex(), model_sha256(runner, header["version"]).hex()
     if theirs != ours:
         raise CheckpointError(f"compressed with a different checkpoint (params sha256 {theirs[:12]}… vs "
                               f"{ours[:12]}…)")

@@ -166,16 +166,19 @@ def compare(policy: Path, baseline: Path, judge: Path, sources: tuple[str, ...],
     ((cfg_a, run_a), (cfg_b, run_b)), tokenizer = load_policies(policy, baseline, sampling, max_tokens)
     judge_cfg, judge_runner, judge_tokenizer = ModelRunner.load(Path(judge), head="reward")
     template = cfg_a.data.chat_template
-    rendered, stops = [render_prompt(list(p), tokenizer, template) for p in prompts], sorted(stop_ids(tokenizer, template))
+    rendered = [render_prompt(list(p), tokenizer, template) for p in prompts]
+    stops = sorted(stop_ids(tokenizer, template))
     ids_a = [fit_prompt(ids, default_context(cfg_a), max_tokens, policy) for ids in rendered]
     ids_b = [fit_prompt(ids, default_context(cfg_b), max_tokens, baseline) for ids in rendered]
     answers_a = answer_all(Generator(run_a, sampling), tokenizer, ids_a, max_tokens, seed, batch_size, stops)
     answers_b = answer_all(Generator(run_b, sampling), tokenizer, ids_b, max_tokens, seed, batch_size, stops)
     kl = (answer_nats(run_b, ids_a, answers_a, tokenizer.pad_id, batch_size)
           - answer_nats(run_a, ids_a, answers_a, tokenizer.pad_id, batch_size))
-    texts = [(answer_text(tokenizer, a, stops), answer_text(tokenizer, b, stops)) for a, b in zip(answers_a, answers_b)]
-    raw = np.asarray(Scorer(judge_runner, judge_cfg.data.seq_len, batch_size, judge_cfg.data.chat_template).answer_rewards(
-        [(p, list(pair)) for p, pair in zip(prompts, texts)], judge_tokenizer), np.float64)
+    texts = [(answer_text(tokenizer, a, stops), answer_text(tokenizer, b, stops))
+             for a, b in zip(answers_a, answers_b)]
+    judge_scorer = Scorer(judge_runner, judge_cfg.data.seq_len, batch_size, judge_cfg.data.chat_template)
+    raw = np.asarray(judge_scorer.answer_rewards([(p, list(pair)) for p, pair in zip(prompts, texts)],
+                                                 judge_tokenizer), np.float64)
     normalise, mean, std = eval_normaliser(Path(judge))
     rewards = normalise(raw)
     scores = wins(raw[:, 0], raw[:, 1], np.array([a == b for a, b in texts], bool))

@@ -41,16 +41,22 @@ def answer_text(tokenizer, tokens: list[int], stops) -> str:
     return tokenizer.decode([t for t in tokens if t not in stops]).strip()
 
 
-def sample(generator: Generator, tokenizer: Tokenizer, prompt: str, max_tokens: int, seed: int,
-           out: TextIO | None = None, stops: set[int] | None = None) -> list[int]:
-    """Continues `prompt` as a document, streaming the continuation, until one of `stops` (default: EOS and the
-    end of a turn)."""
-    out = out or sys.stdout  # looked up now: the stream may have been replaced since import
+def prompt_ids(generator: Generator, tokenizer: Tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """The ids of a `sample` prompt, special tokens spelt in it parsed, checked with the sampling settings before
+    anything is printed (generate() would raise after the prompt is)."""
     ids = tokenizer.encode_prompt(prompt)
     if not ids:
         raise ConfigError(f"prompt {prompt!r}: encodes to no tokens; generation needs at least 1")
-    # Here, not only in generate(), which would raise after the prompt is printed.
     check_sampling(generator.sampling, max_tokens, model=generator.runner.cfg, name=str)
+    return ids
+
+
+def sample(generator: Generator, tokenizer: Tokenizer, prompt: str, max_tokens: int, seed: int,
+           out: TextIO | None = None, stops: set[int] | None = None) -> list[int]:
+    """Continues `prompt` as a document, streaming the continuation, until one of `stops` (default: EOS and the
+    default template's end of a turn; the CLI passes the model's template's)."""
+    out = out or sys.stdout  # looked up now: the stream may have been replaced since import
+    ids = prompt_ids(generator, tokenizer, prompt, max_tokens)
     out.write(prompt)
     stops = stop_ids(tokenizer) if stops is None else stops
     stream = TextStream(tokenizer, out, stops)

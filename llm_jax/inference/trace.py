@@ -26,15 +26,14 @@ import sys
 from typing import TextIO
 
 from llm_jax.data.tokenizer import Tokenizer
-from llm_jax.errors import ConfigError
-from llm_jax.inference.generate import Generator, StepTrace, check_sampling
-from llm_jax.inference.stream import stop_ids
+from llm_jax.data.chat.template import stop_ids
+from llm_jax.inference.generate import Generator, StepTrace
+from llm_jax.inference.stream import prompt_ids
 
 
-def shown(tokenizer: Tokenizer, token: int) -> str:
-    """A token's text as the plain lines show it: a special token's name ([SEP]), else its repr, or its bytes'
-    if they are not UTF-8 on their own."""
-    names = {i: name for name, i in tokenizer.specials.items()}
+def shown(tokenizer: Tokenizer, token: int, names: dict[int, str]) -> str:
+    """A token's text as the plain lines show it: a special token's name ([SEP], from `names`: id -> name), else
+    its repr, or its bytes' if they are not UTF-8 on their own."""
     if token in names or token >= tokenizer.vocab_size:
         return names.get(token, "<no token>")  # the model's table may be larger than the tokenizer's
     data = tokenizer.decode_bytes([token])
@@ -55,6 +54,7 @@ class Tracer:
     def __init__(self, tokenizer: Tokenizer, stops: set[int], max_tokens: int, vocab_size: int,
                  out: TextIO | None = None):
         self.tokenizer, self.stops, self.out = tokenizer, stops, out
+        self.names = {i: name for name, i in tokenizer.specials.items()}
         self.widths = len(str(max_tokens)), len(str(vocab_size - 1))
         self.steps: list[dict] = []
 
@@ -76,9 +76,9 @@ class Tracer:
 
     def line(self, step: dict) -> str:
         w_step, w_id = self.widths
-        top = " | ".join(f"{shown(self.tokenizer, t['id'])} {_p(t['prob'])}" for t in step["top"])
+        top = " | ".join(f"{shown(self.tokenizer, t['id'], self.names)} {_p(t['prob'])}" for t in step["top"])
         stop = "  (stop)" if step["id"] in self.stops else ""
-        return (f"step {step['step']:>{w_step}}  id {step['id']:>{w_id}}  {shown(self.tokenizer, step['id']):<8}  "
+        return (f"step {step['step']:>{w_step}}  id {step['id']:>{w_id}}  {shown(self.tokenizer, step['id'], self.names):<8}  "
                 f"p={_p(step['prob'])}   top: {top}{stop}")
 
 
@@ -88,10 +88,7 @@ def trace_sample(generator: Generator, tokenizer: Tokenizer, prompt: str, max_to
     (the plain lines as they come, or the JSON document at the end), until one of `stops` (default: EOS and the
     end of a turn). Returns the JSON document."""
     out = out or sys.stdout  # looked up now: the stream may have been replaced since import
-    ids = tokenizer.encode_prompt(prompt)  # as stream.sample: the same prompt ids, so the same tokens
-    if not ids:
-        raise ConfigError(f"prompt {prompt!r}: encodes to no tokens; generation needs at least 1")
-    check_sampling(generator.sampling, max_tokens, model=generator.runner.cfg, name=str)
+    ids = prompt_ids(generator, tokenizer, prompt, max_tokens)  # as stream.sample: so the same tokens
     stops = stop_ids(tokenizer) if stops is None else stops
     if not as_json:
         out.write(f"prompt {prompt!r} ({len(ids)} tokens)\n")

@@ -39,7 +39,7 @@ from llm_jax.atomic import atomic_directory
 from llm_jax.config import Config, DataConfig, ModelConfig, to_json, validate
 from llm_jax.data.byte_bpe import ByteLevelBPETokenizer
 from llm_jax.data.wordpiece import WordPieceTokenizer
-from llm_jax.errors import DataError, HFError
+from llm_jax.errors import ConfigError, DataError, HFError
 from llm_jax.interop.hf_config import hf_config_json, hf_model_config
 from llm_jax.interop.hf_params import hf_weights, params_from_hf
 from llm_jax.interop.hf_peft import adapter_weights, fold_adapter, write_adapter
@@ -103,7 +103,10 @@ def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None, scan_layer
     except DataError as e:
         raise HFError(str(e)) from None
     chat_template = chat_template or template.suggested(tok)
-    template.tags(tok, chat_template)  # a template this tokenizer cannot render is refused here, not at SFT
+    try:
+        template.tags(tok, chat_template)  # a template this tokenizer cannot render is refused here, not at SFT
+    except ConfigError as e:
+        raise HFError(f"--chat-template: {e}") from None
     cfg = validate(Config(name=f"hf-{hf['model_type']}", model=model,
                           data=DataConfig(seq_len=min(2048, context), chat_template=chat_template)))
     if tok.vocab_size > model.vocab_size:

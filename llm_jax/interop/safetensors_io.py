@@ -44,7 +44,11 @@ def read_weights(hf_dir: Path) -> dict[str, np.ndarray]:
 def _weight_files(hf_dir: Path) -> list[Path]:
     for index, pattern in _LAYOUTS:
         if (hf_dir / index).is_file():
-            files = [hf_dir / n for n in sorted(set(json.loads((hf_dir / index).read_text())["weight_map"].values()))]
+            try:
+                names = set(json.loads((hf_dir / index).read_text())["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise HFError(f"{hf_dir / index}: not a weight index ({type(e).__name__}: {e})") from None
+            files = [hf_dir / n for n in sorted(names)]
             missing = [p.name for p in files if not p.is_file()]
             if missing:
                 raise HFError(f"{hf_dir / index} names {len(missing)} missing weight files, e.g. {missing[0]}")

@@ -129,8 +129,8 @@ def last_real_index(segment_ids_BxT: jax.Array) -> jax.Array:
 
 
 def reward_head(cfg: ModelConfig, x_BxTxD: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
-    """The scalar reward of each sequence, read from the hidden state of its last real token (the <|end|> that
-    closes the answer): with causal attention it is the only position that has seen the whole answer."""
+    """The scalar reward of each sequence, read from the hidden state of its last real token (the end of turn
+    that closes the answer): with causal attention it is the only position that has seen the whole answer."""
     last_B = last_real_index(segment_ids_BxT)
     h_BxD = jnp.take_along_axis(x_BxTxD, last_B[:, None, None], axis=1)[:, 0]
     reward_B = Dense(cfg, (), ("embed",), std=cfg.reward_init_std, name="reward_head")(h_BxD)

@@ -145,13 +145,18 @@ def _hparam_value(cfg: Config, key: str):
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
+LATER_DATA_FIELDS = ("chat_template",)
+
+
 def _shared_data(cfg: Config, sweep_dir: Path) -> Path | None:
     """Where this point's data is prepared once for the sweep; None where the config already names it."""
     if cfg.data.prepared:
         return None
     # The task, the resolved data section (with the tokenizer init_from gives) and the vocabulary decide the
-    # prepared data: a superset of what prepare compares.
-    key = json.dumps([cfg.task, to_dict(cfg.data), cfg.model.vocab_size], sort_keys=True)
+    # prepared data: a superset of what prepare compares. A data field added later is left out at its default,
+    # so that a sweep resumed after the upgrade finds the data it prepared.
+    data = {k: v for k, v in to_dict(cfg.data).items() if not (k in LATER_DATA_FIELDS and not v)}
+    key = json.dumps([cfg.task, data, cfg.model.vocab_size], sort_keys=True)
     return sweep_dir / "data" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

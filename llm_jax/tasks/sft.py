@@ -1,15 +1,17 @@
 """Supervised fine-tuning: next-token prediction on dialogues, the loss on the assistant's tokens only.
 
-Data: data/chat/sft.py renders each dialogue through the chat template and packs whole dialogues into rows
-(weights 1 exactly on assistant tokens and their closing <|end|>). The objective and scalars are
-pretraining's (tasks/pretrain.NextToken), counted over assistant tokens. The model and tokenizer come from
-the export named by checkpoint.init_from (or data.tokenizer names one with llm_jax's chat tokens).
+Data: data/chat/sft.py renders each dialogue through data.chat_template and packs whole dialogues into
+rows (weights 1 exactly on assistant tokens and the token that closes their turn: <|end|>, [SEP] or
+<|im_end|>). The objective and scalars are pretraining's (tasks/pretrain.NextToken), counted over assistant
+tokens. The model, tokenizer and template come from the export named by checkpoint.init_from (or
+data.tokenizer names a tokenizer).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from llm_jax.data.chat import dialogue, sft
+from llm_jax.data.chat.prepared import check_template
 from llm_jax.tasks.pretrain import NextToken
 
 
@@ -21,6 +23,11 @@ class SFT(NextToken):
 
     def prepare(self, out_dir: Path) -> None:
         sft.prepare_sft(self.cfg, out_dir, self.cfg.data.tokenizer)
+
+    def load(self, path: Path):
+        data = super().load(path)
+        check_template(data.meta, self.cfg, path)
+        return data
 
     def describe(self, data: sft.PreparedSFT) -> str:
         train, held = data.meta["splits"]["train"], data.meta["splits"]["eval"]

@@ -6,7 +6,7 @@ Preparation (prepare_preference, once per data config and tokenizer):
      max(1, round(n * data.eval_fraction)) groups of that order held out for eval), so a source's eval pairs
      do not change when sources are added and the pairs of one question never straddle the split; train and
      eval concatenate the sources in order;
-  2. each pair rendered by render_pair to two sequences of at most seq_len tokens, prompt + answer + <|end|>;
+  2. each pair rendered by render_pair to two sequences of at most seq_len tokens, prompt + answer + end of turn;
      when the longer one does not fit, the prompt loses its oldest tokens (it keeps at least half of seq_len,
      all of it if shorter) and the answers their ends, the same prompt cut for both answers;
      a pair whose two sequences become identical is dropped and counted (dropped_truncated);
@@ -18,8 +18,9 @@ seq_len, chat template, tokenizer sha256, FORMAT) matches.
 
 Rows are data/batches.PairBatch: inputs, positions (0.. on real tokens), segment_ids (1 on real tokens, 0 on
 padding) of shape (2, seq_len); margin and valid scalars. The reward of a sequence is read at its last real
-token, <|end|>. DPO's rows (PreparedAnswerPairs) are data/batches.PairTokenBatch: the same sequences with
-their next-token targets, weighted 1 on the answer's tokens and its <|end|> only.
+token, the end of its turn (<|end|>, [SEP] or <|im_end|>, by data.chat_template). DPO's rows
+(PreparedAnswerPairs) are data/batches.PairTokenBatch: the same sequences with their next-token targets,
+weighted 1 on the answer's tokens and its end of turn only.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ class PairRows(NpyRows):
 
 class AnswerRows(NpyRows):
     """Prepared pairs as PairTokenBatch rows: each sequence predicts its next tokens, weighted on the answer
-    (its tokens after the prompt, the closing <|end|> included); the last position has no target."""
+    (its tokens after the prompt, the closing end of turn included); the last position has no target."""
 
     def __init__(self, paths: dict[str, Path], byte_lengths_V: np.ndarray):
         super().__init__(paths)
@@ -172,7 +173,8 @@ def _prepare_into(cfg: Config, tmp: Path, tokenizer: Tokenizer) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.data.seq_len, "dtype": dtype.name,
             "records": stats.n_records, "pairs": stats.n_pairs, "skipped": dict(stats.skipped),
-            "splits": {split: _write_split(pairs, cfg, tokenizer, tmp / split, dtype) for split, pairs in splits.items()}}
+            "splits": {split: _write_split(pairs, cfg, tokenizer, tmp / split, dtype)
+                       for split, pairs in splits.items()}}
 
 
 def _write_split(pairs: list[tuple[str, Pair]], cfg: Config, tokenizer: Tokenizer, prefix: Path, dtype) -> dict:

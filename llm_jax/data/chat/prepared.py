@@ -9,10 +9,11 @@ from typing import Callable
 import numpy as np
 
 from llm_jax.config import Config, data_dir
-from llm_jax.data.chat.template import tags
+from llm_jax.data.chat.template import DEFAULT, tags
 from llm_jax.data.pieces import PieceTable
 from llm_jax.data.shards import PreparedDir
 from llm_jax.data.tokenizer import Tokenizer, check_fits
+from llm_jax.errors import DataError
 
 SPLIT_SEED = 0  # the train/eval split (and so SFT's packing order); fixed so that every run sees the same split
 
@@ -28,14 +29,24 @@ def publish_chat_data(cfg: Config, out_dir: Path, tokenizer: Tokenizer | str | P
         print(note)
     d = cfg.data
     fields = {"format": fmt, "sources": list(d.sources), "data_dir": str(data_dir(cfg).resolve()),
-              "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256,
-              **({"chat_template": d.chat_template} if d.chat_template else {})}
+              "eval_fraction": d.eval_fraction, "seq_len": d.seq_len, "tokenizer_sha256": tokenizer.sha256}
+    if (d.chat_template or DEFAULT) != DEFAULT:  # absent for the default: directories from before templates match
+        fields["chat_template"] = d.chat_template
 
     def build(tmp: Path) -> dict:
         (tmp / "tokenizer.model").write_bytes(tokenizer.serialized())
         return {"format": fmt, **prepare_into(cfg, tmp, tokenizer)}
 
     prepared.publish(Path(out_dir), fields, build, describe)
+
+
+def check_template(meta: dict, cfg: Config, path: Path) -> None:
+    """Data rendered through another chat template than cfg's is a DataError: the export would record one
+    format and the model have learned another."""
+    rendered, wanted = meta.get("config", {}).get("chat_template", DEFAULT), cfg.data.chat_template or DEFAULT
+    if rendered != wanted:
+        raise DataError(f"{path} was rendered with chat template {rendered}, this run's data.chat_template is "
+                        f"{wanted}: prepare it with this config, or leave data.prepared unset")
 
 
 def chat_tokenizer(cfg: Config, tokenizer: Tokenizer | str | Path) -> Tokenizer:

@@ -2,7 +2,8 @@
 
 Rows are pretraining's TokenBatch (data/batches.py), so the objective is unchanged: the loss divides summed
 nats*weights by sum(weights) over the whole batch, and weights are 1.0 exactly on targets that are assistant
-tokens (content and the assistant's closing <|end|>), 0 elsewhere.
+tokens (content and the token that closes the turn: <|end|>, [SEP] or <|im_end|> by data.chat_template), 0
+elsewhere.
 
 Preparation (prepare_sft, once per data config and tokenizer):
   1. every dialogue of iter_dialogues, in order, rendered by template.render(d, tok, max_len=seq_len + 1)

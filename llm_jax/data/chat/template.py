@@ -82,11 +82,15 @@ def _needed(tok: PieceTable, template: str, *names: str) -> list[int]:
 
 
 def suggested(tokenizer: PieceTable) -> str:
-    """The template a tokenizer's own special tokens are for: sep for [CLS]/[SEP] (a BERT vocabulary), chatml for
-    <|im_start|>/<|im_end|> (Qwen's), else the default."""
-    for name, needed in (("sep", ("[CLS]", "[SEP]")), ("chatml", ("<|im_start|>", "<|im_end|>"))):
-        if all(token in tokenizer.specials for token in needed):
-            return name
+    """The template a tokenizer's own special tokens are for: the first of TEMPLATES other than the default that
+    it can render (sep for [CLS]/[SEP], a BERT vocabulary; chatml for <|im_start|>/<|im_end|>, Qwen's), else the
+    default."""
+    for name in TEMPLATES:
+        try:
+            if name != DEFAULT and tags(tokenizer, name):
+                return name
+        except ConfigError:
+            continue
     return DEFAULT
 
 
