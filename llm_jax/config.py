@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llm_jax import task_config
 from llm_jax.errors import ConfigError
-from llm_jax.task_config import DPOConfig, PeftConfig, RewardConfig, RLConfig
+from llm_jax.task_config import DPOConfig, EvalConfig, PeftConfig, RewardConfig, RLConfig
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,7 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {

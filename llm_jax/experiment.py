@@ -73,7 +73,8 @@ def _parse(key: str, text: str, typ):
                 items = ast.literal_eval(text)
             else:
                 items = [t for t in text.split(",") if t]
-            return tuple(str(i) for i in items)
+            item_type = (typing.get_args(typ) or (str,))[0]
+            return tuple(item_type(i) for i in items)
     except (ValueError, SyntaxError) as e:
         raise ConfigError(f"--set {key}={text}: cannot parse as {getattr(typ, '__name__', typ)} ({e})") from None
     raise ConfigError(f"--set {key}: unsupported field type {typ}")

@@ -1,5 +1,6 @@
-"""The config sections of the post-training tasks (reward model, DPO, RL) and of parameter-efficient
-fine-tuning (any task), their choices and their checks; config.py holds them in Config and re-exports them."""
+"""The config sections of the post-training tasks (reward model, DPO, RL), of parameter-efficient fine-tuning
+and of in-context evaluation (any task), their choices and their checks; config.py holds them in Config and
+re-exports them."""
 from __future__ import annotations
 
 import re
@@ -81,6 +82,17 @@ class PeftConfig:
     base_dtype: str = "float32"  # float32 | bfloat16: how the frozen base weights are held
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """In-context benchmarks (evaluation/benchmarks.py, scored by evaluation/icl.py) run at every
+    train.eval_every and at the end of a language model's training, logged as tasks/<name>/<k>shot/acc."""
+    tasks: tuple[str, ...] = ()  # benchmark names: blimp, sling, truthfulqa_mc, gsm8k, cmmlu, piqa
+    shots: tuple[int, ...] = (0,)
+    limit: int = 200  # scored items per benchmark and shot count (0: all): an evaluation, not a training cost
+    seed: int = 1234  # which exemplars are drawn: the same for every model
+    max_gen_tokens: int = 128  # generation benchmarks (gsm8k): the answer's token budget
+
+
 CHOICES = {
     "peft.method": ("none", "lora", "prompt", "prefix"),
     "peft.base_dtype": ("float32", "bfloat16"),
@@ -115,9 +127,27 @@ def validate(cfg) -> None:
         if not value >= 0:
             raise ConfigError(f"{key}={value} must not be negative")
     _check_peft(cfg)
+    _check_eval(cfg)
     if not (0 < r.clip_ratio < 1 and 0 <= r.gamma <= 1 and 0 <= r.lam <= 1):
         raise ConfigError(f"rl.clip_ratio={r.clip_ratio} must lie in (0, 1), rl.gamma={r.gamma} and "
                           f"rl.lam={r.lam} in [0, 1]")
+
+
+def _check_eval(cfg) -> None:
+    e = cfg.eval
+    if not e.tasks:
+        return
+    from llm_jax import tasks  # late: the tasks import the config
+    from llm_jax.evaluation.benchmarks import TASKS
+    unknown = [name for name in e.tasks if name not in TASKS]
+    if unknown:
+        raise ConfigError(f"eval.tasks: {', '.join(unknown)} unknown (known: {', '.join(TASKS)})")
+    head = getattr(tasks.TASKS.get(cfg.task), "head", "lm")  # an unknown task is tasks.make's to report
+    if head != "lm":
+        raise ConfigError(f"eval.tasks needs a language model; task={cfg.task} trains a {head} head")
+    if not e.shots or min(e.shots) < 0 or e.limit < 0 or e.max_gen_tokens <= 0:
+        raise ConfigError(f"eval.shots={e.shots} must be counts >= 0, eval.limit={e.limit} >= 0 and "
+                          f"eval.max_gen_tokens={e.max_gen_tokens} > 0")
 
 
 def _check_peft(cfg) -> None:

@@ -3,6 +3,7 @@
   train.py     train, prepare, export, show-masks
   generate.py  sample, chat
   evaluate.py  eval, score, compare, compress, decompress
+  benchmarks.py  eval-tasks
   interop.py   import-hf, export-hf
   tools.py     bench, sweep, report
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llm_jax.cli import evaluate, generate, interop, tools, train
+from llm_jax.cli import benchmarks, evaluate, generate, interop, tools, train
 from llm_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, USAGE_EXIT, NonFiniteError, Preempted, UserError
 
 
@@ -23,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-jax", description="Decoder-only language models in JAX, reported as "
                                 "compression.")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (train, generate, evaluate, interop, tools):
+    for group in (train, generate, evaluate, benchmarks, interop, tools):
         group.add_commands(sub)
     return p
 

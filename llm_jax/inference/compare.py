@@ -24,11 +24,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.atomic import write_atomic
-from llm_jax.data.batches import TokenBatch, answer_rows
+from llm_jax.data.batches import answer_rows
 from llm_jax.data.chat.dialogue import Message
 from llm_jax.data.chat.prompts import split_prompts
 from llm_jax.data.chat.template import render_prompt, stop_ids
@@ -37,7 +36,6 @@ from llm_jax.inference.generate import Generator, Sampling, check_sampling
 from llm_jax.inference.runner import ModelRunner, default_context
 from llm_jax.inference.score import Scorer, eval_normaliser
 from llm_jax.inference.stream import answer_text
-from llm_jax.tasks.losses import next_token_nats
 
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL = 10_000, 0, 0.95
 CI_METHOD = f"{LEVEL:.0%} percentile bootstrap over prompts, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}"
@@ -98,16 +96,13 @@ def answer_nats(runner: ModelRunner, prompts: list[np.ndarray], answers: list[li
                 batch_size: int = 16) -> np.ndarray:
     """-log p(answer | prompt) under the runner's model, summed over each answer's tokens: one forward pass over
     prompt + answer per row, through tasks.losses.next_token_nats (so model.logits_chunk applies)."""
-    model = runner.model()
-    forward = runner.jit_batch(lambda p, b: jnp.sum(next_token_nats(model, p, b) * b.weights, axis=-1),
-                               TokenBatch.axes())
     width = max(len(p) + len(a) for p, a in zip(prompts, answers)) - 1  # inputs: all but the last token
     runner.check_length(width, "prompt + answer")
     rows, out = runner.round_rows(batch_size), []
     for start in range(0, len(prompts), rows):
         chunk = answers[start:start + rows]
         batch = answer_rows(prompts[start:start + rows], chunk, width, pad_id, n_rows=rows)
-        out.append(np.asarray(forward(runner.params, batch), np.float64)[:len(chunk)])
+        out.append(np.asarray(runner.summed_nats(runner.params, batch), np.float64)[:len(chunk)])
     return np.concatenate(out)
 
 

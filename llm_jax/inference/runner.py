@@ -9,6 +9,7 @@ plain init) run under plain jax.jit on their device.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -66,6 +67,23 @@ class ModelRunner:
         return sharding.jit_on_mesh(fn, self.mesh, in_shardings=(jax.tree.map(lambda x: x.sharding, self.params),
                                                                  sharding.batch_shardings(self.mesh, batch_axes)),
                                     out_shardings=sharding.replicated(self.mesh))
+
+    @functools.cached_property
+    def summed_nats(self):
+        """Jitted (params, TokenBatch) -> float32[rows]: each row's nats summed over its weighted targets,
+        through tasks.losses.next_token_nats (so model.logits_chunk applies); made once per runner, so that
+        every caller (compare's KL, in-context benchmarks) reuses its compilations."""
+        from llm_jax.data.batches import TokenBatch
+        from llm_jax.tasks.losses import next_token_nats
+        model = self.model()
+        return self.jit_batch(lambda p, b: jnp.sum(next_token_nats(model, p, b) * b.weights, axis=-1),
+                              TokenBatch.axes())
+
+    @functools.cached_property
+    def greedy(self):
+        """A greedy generate.Generator of this runner, made once (its prefill and step compile once)."""
+        from llm_jax.inference.generate import Generator, Sampling
+        return Generator(self, Sampling(temperature=0.0))
 
     def check_length(self, tokens: int, what: str) -> None:
         """A sequence of `tokens` (named `what` in the error) holds at least one token and, with learned

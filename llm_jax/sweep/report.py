@@ -79,6 +79,9 @@ def summarise_run(run_dir: Path, name: str, hparams: dict) -> RunSummary:
     # Training scalars are noisy step to step: their final value is a mean; an evaluation's is its last.
     scores = {label: (_final_mean if tag.startswith("train/") else _last)(scalars.get(tag, []))
               for tag, label in task.summary_scalars}
+    # eval.tasks' benchmarks (evaluation/suite.py): a column per benchmark and shot count, its last accuracy
+    scores.update({tag.removeprefix("tasks/"): _last(points) for tag, points in sorted(scalars.items())
+                   if tag.startswith("tasks/") and tag.endswith("/acc")})
     speeds = [v for _, v in scalars.get(task.throughput, [])]
     times = tuple(scalars.get(TRAIN_TIME, []))
     return RunSummary(name, hparams, state, last_step, results["params"] if results else None, tokens,

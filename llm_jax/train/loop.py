@@ -81,12 +81,31 @@ def evaluation(setup: Setup, params, step_done: int, writer: Writer | None = Non
     resumed from that checkpoint logs nothing twice."""
     sums, n_batches = evaluate(setup, params, setup.cfg.train.eval_batches)
     scores = {k: float(v) for k, v in setup.task.scalars(sums, "eval").items()}
+    if setup.cfg.eval.tasks:
+        scores.update(_benchmark_scalars(setup, params))
     result = Evaluation(step_done, sums, n_batches, scores)
     if step_done == setup.cfg.train.steps and is_main():  # the compressors run on process 0 only
         result.summary = setup.task.finish(setup.data, result)
     if writer is not None:
         writer.scalars(step_done, {**scores, **(result.summary.scalars if result.summary else {})})
     return result
+
+
+def _benchmark_scalars(setup: Setup, params) -> dict[str, float]:
+    """eval.tasks' in-context benchmarks on the model being trained, as tasks/<name>/<k>shot/<metric>."""
+    from llm_jax import tasks
+    from llm_jax.config import data_dir
+    from llm_jax.evaluation import suite
+    from llm_jax.inference.runner import ModelRunner, default_context
+    cfg, e = setup.cfg, setup.cfg.eval
+    params = tasks.exported_params(cfg, peft.with_base(params, setup.frozen))
+    if setup.benchmark_runner is None:
+        setup.benchmark_runner = ModelRunner(cfg.model, params, peft=cfg.peft)
+    runner = setup.benchmark_runner
+    runner.params = params
+    results = suite.run(runner, setup.data.tokenizer, e.tasks, e.shots, data_dir(cfg), context=default_context(cfg),
+                        limit=e.limit, seed=e.seed, batch_size=cfg.train.batch_size, max_gen_tokens=e.max_gen_tokens)
+    return suite.scalars(results)
 
 
 def _describe(setup: Setup) -> str:

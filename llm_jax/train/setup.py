@@ -42,6 +42,9 @@ class Setup:
     # The run's length as planned in the state: train.steps, a time budget's plan restored from a checkpoint,
     # or 0 while a time budget has yet to plan it (train/budget.py).
     planned_steps: int  # the run directory holds a run of this config already (resumed or restarted)
+    # eval.tasks' ModelRunner, made at the first evaluation and given each evaluation's params, so that its
+    # jitted forward and generation steps compile once per run
+    benchmark_runner: object = None
 
 
 class RunDir(NamedTuple):
