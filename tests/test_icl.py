@@ -129,6 +129,9 @@ def test_long_exemplars_are_cut_from_the_left_and_counted(tiny):
     assert tight.context == full[-2:] and tight.truncated and tight.question_truncated
     (no_shot,) = icl.encode_requests(tok, [Request("mc", (), "The cat sees the dog and ", ("x",), (0,))], 4)
     assert no_shot.question_truncated and not no_shot.truncated
+    # a choice longer than the whole context is not scored (a continuation is never cut), and counted
+    scores = icl.score(runner, tok, [long, Request("mc", (), "The cat ", ("sees the dog. " * 8, "x"), (0,))], 24)
+    assert scores.requests == [long] and scores.metrics()["skipped"] == 1 and scores.metrics()["n"] == 1
 
 
 def test_generation_is_cut_at_the_stop_and_extracted(tiny, monkeypatch):

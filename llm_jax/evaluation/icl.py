@@ -13,7 +13,8 @@ last), so a row holds at most context + 1 ids.
 Too long: a request's context is cut from the left to fit its longest choice, the same cut for every choice
 (so they are compared on the same context), which drops the exemplars' first tokens (counted in `truncated`)
 and, when the question and the longest continuation alone do not fit, the question's first tokens (counted in
-`question_truncated`); a continuation is never cut.
+`question_truncated`); a continuation is never cut: a request with a choice longer than the whole context is
+not scored, and counted in `skipped`.
 Scores per item: mc acc is 1 when the gold choice has the highest summed log-likelihood (the first maximum
 on ties, as numpy's argmax), acc_norm the same per UTF-8 byte of the choice's text (the harness divides by
 characters); pairs acc is 1 when the acceptable sentence (choice 0) is at least as likely; mc2 acc is the
@@ -53,15 +54,17 @@ class Result:
 
 @dataclass
 class Scores:
-    requests: list[Request]
+    requests: list[Request]  # the scored ones
     results: list[Result] = field(default_factory=list)
+    skipped: int = 0  # requests with a choice longer than the context: not scored
 
     def metrics(self) -> dict:
         """acc, stderr, n, chance (means over items), truncated and question_truncated (counts); acc_norm when
         every request is mc, acc_flexible when every one is gen; groups {group: acc} when requests have groups."""
         acc = np.array([r.acc for r in self.results], np.float64)
-        out = {"acc": float(acc.mean()), "stderr": stderr(acc), "n": len(acc),
-               "chance": float(np.mean([q.chance for q in self.requests])),
+        out = {"acc": float(acc.mean()) if len(acc) else math.nan, "stderr": stderr(acc), "n": len(acc),
+               "chance": float(np.mean([q.chance for q in self.requests])) if len(acc) else math.nan,
+               "skipped": self.skipped,
                "truncated": sum(r.truncated for r in self.results),
                "question_truncated": sum(r.question_truncated for r in self.results)}
         for key, kind in (("acc_norm", "mc"), ("acc_flexible", "gen")):
@@ -100,7 +103,8 @@ def score(runner: ModelRunner, tokenizer, reqs: list[Request], context: int, bat
         for i, r in zip(gen, score_generation(runner, tokenizer, [reqs[i] for i in gen], context, batch_size,
                                               max_gen_tokens)):
             results[i] = r
-    return Scores(reqs, results)
+    kept = [(q, r) for q, r in zip(reqs, results) if r is not None]
+    return Scores([q for q, _ in kept], [r for _, r in kept], skipped=len(reqs) - len(kept))
 
 
 # --- the rows: tokens of each context and continuation ---------------------------------------------------
@@ -113,8 +117,9 @@ class Encoded:
     question_truncated: bool = False
 
 
-def encode_requests(tokenizer, reqs: list[Request], context: int) -> list[Encoded]:
-    """Each request's context and continuation ids, the boundary as the harness draws it, cut to fit."""
+def encode_requests(tokenizer, reqs: list[Request], context: int) -> list[Encoded | None]:
+    """Each request's context and continuation ids, the boundary as the harness draws it, cut to fit; None
+    for a request with a choice longer than the context."""
     heads, texts = [], []
     for q in reqs:
         heads.append(q.context.rstrip())
@@ -125,8 +130,8 @@ def encode_requests(tokenizer, reqs: list[Request], context: int) -> list[Encode
         conts = [whole[len(ctx_ids):] for whole in (next(ids) for _ in q.choices)]
         longest = max(map(len, conts))
         if longest > context:
-            raise ConfigError(f"a choice of {longest} tokens does not fit the {context}-token context "
-                              f"(question {q.question[-80:]!r})")
+            out.append(None)
+            continue
         out.append(fit(tokenizer, q, head, ctx_ids or [tokenizer.eos_id], context + 1 - longest, conts))
     return out
 
@@ -167,11 +172,15 @@ def loglikelihoods(runner: ModelRunner, rows: list[tuple[list[int], list[int]]],
     return out
 
 
-def score_loglik(runner: ModelRunner, tokenizer, reqs: list[Request], context: int, batch_size: int) -> list[Result]:
+def score_loglik(runner: ModelRunner, tokenizer, reqs: list[Request], context: int,
+                 batch_size: int) -> list[Result | None]:
     encoded = encode_requests(tokenizer, reqs, context)
-    rows = [(e.context, cont) for e in encoded for cont in e.continuations]
+    rows = [(e.context, cont) for e in encoded if e is not None for cont in e.continuations]
     flat, results, start = loglikelihoods(runner, rows, tokenizer.pad_id, context, batch_size), [], 0
     for q, e in zip(reqs, encoded):
+        if e is None:
+            results.append(None)
+            continue
         ll = flat[start:start + len(q.choices)]
         start += len(q.choices)
         results.append(Result(acc=item_score(q, ll), loglik=tuple(map(float, ll)), acc_norm=norm_score(q, ll),

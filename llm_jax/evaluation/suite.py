@@ -57,6 +57,8 @@ def format_table(results: dict) -> str:
                          f"{r['n']:>8}{r['chance']:>9.4f}{r['seconds']:>9.1f}")
             if r.get("truncated"):
                 lines.append(f"{'':<21}{r['truncated']} of {r['n']} prompts had exemplars cut to fit the context")
+            if r.get("skipped"):
+                lines.append(f"{'':<21}{r['skipped']} items not scored: a choice is longer than the context")
     return "\n".join(lines)
 
 
