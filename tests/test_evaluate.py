@@ -35,14 +35,18 @@ def tiny_config(**model):
                               compute_dtype="float32", init_std=0.5, **model), data=DataConfig(seq_len=64))
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A tiny random model's export."""
+def random_export(tmp_path_factory, seed: int = 3):
+    """(directory, config, params, tokenizer) of a tiny random model's export."""
     cfg = tiny_config()
     dummy = jnp.ones((1, 4), jnp.int32)
-    params = nn.unbox(Transformer(cfg.model).init(jax.random.key(3), dummy, dummy, dummy))["params"]
+    params = nn.unbox(Transformer(cfg.model).init(jax.random.key(seed), dummy, dummy, dummy))["params"]
     out = write_export(tmp_path_factory.mktemp("export"), cfg, params)
     return out, cfg, params, Tokenizer.load(out / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    return random_export(tmp_path_factory)
 
 
 def hand_bits_per_byte(cfg, params, tok, text):

@@ -12,13 +12,12 @@ import pytest
 from flax import linen as nn
 
 from llm_jax.config import llama
-from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.evaluation import icl, icl_generate
 from llm_jax.evaluation.requests import Request
 from llm_jax.inference.generate import Generator, Sampling
 from llm_jax.inference.runner import ModelRunner
 from llm_jax.model import Transformer
-from test_evaluate import tiny_config, write_export
+from test_evaluate import random_export
 
 HAND_WIDTH = 64
 EXEMPLAR = "The dog likes the fish.\n"
@@ -34,11 +33,8 @@ REQUESTS = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(export directory, config, params, tokenizer, plain runner) of a tiny random model."""
-    cfg = tiny_config()
-    dummy = jnp.ones((1, 4), jnp.int32)
-    params = nn.unbox(Transformer(cfg.model).init(jax.random.key(3), dummy, dummy, dummy))["params"]
-    out = write_export(tmp_path_factory.mktemp("export"), cfg, params)
-    return out, cfg, params, Tokenizer.load(out / "tokenizer.model"), ModelRunner(cfg.model, params)
+    out, cfg, params, tok = random_export(tmp_path_factory)
+    return out, cfg, params, tok, ModelRunner(cfg.model, params)
 
 
 def harness_ids(tok, context: str, choice: str) -> tuple[list[int], list[int]]:

@@ -5,19 +5,16 @@ import json
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from llm_jax.cli.main import main
-from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.inference.generate import Generator, Sampling
 from llm_jax.inference.runner import ModelRunner
 from llm_jax.inference.stream import sample
 from llm_jax.inference.trace import trace_sample
 from llm_jax.model import Transformer
-from test_evaluate import tiny_config, write_export
+from test_evaluate import random_export
 
 PROMPT = "the cat sees"
 
@@ -25,11 +22,7 @@ PROMPT = "the cat sees"
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     """A tiny random model's export: (directory, config, params, tokenizer)."""
-    cfg = tiny_config()
-    dummy = jnp.ones((1, 4), jnp.int32)
-    params = nn.unbox(jax.jit(Transformer(cfg.model).init)(jax.random.key(5), dummy, dummy, dummy))["params"]
-    out = write_export(tmp_path_factory.mktemp("export"), cfg, params)
-    return out, cfg, params, Tokenizer.load(out / "tokenizer.model")
+    return random_export(tmp_path_factory, seed=5)
 
 
 @pytest.fixture(scope="module")

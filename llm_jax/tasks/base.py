@@ -46,6 +46,7 @@ import jax
 
 from llm_jax.config import Config
 from llm_jax.data import pipeline
+from llm_jax.data.chat.prepared import check_template
 from llm_jax.data.tokenizer import check_fits
 from llm_jax.errors import ConfigError
 from llm_jax.model import Transformer, flops
@@ -109,6 +110,7 @@ class Task:
     throughput: ClassVar[str] = "perf/tokens_per_sec"  # the scalar of the train step's tokens per second
     source_kinds: ClassVar[tuple[str, ...]]  # the `kind:` prefixes data.sources may use
     prepared_type: ClassVar[type]  # what prepare writes and load reads (data/shards.PreparedDir subclasses)
+    renders_dialogues: ClassVar[bool] = False  # its data went through data.chat_template (checked at load)
     # Rendered through the chat template with the fine-tuned model's own tokenizer, which knows the chat tokens.
     needs_tokenizer: ClassVar[bool] = False
 
@@ -148,6 +150,8 @@ class Task:
         """The prepared data in path, its tokenizer checked to fit the model."""
         data = self.prepared_type.load(path)
         check_fits(data.tokenizer, self.cfg.model.vocab_size, str(data.tokenizer_path))
+        if self.renders_dialogues:
+            check_template(data.meta, self.cfg, path)
         return data
 
     def rows(self, data, split: str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm_jax.data.chat import pairs, preference
-from llm_jax.data.chat.prepared import check_template
 from llm_jax.tasks.base import Task
 
 
@@ -17,14 +16,10 @@ class PreferenceTask(Task):
     sequences_per_example = 2
     source_kinds = tuple(pairs.LOADERS)
     needs_tokenizer = True
+    renders_dialogues = True
 
     def prepare(self, out_dir: Path) -> None:
         preference.prepare_preference(self.cfg, out_dir, self.cfg.data.tokenizer)
-
-    def load(self, path: Path):
-        data = super().load(path)
-        check_template(data.meta, self.cfg, path)
-        return data
 
     def step_shape(self) -> str:
         return f"{self.cfg.train.batch_size} pairs × 2×{self.cfg.data.seq_len} tokens/step"

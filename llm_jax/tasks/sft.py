@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm_jax.data.chat import dialogue, sft
-from llm_jax.data.chat.prepared import check_template
 from llm_jax.tasks.pretrain import NextToken
 
 
@@ -20,14 +19,10 @@ class SFT(NextToken):
     source_kinds = tuple(dialogue.LOADERS)
     prepared_type = sft.PreparedSFT
     needs_tokenizer = True
+    renders_dialogues = True
 
     def prepare(self, out_dir: Path) -> None:
         sft.prepare_sft(self.cfg, out_dir, self.cfg.data.tokenizer)
-
-    def load(self, path: Path):
-        data = super().load(path)
-        check_template(data.meta, self.cfg, path)
-        return data
 
     def describe(self, data: sft.PreparedSFT) -> str:
         train, held = data.meta["splits"]["train"], data.meta["splits"]["eval"]
