@@ -23,21 +23,26 @@ EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 
 def load_experiment(path_or_name: str) -> Config:
     """`config()` of an experiment file, given as a path or as a name under experiments/."""
+    return load_definition(path_or_name, EXPERIMENTS_DIR, "config", Config, "experiment")
+
+
+def load_definition(path_or_name: str | Path, folder: Path, function: str, kind: type, what: str):
+    """`function()` of a Python file (a path, or a name under `folder`), which must return a `kind`: experiment
+    files' config(), sweep files' sweep(), pipeline files' pipeline()."""
     path = Path(path_or_name)
     if not path.suffix:
-        path = EXPERIMENTS_DIR / f"{path_or_name}.py"
+        path = folder / f"{path}.py"
     if not path.is_file():
-        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
-        raise ConfigError(f"experiment file {str(path)!r} not found (known: {', '.join(known)})")
-    spec = importlib.util.spec_from_file_location(f"llm_jax_experiment_{path.stem}", path)
+        known = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+        raise ConfigError(f"{what} file {str(path)!r} not found (known: {', '.join(known)})")
+    spec = importlib.util.spec_from_file_location(f"llm_jax_{what}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not hasattr(module, "config"):
-        raise ConfigError(f"experiment file {str(path)!r} defines no config() function")
-    cfg = module.config()
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"{str(path)}: config() returned {type(cfg).__name__}, not llm_jax.config.Config")
-    return cfg
+    value = getattr(module, function)() if hasattr(module, function) else None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{what} file {str(path)!r} must define {function}() returning "
+                          f"{kind.__module__}.{kind.__name__}")
+    return value
 
 
 def flat_keys(cfg: Config) -> dict[str, type]:
@@ -54,7 +59,8 @@ def flat_keys(cfg: Config) -> dict[str, type]:
     return keys
 
 
-def _parse(key: str, text: str, typ):
+def parse_value(key: str, text: str, typ):
+    """`text` as a value of type `typ` (bool, int, float, str or a tuple of them); errors name `key`."""
     try:
         if typ is bool:
             if text.lower() in ("true", "1", "yes"):
@@ -91,7 +97,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
-        value = _parse(key, text.strip(), keys[key])
+        value = parse_value(key, text.strip(), keys[key])
         if "." in key:
             section, name = key.split(".", 1)
             cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
@@ -109,7 +115,12 @@ def with_init_from(cfg: Config) -> Config:
     if not (export / "config.json").is_file():
         raise ConfigError(f"checkpoint.init_from={export}: not an export directory (no config.json); "
                           "make one with `llm-jax export`")
-    saved = from_dict(json.loads((export / "config.json").read_text()))
+    return init_from_saved(cfg, from_dict(json.loads((export / "config.json").read_text())), export)
+
+
+def init_from_saved(cfg: Config, saved: Config, export: Path) -> Config:
+    """with_init_from for an export at `export` whose config is `saved` (a pipeline plans with the config an
+    earlier stage's export will hold, before it exists)."""
     head = {f: getattr(cfg.model, f) for f in HEAD_FIELDS}
     return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, **head),
                                data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.model"),

@@ -42,6 +42,8 @@ TINY_RUN = ("data.seq_len=32", "train.batch_size=8", "train.steps=60", "train.ev
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: spawns processes, or trains or compiles for more than ~4 s on 2 cores")
+    config.addinivalue_line("markers", "browser: drives the chat page in headless Chromium (Debian's chromium and "
+                            "chromium-driver packages); skipped, saying so, where they are not installed")
 
 
 def pytest_sessionfinish(session, exitstatus):

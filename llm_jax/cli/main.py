@@ -6,6 +6,7 @@
   benchmarks.py  eval-tasks
   interop.py   import-hf, export-hf
   tools.py     bench, sweep, report
+  serve.py     serve
 
 Errors a user can fix (config, mesh, data, run directory, checkpoint, launcher, Hugging Face directory) are
 printed as one line and exit with 2; a preempted run (SIGTERM/SIGINT, checkpoint saved) exits with 75, a
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llm_jax.cli import benchmarks, evaluate, generate, interop, tools, train
+from llm_jax.cli import benchmarks, evaluate, generate, interop, serve, tools, train
 from llm_jax.errors import NONFINITE_EXIT, PREEMPTED_EXIT, USAGE_EXIT, NonFiniteError, Preempted, UserError
 
 
@@ -24,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-jax", description="Decoder-only language models in JAX, reported as "
                                 "compression.")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (train, generate, evaluate, benchmarks, interop, tools):
+    for group in (train, generate, evaluate, benchmarks, interop, tools, serve):
         group.add_commands(sub)
     return p
 

@@ -1,4 +1,5 @@
-"""`llm-jax bench | sweep | report`: speed and memory, sweeps of runs, and their reports."""
+"""`llm-jax bench | sweep | report | pipeline`: speed and memory, sweeps of runs and their reports, and the
+whole recipe (pretrain → SFT → reward model → RL/DPO → evaluation) as one resumable command."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,15 @@ def add_commands(sub) -> None:
     report = sub.add_parser("report", help="Markdown table and plots of a sweep's runs")
     report.add_argument("sweep_dir", help="the sweep directory (runs/sweeps/<name>)")
     report.set_defaults(fn=_report)
+    pipeline = sub.add_parser("pipeline", help="run a pipeline's stages in order (resumable), then its report card")
+    pipeline.add_argument("pipeline", help="pipeline file (experiments/pipelines/instructgpt_tiny.py) or its name")
+    pipeline.add_argument("--launcher", default="local", choices=("local", "local-multiprocess", "slurm", "tpu"))
+    pipeline.add_argument("--pipeline-dir", help="where the stages go (default: runs/pipelines/<pipeline name>)")
+    pipeline.add_argument("--dry-run", action="store_true", help="validate every stage and print what would run")
+    pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                          help="a stage's config key (sft.train.steps=50), a stage's enabled switch "
+                          "(dpo.enabled=true), or a report-card setting (card.limit=100); repeatable")
+    pipeline.set_defaults(fn=_pipeline, launcher_option_names=add_sweep_options(pipeline))
 
 
 def _sweep_args(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +71,13 @@ def _sweep(args: argparse.Namespace) -> int:
     return run_sweep(args.sweep, args.launcher, sweep_dir=Path(args.sweep_dir) if args.sweep_dir else None,
                      dry_run=args.dry_run, parallel=args.parallel, launcher_options=options,
                      extra_overrides=args.overrides)
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from llm_jax.pipeline.run import run_pipeline
+    options = {name: getattr(args, name) for name in args.launcher_option_names if hasattr(args, name)}
+    return run_pipeline(args.pipeline, args.launcher, pipeline_dir=Path(args.pipeline_dir) if args.pipeline_dir
+                        else None, dry_run=args.dry_run, overrides=args.overrides, launcher_options=options)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
 Prompts: the held-out prompts of the sources (`kind:GLOB`, any kind RL reads: data/chat/prompts.py), in order,
 sources in the order given; the first `samples` of them. For preference sources these are the groups that
-their training (reward model, DPO, RL) holds out, one prompt per group.
+their training (reward model, DPO, RL) holds out, one prompt per group. `split="train"` takes the training
+prompts instead (a pipeline's Comparisons stage makes new preference pairs of them, leaving the held-out
+ones for judging); `llm-jax compare` always judges on the held-out split.
 Answers: both policies answer every prompt with the same sampling settings and seed (inference/generate.py;
 batch k of `batch_size` prompts is sampled with seed + k), the prompt rendered by the chat template
 (render_prompt, which ends with the assistant tag) and cut from the left to the model's context
@@ -52,16 +54,18 @@ def parse_sources(text: str) -> tuple[str, ...]:
     return sources
 
 
-def held_out_prompts(sources: tuple[str, ...], root: Path, eval_fraction: float, n: int) -> list[tuple[Message, ...]]:
-    """The first n held-out prompts of the sources, as RL training splits them (prompts.split_prompts)."""
+def held_out_prompts(sources: tuple[str, ...], root: Path, eval_fraction: float, n: int,
+                     split: str = "eval") -> list[tuple[Message, ...]]:
+    """The first n prompts of the sources' `split` ("eval": the held-out ones; "train"), as RL training splits
+    them (prompts.split_prompts)."""
     if not 0.0 < eval_fraction < 1.0:
         raise ConfigError(f"--eval-fraction={eval_fraction}: must lie strictly between 0 and 1")
     try:
-        prompts = [prompt for _, prompt in split_prompts(sources, Path(root), eval_fraction)["eval"]]
+        prompts = [prompt for _, prompt in split_prompts(sources, Path(root), eval_fraction)[split]]
     except DataError as e:
         raise DataError(f"--prompts: {e}") from None
     if not prompts:
-        raise DataError(f"--prompts={','.join(sources)}: no usable prompt, so no held-out prompt")
+        raise DataError(f"--prompts={','.join(sources)}: no usable prompt in the {split} split")
     return prompts[:n]
 
 
@@ -151,13 +155,13 @@ def load_policies(policy: Path, baseline: Path, sampling: Sampling, max_tokens: 
 
 def compare(policy: Path, baseline: Path, judge: Path, sources: tuple[str, ...], root: Path, *, samples: int = 64,
             max_tokens: int = 128, sampling: Sampling = Sampling(), seed: int = 0, eval_fraction: float = 0.1,
-            batch_size: int = 16) -> tuple[dict, list[dict]]:
-    """(summary, one row per prompt): see the module docstring. Rows hold OUT_KEYS and the policy's prompt ids,
-    answer ids and KL (nats)."""
+            batch_size: int = 16, split: str = "eval") -> tuple[dict, list[dict]]:
+    """(summary, one row per prompt) on the prompts of `split` ("eval": held out, or "train"): see the module
+    docstring. Rows hold OUT_KEYS and the policy's prompt ids, answer ids and KL (nats)."""
     check_sampling(sampling, max_tokens)  # before anything is read: a bad flag costs nothing
     if samples < 1 or batch_size < 1:
         raise ConfigError(f"--samples={samples} and --batch-size={batch_size} must be at least 1")
-    prompts = held_out_prompts(sources, root, eval_fraction, samples)
+    prompts = held_out_prompts(sources, root, eval_fraction, samples, split)
     ((cfg_a, run_a), (cfg_b, run_b)), tokenizer = load_policies(policy, baseline, sampling, max_tokens)
     judge_cfg, judge_runner, judge_tokenizer = ModelRunner.load(Path(judge), head="reward")
     template = cfg_a.data.chat_template
@@ -179,9 +183,9 @@ def compare(policy: Path, baseline: Path, judge: Path, sources: tuple[str, ...],
     scores = wins(raw[:, 0], raw[:, 1], np.array([a == b for a, b in texts], bool))
     lengths = np.array([[len(a), len(b)] for a, b in zip(answers_a, answers_b)], np.float64)
     settings = {"policy": str(policy), "baseline": str(baseline), "judge": str(judge), "prompts": list(sources),
-                "data_dir": str(root), "eval_fraction": eval_fraction, "samples": samples, "max_tokens": max_tokens,
-                "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
-                "seed": seed, "batch_size": batch_size, "win_rate_ci": CI_METHOD,
+                "data_dir": str(root), "split": split, "eval_fraction": eval_fraction, "samples": samples,
+                "max_tokens": max_tokens, "temperature": sampling.temperature, "top_k": sampling.top_k,
+                "top_p": sampling.top_p, "seed": seed, "batch_size": batch_size, "win_rate_ci": CI_METHOD,
                 "rewards": (f"normalised by the judge's eval mean {mean:+.4f} and std {std:.4f}" if mean is not None
                             else "raw: the judge holds no eval reward statistics"),
                 "kl_unbiased": kl_warning(sampling) is None}

@@ -63,27 +63,40 @@ def check_sampling(sampling: Sampling, max_tokens: int, *, model: ModelConfig | 
         raise bad("prompt", "''", "non-empty text")
 
 
-def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
-    """-inf outside the top-k tokens and outside the nucleus of probability top_p."""
-    if top_k:
-        kth_B = jax.lax.top_k(logits_BxV, top_k)[0][:, -1]
-        logits_BxV = jnp.where(logits_BxV < kth_B[:, None], -jnp.inf, logits_BxV)
-    if top_p < 1.0:
-        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-        # A token stays if the mass of the tokens ranked above it is still below top_p (the first always stays).
-        before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-        kept_BxV = jnp.where(before_BxV < top_p, sorted_BxV, jnp.inf)
-        threshold_B = jnp.min(kept_BxV, axis=-1)
-        logits_BxV = jnp.where(logits_BxV < threshold_B[:, None], -jnp.inf, logits_BxV)
-    return logits_BxV
+def filter_logits(logits_BxV: jax.Array, top_k, top_p) -> jax.Array:
+    """-inf outside the top-k tokens and outside the nucleus of probability top_p (taken after the top-k cut).
+    top_k and top_p are numbers, or arrays [B] of one setting per row (the server's rows each have their own)."""
+    if isinstance(top_k, int) and isinstance(top_p, float) and not top_k and top_p >= 1.0:
+        return logits_BxV
+    V = logits_BxV.shape[-1]
+    k_Bx1 = jnp.broadcast_to(jnp.asarray(top_k), logits_BxV.shape[:1])[:, None]
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    sorted_BxV = jnp.where((jnp.arange(V)[None] < k_Bx1) | (k_Bx1 == 0), sorted_BxV, -jnp.inf)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # A token stays if the mass of the tokens ranked above it is still below top_p (the first always stays).
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    p_Bx1 = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), logits_BxV.shape[:1])[:, None]
+    kept_BxV = jnp.where((before_BxV < p_Bx1) & (sorted_BxV > -jnp.inf), sorted_BxV, jnp.inf)
+    threshold_B = jnp.min(kept_BxV, axis=-1)
+    return jnp.where(logits_BxV < threshold_B[:, None], -jnp.inf, logits_BxV)
 
 
 def sample_token(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
     if sampling.temperature == 0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = filter_logits(logits_BxV / sampling.temperature, sampling.top_k, sampling.top_p)
+    logits_BxV = filter_logits(logits_BxV / sampling.temperature, sampling.top_k, float(sampling.top_p))
     return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+                top_p_B: jax.Array) -> jax.Array:
+    """sample_token with one key and one set of settings per row (temperature 0: that row is greedy). A row's
+    token depends on its own logits, key and settings only, whatever the other rows hold."""
+    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    scaled_BxV = logits_BxV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    filtered_BxV = filter_logits(scaled_BxV, top_k_B, top_p_B)
+    drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, filtered_BxV).astype(jnp.int32)
+    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
 
 
 class StepTrace(NamedTuple):

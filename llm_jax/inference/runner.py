@@ -38,14 +38,14 @@ class ModelRunner:
         self._cache_shapes = {}  # (batch, length) -> the cache's shapes: tracing init per window is not free
 
     @classmethod
-    def load(cls, path: Path, step: int | None = None, head: str = "lm") -> tuple[Config, "ModelRunner", object]:
+    def load(cls, path: Path, step: int | None = None, head: str | None = "lm") -> tuple[Config, "ModelRunner", object]:
         """(config, runner, tokenizer) of a run directory (its latest checkpoint, or `step`) or an export,
-        whose model must end in `head` (what the command using it needs)."""
+        whose model must end in `head` (what the command using it needs; None: either)."""
         from llm_jax import tasks  # tasks/ runs models through this module: read it when loading, not importing
         from llm_jax.train.export import load_for_inference
         cfg, params, tokenizer = load_for_inference(Path(path), step)
         runner = cls(cfg.model, params, tasks.TASKS[cfg.task].head, tasks.exported_peft(cfg))
-        if runner.head != head:
+        if head is not None and runner.head != head:
             raise ConfigError(f"{path} is a {HEAD_NAMES[runner.head]} (task={cfg.task}), not the "
                               f"{HEAD_NAMES[head]} this command needs")
         return cfg, runner, tokenizer

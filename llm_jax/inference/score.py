@@ -80,27 +80,28 @@ def eval_normaliser(checkpoint: Path, step: int | None = None) -> tuple[Callable
 
 
 def read_items(path: Path) -> list[tuple[int, object]]:
-    """(line, item) for each line: item is a Pair, a (prompt, answer) response, or the reason a pair is unusable."""
+    """(line, item) for each line of a JSONL file (see parse_item)."""
     if not path.is_file():
         raise DataError(f"--input {path}: no such file")
-    items = []
-    for lineno, record in jsonl_records(path):
-        where = f"{path}:{lineno}"
-        if isinstance(record, dict) and "response" in record:
-            if not isinstance(record["response"], str):
-                raise DataError(f"{where}: 'response' must be a string")
-            items.append((lineno, _response(prompt_messages(record.get("prompt"), where), record["response"])))
-        elif isinstance(record, dict) and "messages" in record:
-            messages = prompt_messages(record["messages"], where)
-            if not messages or messages[-1].role != "assistant":
-                raise DataError(f"{where}: the last message must be the assistant's answer to score")
-            items.append((lineno, _response(messages[:-1], messages[-1].content)))
-        elif isinstance(record, dict) and {"chosen", "rejected"} <= record.keys():
-            items.append((lineno, parse_pair(record, where)))
-        else:
-            raise DataError(f"{where}: expected {{prompt, response}}, {{messages}}, {{prompt, chosen, rejected}} "
-                            "or {chosen, rejected}")
-    return items
+    return [(lineno, parse_item(record, f"{path}:{lineno}")) for lineno, record in jsonl_records(path)]
+
+
+def parse_item(record, where: str):
+    """A Pair, a (prompt, answer) response, or the reason a pair is unusable, from one record of a score input
+    (a JSONL line, or an element of the server's /v1/score input); a malformed record is a DataError at `where`."""
+    if isinstance(record, dict) and "response" in record:
+        if not isinstance(record["response"], str):
+            raise DataError(f"{where}: 'response' must be a string")
+        return _response(prompt_messages(record.get("prompt"), where), record["response"])
+    if isinstance(record, dict) and "messages" in record:
+        messages = prompt_messages(record["messages"], where)
+        if not messages or messages[-1].role != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's answer to score")
+        return _response(messages[:-1], messages[-1].content)
+    if isinstance(record, dict) and {"chosen", "rejected"} <= record.keys():
+        return parse_pair(record, where)
+    raise DataError(f"{where}: expected {{prompt, response}}, {{messages}}, {{prompt, chosen, rejected}} "
+                    "or {chosen, rejected}")
 
 
 def _response(prompt: tuple[Message, ...], answer: str) -> tuple[tuple[Message, ...], str] | str:
@@ -114,7 +115,18 @@ def score_file(checkpoint: Path, input_path: Path, output: Path | None, step: in
     items = read_items(Path(input_path))
     cfg, runner, tokenizer = ModelRunner.load(Path(checkpoint), step, head="reward")
     scorer = Scorer(runner, cfg.data.seq_len, batch_size, cfg.data.chat_template)
-    normalise, mean, std = eval_normaliser(Path(checkpoint), step)
+    lines, summary = score_items(scorer, tokenizer, eval_normaliser(Path(checkpoint), step), items)
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_atomic(output, text)
+    return summary
+
+
+def score_items(scorer: Scorer, tokenizer, normaliser, items: list[tuple[int, object]]) -> tuple[list[dict], dict]:
+    """(one result per (line, item), the summary), rewards normalised by eval_normaliser's triple."""
+    normalise, mean, std = normaliser
     scored = [i for i, (_, item) in enumerate(items) if not isinstance(item, str)]
     rewards = scorer.answer_rewards([(item.prompt, [item.chosen, item.rejected]) if isinstance(item, Pair) else
                                      (item[0], [item[1]]) for item in (items[i][1] for i in scored)], tokenizer)
@@ -135,14 +147,9 @@ def score_file(checkpoint: Path, input_path: Path, output: Path | None, step: in
         else:
             n_responses += 1
             lines.append({"line": lineno, "reward": normalise(per_item[i][0]), "raw_reward": per_item[i][0]})
-    text = "".join(json.dumps(line) + "\n" for line in lines)
-    if output is None:
-        sys.stdout.write(text)
-    else:
-        write_atomic(output, text)
-    return {"responses": n_responses, "pairs": n_pairs, "accuracy": correct / n_pairs if n_pairs else None,
-            "skipped": dict(skipped), "normalised": mean is not None, "reward_mean": mean,
-            "reward_std": std}
+    return lines, {"responses": n_responses, "pairs": n_pairs, "accuracy": correct / n_pairs if n_pairs else None,
+                   "skipped": dict(skipped), "normalised": mean is not None, "reward_mean": mean,
+                   "reward_std": std}
 
 
 def describe(summary: dict) -> str:

@@ -49,22 +49,25 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, impl: str):
 
 
 def _cached(self, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
-    """Appends to the cache; returns all cached keys/values and the mask of the new queries over them."""
+    """Appends to the cache at each row's own index; returns all cached keys/values and the mask of the new
+    queries over them. Per-row indices let a row start a new sequence while the others go on (the server's
+    continuous batching); a caller that steps every row together keeps them equal."""
     ck = self.variable("cache", "cached_k", jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
     cv = self.variable("cache", "cached_v", jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
     cseg = self.variable("cache", "segment_ids", jnp.zeros, segment_ids_BxT.shape, jnp.int32)
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    start, t = index.value, k_BxTxKxH.shape[1]
-    ck.value = jax.lax.dynamic_update_slice(ck.value, k_BxTxKxH.astype(ck.value.dtype), (0, start, 0, 0))
-    cv.value = jax.lax.dynamic_update_slice(cv.value, v_BxTxKxH.astype(cv.value.dtype), (0, start, 0, 0))
-    cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids_BxT.astype(jnp.int32), (0, start))
-    index.value = start + t
+    index = self.variable("cache", "index", jnp.zeros, segment_ids_BxT.shape[:1], jnp.int32)
+    start_B, t = index.value, k_BxTxKxH.shape[1]
+    write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis=0))
+    ck.value = write(ck.value, k_BxTxKxH.astype(ck.value.dtype), start_B)
+    cv.value = write(cv.value, v_BxTxKxH.astype(cv.value.dtype), start_B)
+    cseg.value = write(cseg.value, segment_ids_BxT.astype(jnp.int32), start_B)
+    index.value = start_B + t
     ck.value = nn.with_logical_constraint(ck.value, ("batch", "length", "act_kv_heads", "head_dim"))
     cv.value = nn.with_logical_constraint(cv.value, ("batch", "length", "act_kv_heads", "head_dim"))
     s = ck.value.shape[1]
-    causal_TxS = jnp.arange(s)[None, :] <= (start + jnp.arange(t))[:, None]
+    causal_BxTxS = jnp.arange(s)[None, None, :] <= (start_B[:, None] + jnp.arange(t)[None, :])[:, :, None]
     same_BxTxS = segment_ids_BxT[:, :, None] == cseg.value[:, None, :]
-    return ck.value, cv.value, (causal_TxS[None] & same_BxTxS)[:, None]
+    return ck.value, cv.value, (causal_BxTxS & same_BxTxS)[:, None]
 
 
 class Attention(nn.Module):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import re
@@ -37,7 +36,7 @@ from pathlib import Path
 from llm_jax import tasks
 from llm_jax.config import Config, to_dict
 from llm_jax.errors import ConfigError, RunDirError
-from llm_jax.experiment import EXPERIMENTS_DIR, apply_overrides, load_experiment, resolve
+from llm_jax.experiment import EXPERIMENTS_DIR, apply_overrides, load_definition, load_experiment, resolve
 from llm_jax.train.checkpoint import committed_steps
 from llm_jax.train.setup import saved_differences
 
@@ -66,18 +65,8 @@ class Run:
 
 def load_sweep(path: str | Path) -> Sweep:
     """`sweep()` of a sweep file, given as a path or as a name under experiments/sweeps/."""
-    path = Path(path)
-    if not path.suffix:
-        path = EXPERIMENTS_DIR / "sweeps" / f"{path}.py"
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} not found")
-    spec = importlib.util.spec_from_file_location(f"llm_jax_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sweep = module.sweep() if hasattr(module, "sweep") else None
-    if not isinstance(sweep, Sweep):
-        raise ConfigError(f"sweep file {str(path)!r} must define sweep() returning llm_jax.sweep.plan.Sweep")
-    return sweep if sweep.name else dataclasses.replace(sweep, name=path.stem)
+    sweep = load_definition(path, EXPERIMENTS_DIR / "sweeps", "sweep", Sweep, "sweep")
+    return sweep if sweep.name else dataclasses.replace(sweep, name=Path(path).stem)
 
 
 def expand(sweep: Sweep) -> list[dict]:

@@ -47,7 +47,7 @@ def run_sweep(path: str | Path, launcher: str = "local", *, sweep_dir: Path | No
         raise LaunchError(f"parallel={parallel}: at least 1, and more only with the local launcher")
     sweep_dir = Path(sweep_dir or Path("runs") / "sweeps" / sweep.name)
     runs = plan(sweep, sweep_dir, extra_overrides)
-    options = _options(launcher, launcher_options, sweep_dir, dry_run)
+    options = check_options(launcher, launcher_options, sweep_dir, dry_run)
     states = {run.name: run_state(run) for run in runs}
     todo = [run for run in runs if states[run.name] != "finished"]
     print(f"sweep {sweep.name}: {len(runs)} runs in {sweep_dir}, {len(runs) - len(todo)} finished "
@@ -78,8 +78,9 @@ def _write_sweep_dir(sweep: Sweep, sweep_dir: Path, runs: list[Run], todo: list[
         write_session(run)
 
 
-def _options(launcher: str, given: dict | None, sweep_dir: Path, dry_run: bool) -> dict:
-    """The launcher's keyword options (None values dropped: the default), checked by name."""
+def check_options(launcher: str, given: dict | None, sweep_dir: Path, dry_run: bool) -> dict:
+    """The launcher's keyword options (None values dropped: the default), checked by name (sweeps and
+    pipelines; SLURM logs go under sweep_dir)."""
     defaults = {"local-multiprocess": {"num_processes": 2, "devices_per_process": 1},
                 "slurm": {"nodes": 1, "gpus_per_node": 8, "log_dir": str(sweep_dir / "slurm")}}.get(launcher, {})
     options = {**defaults, **{k: v for k, v in (given or {}).items() if v is not None}}
