@@ -251,3 +251,20 @@ def test_generation_on_a_mesh_matches_one_device():
     sharded = Generator(ModelRunner(cfg, on_mesh), Sampling(temperature=0))
     assert sharded.generate(prompts, 6) == alone
     assert len(jax.tree.leaves(on_mesh)[0].sharding.device_set) == 8
+
+
+def test_sample_rows_draws_each_row_by_its_own_settings_and_key_whatever_its_neighbours():
+    from llm_jax.inference.generate import sample_rows
+    logits = jax.random.normal(jax.random.key(1), (4, 50)) * 3
+    keys = jax.random.split(jax.random.key(2), 4)
+    temperature, top_k, top_p = jnp.array([0.0, 1.0, 1.0, 0.7]), jnp.array([0, 1, 0, 5]), jnp.array([1.0, 1.0, 0.9, 1.0])
+    tokens = np.asarray(sample_rows(logits, keys, temperature, top_k, top_p))
+    best = np.asarray(jnp.argmax(logits, -1))
+    assert tokens[0] == best[0] and tokens[1] == best[1]  # greedy, and top-k 1 at temperature 1
+    assert tokens[3] in set(np.asarray(jax.lax.top_k(logits[3], 5)[1]).tolist())
+    for row in range(4):  # alone, or beside rows with other logits and settings: the same token
+        alone = sample_rows(logits[row:row + 1], keys[row:row + 1], temperature[row:row + 1], top_k[row:row + 1],
+                            top_p[row:row + 1])
+        assert int(alone[0]) == tokens[row], row
+    all_greedy = sample_rows(logits, keys, jnp.zeros(4), top_k, top_p)  # no row samples: the draw is skipped
+    np.testing.assert_array_equal(np.asarray(all_greedy), best)

@@ -91,12 +91,17 @@ def sample_token(logits_BxV: jax.Array, rng: jax.Array, sampling: Sampling) -> j
 def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
                 top_p_B: jax.Array) -> jax.Array:
     """sample_token with one key and one set of settings per row (temperature 0: that row is greedy). A row's
-    token depends on its own logits, key and settings only, whatever the other rows hold."""
+    token depends on its own logits, key and settings only, whatever the other rows hold. The filters' sort and
+    the draw run only when some row asks for them (lax.cond): a batch of greedy rows pays for an argmax."""
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    scaled_BxV = logits_BxV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
-    filtered_BxV = filter_logits(scaled_BxV, top_k_B, top_p_B)
-    drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, filtered_BxV).astype(jnp.int32)
-    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
+
+    def draw(logits_BxV):
+        scaled_BxV = logits_BxV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+        filtered_BxV = jax.lax.cond(jnp.any((top_k_B > 0) | (top_p_B < 1)),
+                                    lambda x: filter_logits(x, top_k_B, top_p_B), lambda x: x, scaled_BxV)
+        drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, filtered_BxV)
+        return jnp.where(temperature_B > 0, drawn_B.astype(jnp.int32), greedy_B)
+    return jax.lax.cond(jnp.any(temperature_B > 0), draw, lambda _: greedy_B, logits_BxV)
 
 
 class StepTrace(NamedTuple):
