@@ -92,6 +92,11 @@ def test_dry_run_prints_every_command_and_writes_nothing(corpus, data, tmp_path,
     out = capsys.readouterr().out
     assert "dpo: off (--set dpo.enabled=true)" in out and out.count("llm_jax train --config") == 4
     assert f"--set rl.reward_model={tmp_path}/runs/rm/export" in out and not (tmp_path / "runs").exists()
+    assert main(["pipeline", str(file), "--pipeline-dir", str(tmp_path / "runs"), "--dry-run", "--launcher", "slurm",
+                 "--nodes", "2", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("#SBATCH --nodes=2") == 4 and out.count("llm_jax export --run-dir") == 4
+    assert not (tmp_path / "runs").exists()
 
 
 def pipeline_file(corpus: Path, data: Path) -> str:

@@ -1,4 +1,4 @@
-"""The whole recipe on the embedded default, in about 15 minutes on 2 CPU cores:
+"""The whole recipe on the embedded default, in about 7 minutes on 2 CPU cores:
 
     llm-jax pipeline instructgpt_tiny          # runs/pipelines/instructgpt_tiny/report.md at the end
 
@@ -18,9 +18,12 @@ CHAT = ("data.seq_len=128", "data.eval_fraction=0.1")  # the pretraining context
 def pipeline() -> Pipeline:
     return Pipeline(stages=(
         Stage("pretrain", "pretrain_tiny"),
-        Stage("sft", "sft_tiny", (*CHAT, "data.sources=oasst:sft_oasst1_en/*.jsonl.gz", "train.steps=150",
-                                  "train.batch_size=16", "train.eval_every=75", "optim.learning_rate=3e-3",
-                                  "checkpoint.every=75"), init_from="pretrain"),
+        # 188 dialogues make 156 rows of 128 tokens: 30 steps are 3 epochs. Held-out bits/byte on the answers is
+        # lowest near there (2.64 at step 20, 2.65 at 30) and then rises as the model learns them by heart
+        # (2.80 at step 80, 3.53 at 150).
+        Stage("sft", "sft_tiny", (*CHAT, "data.sources=oasst:sft_oasst1_en/*.jsonl.gz", "train.steps=30",
+                                  "train.batch_size=16", "train.eval_every=15", "optim.learning_rate=3e-3",
+                                  "checkpoint.every=15"), init_from="pretrain"),
         Stage("rm", "rm_tiny", (*CHAT, "data.sources=hh:pref_hh_rlhf/*.jsonl.gz", "train.steps=60",
                                 "train.eval_every=30", "optim.learning_rate=1e-3"), init_from="sft"),
         Stage("ppo", "ppo_tiny", (*CHAT, "data.sources=hh:pref_hh_rlhf/*.jsonl.gz", "train.steps=32",

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import functools
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -120,9 +121,11 @@ def write_card(pipeline: Pipeline, items: list[Planned], pipeline_dir: Path, rec
     from llm_jax.pipeline import card_report  # matplotlib: only when a card is made
     pipeline_dir = Path(pipeline_dir)
     facts = [facts_of(item, record) for item in items]
+    start = time.perf_counter()
     evaluate_all(facts, pipeline.card, pipeline_dir / "card")
     path = pipeline_dir / "report.md"
-    write_atomic(path, card_report.markdown(pipeline, facts, card_report.plots(facts, pipeline_dir), held or {}))
+    write_atomic(path, card_report.markdown(pipeline, facts, card_report.plots(facts, pipeline_dir), held or {},
+                                            time.perf_counter() - start))
     return path
 
 

@@ -15,10 +15,13 @@ if TYPE_CHECKING:
     from llm_jax.pipeline.card import StageFacts
 
 
-def markdown(pipeline: Pipeline, facts: list[StageFacts], plots: list[Path], held: dict[str, str]) -> str:
+def markdown(pipeline: Pipeline, facts: list[StageFacts], plots: list[Path], held: dict[str, str],
+             card_s: float = math.nan) -> str:
     walls = [f.wall_s for f in facts if f.wall_s is not None]
     lines = [f"# Pipeline `{pipeline.name}`: {' → '.join(f.name for f in facts)}; wall time {_seconds(sum(walls))}"
-             + ("" if len(walls) == len(facts) else f" (recorded for {len(walls)} of {len(facts)} stages)"), ""]
+             + ("" if len(walls) == len(facts) else f" (recorded for {len(walls)} of {len(facts)} stages)")
+             + ("" if math.isnan(card_s) else f", then this card's evaluations {_seconds(card_s)} (cached ones "
+                "are not redone)"), ""]
     lines += [f"- `{f.name}` ({_what(f)}): {f.state}, in `{f.item.run_dir}`" for f in facts]
     lines += [f"- `{name}`: held, {why}" for name, why in held.items()]
     for section in (_stages, _compression, _benchmarks, _win_rates, _answers):
