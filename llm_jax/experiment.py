@@ -81,7 +81,7 @@ def parse_value(key: str, text: str, typ):
                 items = [t for t in text.split(",") if t]
             item_type = (typing.get_args(typ) or (str,))[0]
             return tuple(item_type(i) for i in items)
-    except (ValueError, SyntaxError) as e:
+    except (ValueError, SyntaxError, TypeError) as e:  # TypeError: "(5)" is an int, not a sequence
         raise ConfigError(f"--set {key}={text}: cannot parse as {getattr(typ, '__name__', typ)} ({e})") from None
     raise ConfigError(f"--set {key}: unsupported field type {typ}")
 

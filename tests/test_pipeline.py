@@ -85,6 +85,30 @@ def test_a_stage_waiting_for_user_data_holds_its_dependents_until_one_override_g
     assert f"data.sources=pairs:{tmp_path}/c2/pairs.jsonl" in rm2.overrides
 
 
+def test_explicit_settings_win_over_the_wiring_and_a_changed_stage_is_refused(corpus, data, tmp_path):
+    from llm_jax.config import to_json
+    from llm_jax.pipeline.run import check_unchanged
+    base = tiny_pipeline(corpus, data)
+    second = Pipeline(stages=(*base.stages[:4], Comparisons("c2", "ppo", "sft", "rm", f"prompts:{data}/p.jsonl",
+                                                            enabled=False),
+                              Stage("rm2", "rm_tiny", init_from="sft", pairs_from="c2")))
+    with pytest.raises(ConfigError, match="pairs_from='c2' is not an earlier, enabled Comparisons stage"):
+        plan(second, tmp_path)
+    labels = with_overrides(second, [f"rm2.data.sources=pairs:{data}/pairs.jsonl"])  # people's labels instead
+    rm2 = plan(labels, tmp_path)[0][-1]
+    assert rm2.cfg.data.sources == (f"pairs:{data}/pairs.jsonl",)
+    with pytest.raises(ConfigError, match="stage name 'sft' must be unique"):  # a disabled duplicate counts too
+        plan(Pipeline(stages=(*base.stages, Stage("sft", "sft_tiny", enabled=False))), tmp_path)
+
+    sft = plan(base, tmp_path)[0][1]
+    sft.run_dir.mkdir(parents=True)
+    (sft.run_dir / "config.json").write_text(to_json(sft.cfg))
+    check_unchanged("tiny", sft)  # the same config: goes on
+    changed = plan(with_overrides(base, ["sft.train.steps=31"]), tmp_path)[0][1]
+    with pytest.raises(ConfigError, match="stage sft: .* trained with another config \\(train.steps: 30 saved"):
+        check_unchanged("tiny", changed)
+
+
 def test_dry_run_prints_every_command_and_writes_nothing(corpus, data, tmp_path, capsys):
     file = tmp_path / "tiny.py"
     file.write_text(pipeline_file(corpus, data))

@@ -148,6 +148,16 @@ def test_chat_errors_name_the_message(server, messages, param):
     assert got == 400 and reply["error"]["param"] == param, reply
 
 
+@pytest.mark.parametrize("extra, param", [({"max_completion_tokens": 300}, "max_completion_tokens"),
+                                           ({"stream": True, "stream_options": {"include_usage": 1}},
+                                            "stream_options.include_usage"),
+                                           ({"stream_options": {"include_usage": True}}, "stream_options")])
+def test_chat_setting_errors_name_the_field_as_sent(server, extra, param):
+    got, reply = post(server, "/v1/chat/completions",
+                      {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra})
+    assert got == 400 and reply["error"]["param"] == param, reply
+
+
 def test_keys_json_routes_and_size_are_checked(server):
     ok = {"model": "tiny", "prompt": "x", "max_tokens": 1}
     assert post(server, "/v1/completions", ok, key="wrong")[0] == 401

@@ -9,8 +9,8 @@
 5. round two (off: `--set compare2.enabled=true --set rm2.enabled=true --set ppo2.enabled=true`): the PPO
    policy and the SFT policy answer the hh training prompts, the first reward model judges each pair, a second
    reward model learns those comparisons, and PPO goes on from the first PPO policy against it. People's labels
-   replace the judge by pointing rm2 at their own pairs: `--set rm2.data.sources=pairs:LABELS.jsonl` with
-   compare2 left off (and rm2's pairs_from then unused).
+   replace the judge: `--set rm2.enabled=true --set ppo2.enabled=true --set rm2.data.sources=pairs:LABELS.jsonl`
+   (compare2 left off: a data.sources given explicitly wins over rm2's pairs_from).
 """
 from llm_jax.pipeline.plan import Card, Comparisons, Pipeline, Stage
 

@@ -43,8 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port={args.port}: must be in [0, 65535]")
     if args.api_key == "":
         raise ConfigError("--api-key: empty; leave it unset for an open server")
+    sock = _bind(args.host, args.port)  # first: a port in use is said now, not after minutes of compiling
     served = _load(args, Served)
-    sock = _bind(args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning", timeout_graceful_shutdown=3))
     host, port = sock.getsockname()[:2]
     what = (f"max batch {served.engine.batch}, context {served.info.context} tokens" if served.engine else
@@ -71,7 +71,7 @@ def _load(args: argparse.Namespace, Served):
         return Served(info, scorer=Scorer(runner, cfg.data.seq_len, 32, cfg.data.chat_template),
                       normaliser=eval_normaliser(path, args.step), api_key=args.api_key)
     from llm_jax.serve.engine import Engine
-    context = args.max_context or default_context(cfg)
+    context = default_context(cfg) if args.max_context is None else args.max_context
     engine = Engine(runner, args.max_batch, context)
     print(f"llm-jax: compiling the decode step and the prefill widths for {name} ...", file=sys.stderr, flush=True)
     engine.start().warm_up()

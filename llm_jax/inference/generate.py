@@ -66,17 +66,22 @@ def check_sampling(sampling: Sampling, max_tokens: int, *, model: ModelConfig | 
 def filter_logits(logits_BxV: jax.Array, top_k, top_p) -> jax.Array:
     """-inf outside the top-k tokens and outside the nucleus of probability top_p (taken after the top-k cut).
     top_k and top_p are numbers, or arrays [B] of one setting per row (the server's rows each have their own)."""
-    if isinstance(top_k, int) and isinstance(top_p, float) and not top_k and top_p >= 1.0:
+    static = isinstance(top_k, int) and isinstance(top_p, float)
+    if static and top_p >= 1.0:  # no nucleus: nothing to sort
+        if top_k:
+            kth_B = jax.lax.top_k(logits_BxV, top_k)[0][:, -1]
+            logits_BxV = jnp.where(logits_BxV < kth_B[:, None], -jnp.inf, logits_BxV)
         return logits_BxV
     V = logits_BxV.shape[-1]
     k_Bx1 = jnp.broadcast_to(jnp.asarray(top_k), logits_BxV.shape[:1])[:, None]
     sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
     sorted_BxV = jnp.where((jnp.arange(V)[None] < k_Bx1) | (k_Bx1 == 0), sorted_BxV, -jnp.inf)
     probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    # A token stays if the mass of the tokens ranked above it is still below top_p (the first always stays).
+    # A token stays if the mass of the tokens ranked above it is still below top_p (the first always stays); a row
+    # with top_p 1 keeps every token whatever float32's cumulative sum rounds to.
     before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
     p_Bx1 = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), logits_BxV.shape[:1])[:, None]
-    kept_BxV = jnp.where((before_BxV < p_Bx1) & (sorted_BxV > -jnp.inf), sorted_BxV, jnp.inf)
+    kept_BxV = jnp.where(((before_BxV < p_Bx1) | (p_Bx1 >= 1)) & (sorted_BxV > -jnp.inf), sorted_BxV, jnp.inf)
     threshold_B = jnp.min(kept_BxV, axis=-1)
     return jnp.where(logits_BxV < threshold_B[:, None], -jnp.inf, logits_BxV)
 
@@ -97,7 +102,7 @@ def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Arr
 
     def draw(logits_BxV):
         scaled_BxV = logits_BxV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
-        filtered_BxV = jax.lax.cond(jnp.any((top_k_B > 0) | (top_p_B < 1)),
+        filtered_BxV = jax.lax.cond(jnp.any((temperature_B > 0) & ((top_k_B > 0) | (top_p_B < 1))),
                                     lambda x: filter_logits(x, top_k_B, top_p_B), lambda x: x, scaled_BxV)
         drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, filtered_BxV)
         return jnp.where(temperature_B > 0, drawn_B.astype(jnp.int32), greedy_B)

@@ -143,8 +143,8 @@ def evaluate_all(facts: list[StageFacts], card: Card, cache: Path) -> None:
         f.answers = _evaluation(cache / f.name / "answers.json", {"prompts": card.prompts,
                                 "max_tokens": card.max_tokens}, [f], lambda: _answers(load(export), card, export))
     load.cache_clear()  # compare loads its own models
-    if card.judge:
-        by_name = {f.name: f for f in facts}
+    by_name = {f.name: f for f in facts}
+    if card.judge in by_name and card.baseline in by_name:  # (a held judge: no win rates, as the card says)
         for f in lm:
             if f.name != card.baseline and descends(by_name, f.item, card.baseline):
                 f.win_rate = _judged(f, by_name[card.baseline], by_name[card.judge], card, cache)

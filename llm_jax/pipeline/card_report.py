@@ -122,10 +122,14 @@ def _win_rates(pipeline: Pipeline, facts: list[StageFacts]) -> list[str]:
         return lines + [f"Not run: card.{'baseline' if not card.baseline else 'judge'} is empty (set both to compare "
                         "every policy started from the baseline with it, judged by a reward-model stage)."]
     judged = [f for f in facts if f.win_rate is not None]
+    names = {f.name for f in facts}
+    if not {card.baseline, card.judge} <= names:
+        return lines + [f"Not run: `{card.judge if card.judge not in names else card.baseline}` is held or off."]
     if not judged:
         return lines + [f"Not run: no language-model stage starts from `{card.baseline}`."]
+    prompts = f"`{card.compare_prompts}`" if card.compare_prompts else f"`{card.judge}`'s own pairs"
     lines += [f"Each policy and `{card.baseline}` answer the first {card.compare_samples} held-out prompts of "
-              f"`{card.compare_prompts}` (temperature 1, at most {card.max_tokens} tokens); `{card.judge}` scores "
+              f"{prompts} (temperature 1, at most {card.max_tokens} tokens); `{card.judge}` scores "
               "both answers (normalised rewards); a tie counts half; 95% bootstrap interval over prompts; "
               "KL(policy‖baseline) on the policy's answers.", "",
               "| policy | n | win rate [95% CI] | reward policy | reward baseline | KL nats/token | KL nats/answer "

@@ -34,7 +34,7 @@ from llm_jax import tasks
 from llm_jax.config import Config, validate
 from llm_jax.errors import ConfigError
 from llm_jax.experiment import (EXPERIMENTS_DIR, apply_overrides, init_from_saved, load_definition,
-                                load_experiment, parse_value)
+                                load_experiment, parse_value, with_init_from)
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,19 @@ class Planned:
 def load_pipeline(path: str | Path) -> Pipeline:
     """`pipeline()` of a pipeline file, given as a path or as a name under experiments/pipelines/."""
     pipeline = load_definition(path, EXPERIMENTS_DIR / "pipelines", "pipeline", Pipeline, "pipeline")
-    return pipeline if pipeline.name else dataclasses.replace(pipeline, name=Path(path).stem)
+    pipeline = pipeline if pipeline.name else dataclasses.replace(pipeline, name=Path(path).stem)
+    check_names(pipeline)
+    return pipeline
+
+
+def check_names(pipeline: Pipeline) -> None:
+    """Stage names are unique (enabled or not), and usable in `--set NAME.KEY=VALUE` and as directories."""
+    seen = set()
+    for stage in pipeline.stages:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", stage.name) or stage.name in seen or stage.name == "card":
+            raise ConfigError(f"pipeline {pipeline.name!r}: stage name {stage.name!r} must be unique, of letters, "
+                              "digits, _ and - (and not 'card')")
+        seen.add(stage.name)
 
 
 def with_overrides(pipeline: Pipeline, overrides: list[str]) -> Pipeline:
@@ -139,12 +151,10 @@ def _replace_field(obj, key: str, text: str, where: str):
 
 def plan(pipeline: Pipeline, pipeline_dir: Path) -> tuple[list[Planned], dict[str, str]]:
     """(every enabled stage with its wiring, run directory and config, validated in order; {held stage: why})."""
+    check_names(pipeline)
     planned: dict[str, Planned] = {}
     held: dict[str, str] = {}
     for stage in pipeline.stages:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage.name) or stage.name in {*planned, *held} or stage.name == "card":
-            raise ConfigError(f"pipeline {pipeline.name!r}: stage name {stage.name!r} must be unique, of letters, "
-                              "digits, _ . - (and not 'card')")
         if not stage.enabled:
             continue
         inputs = [getattr(stage, k) for k in ("init_from", "reward_model", "pairs_from", "data_from", "policy",
@@ -172,15 +182,17 @@ def _plan_stage(pipeline: Pipeline, stage: Stage | Comparisons, planned: dict[st
         for role in ("policy", "baseline", "judge"):
             _earlier(planned, getattr(stage, role), f"{where}: {role}", want="reward" if role == "judge" else "lm")
         return Planned(stage, pipeline_dir / stage.name, None, ())
+    # What the user or the file sets explicitly wins over the wiring (their own export, their own labels).
+    given = {o.split("=", 1)[0].strip() for o in stage.overrides}
     wiring = []
-    if stage.init_from:
+    if stage.init_from and "checkpoint.init_from" not in given:
         wiring.append(f"checkpoint.init_from={_earlier(planned, stage.init_from, f'{where}: init_from').export}")
-    if stage.reward_model:
+    if stage.reward_model and "rl.reward_model" not in given:
         wiring.append(f"rl.reward_model={_earlier(planned, stage.reward_model, f'{where}: reward_model', 'reward').export}")
-    if stage.data_from:
+    if stage.data_from and "data.sources" not in given:
         source = _earlier(planned, stage.data_from, f"{where}: data_from", want=None)
         wiring.append(f"data.sources={','.join(source.cfg.data.sources)}")
-    if stage.pairs_from:
+    if stage.pairs_from and "data.sources" not in given:
         source = planned.get(stage.pairs_from)
         if source is None or not isinstance(source.stage, Comparisons):
             raise ConfigError(f"{where}: pairs_from={stage.pairs_from!r} is not an earlier, enabled Comparisons stage")
@@ -188,9 +200,10 @@ def _plan_stage(pipeline: Pipeline, stage: Stage | Comparisons, planned: dict[st
     overrides = (*stage.overrides, *wiring)
     try:
         cfg = apply_overrides(load_experiment(stage.experiment), list(overrides))
-        if stage.init_from:  # the export that stage will write holds its config: it stands in for the file
-            cfg = init_from_saved(cfg, planned[stage.init_from].cfg, planned[stage.init_from].export)
-        cfg = validate(cfg)
+        if stage.init_from and "checkpoint.init_from" not in given:  # the export that stage will write holds
+            cfg = validate(init_from_saved(cfg, planned[stage.init_from].cfg, planned[stage.init_from].export))
+        else:  # its config; an export the user named is read now
+            cfg = validate(with_init_from(cfg))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return Planned(stage, pipeline_dir / stage.name, cfg, overrides)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from llm_jax.atomic import write_atomic
-from llm_jax.errors import PREEMPTED_EXIT
+from llm_jax.errors import PREEMPTED_EXIT, ConfigError
 from llm_jax.launch.local import local_command, run_local, run_multiprocess
 from llm_jax.launch.slurm import slurm_script
 from llm_jax.launch.tpu import tpu_commands
@@ -40,6 +40,19 @@ def stage_state(item: Planned) -> str:
     return f"resume from step {steps[-1]}" if steps else "new"
 
 
+def check_unchanged(name: str, item: Planned) -> None:
+    """A ConfigError unless a stage that has started trained with the config planned now: a finished stage would
+    be skipped with its old results, an unfinished one refused by `train`."""
+    from llm_jax.train.setup import saved_differences
+    if item.cfg is None or not (item.run_dir / "config.json").exists():
+        return
+    changed = saved_differences(item.run_dir, item.cfg)
+    if changed:
+        raise ConfigError(f"pipeline {name}, stage {item.stage.name}: {item.run_dir} trained with another config "
+                          f"({'; '.join(changed[:2])}{'; ...' if len(changed) > 2 else ''}); delete it, and the "
+                          "stages after it, to train it again")
+
+
 def train_args(item: Planned) -> list[str]:
     return ["train", "--config", item.stage.experiment, "--run-dir", str(item.run_dir),
             *[flag for o in item.overrides for flag in ("--set", o)]]
@@ -54,8 +67,11 @@ def run_pipeline(path: str | Path, launcher: str = "local", *, pipeline_dir: Pat
     """Runs (or with dry_run prints) every unfinished stage in order, then writes the report card; 0 when all
     finished, 75 if interrupted (run the same command again to go on), else the failed stage's status."""
     pipeline = with_overrides(load_pipeline(path), list(overrides))
-    pipeline_dir = Path(pipeline_dir or Path("runs") / "pipelines" / pipeline.name)
+    # Absolute: the wiring's paths are saved in each stage's config, which a re-run from elsewhere compares.
+    pipeline_dir = Path(pipeline_dir or Path("runs") / "pipelines" / pipeline.name).absolute()
     items, held = plan(pipeline, pipeline_dir)
+    for item in items:
+        check_unchanged(pipeline.name, item)
     options = check_options(launcher, launcher_options, pipeline_dir, dry_run)
     states = {item.stage.name: stage_state(item) for item in items}
     print(f"pipeline {pipeline.name}: {len(items)} stages in {pipeline_dir}, launcher {launcher}"
@@ -101,8 +117,11 @@ def _what(item: Planned) -> str:
     s = item.stage
     if isinstance(s, Comparisons):
         return f"comparisons: {s.policy} vs {s.baseline}, judged by {s.judge}"
-    wiring = [f"{k} {v}" for k, v in (("from", s.init_from), ("reward model", s.reward_model),
-                                      ("pairs", s.pairs_from), ("data of", s.data_from)) if v]
+    given = {o.split("=", 1)[0] for o in s.overrides}  # explicit keys, which win over the wiring
+    wiring = [f"{k} {v}" for k, v, key in (("from", s.init_from, "checkpoint.init_from"),
+                                           ("reward model", s.reward_model, "rl.reward_model"),
+                                           ("pairs", s.pairs_from, "data.sources"),
+                                           ("data of", s.data_from, "data.sources")) if v and key not in given]
     return ", ".join([f"{s.experiment} (task {item.cfg.task})", *wiring])
 
 
@@ -140,7 +159,14 @@ def _sbatch_wait(item: Planned, options: dict) -> int:
     path = item.run_dir / "train.sbatch"
     Path(options["log_dir"]).mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output directory
     path.write_text(slurm_script(train_args(item), job_name=f"pipeline.{item.stage.name}", **options))
-    return subprocess.run(["sbatch", "--wait", str(path)]).returncode
+    job = subprocess.Popen(["sbatch", "--wait", "--parsable", str(path)], stdout=subprocess.PIPE, text=True)
+    job_id = (job.stdout.readline().strip().split(";")[0]) if job.stdout else ""
+    try:
+        return job.wait()
+    except KeyboardInterrupt:  # the job would go on without its driver, and a re-run would start a second one
+        if job_id:
+            subprocess.run(["scancel", "--signal=TERM", job_id])  # llm-jax saves a checkpoint on SIGTERM
+        raise
 
 
 def _tpu(item: Planned, options: dict) -> int:

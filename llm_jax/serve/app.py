@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import secrets
+import time
 from importlib import resources
 
 from starlette.applications import Starlette
@@ -73,7 +74,8 @@ async def _health(request: Request):
     if served.engine is None:
         return JSONResponse({"status": "ok", "model": served.info.name, "kind": "reward model"})
     active, queued = served.engine.load()
-    return JSONResponse({"status": "ok", "model": served.info.name, "active": active, "queued": queued,
+    return JSONResponse({"status": "ok" if served.engine.alive() else "engine stopped", "model": served.info.name,
+                         "active": active, "queued": queued,
                          "slots": served.engine.batch, "context": served.info.context,
                          "ended": dict(served.engine.ended)})
 
@@ -88,6 +90,8 @@ def _generation(kind: str):
         if served.engine is None:
             raise APIError(400, f"'{served.info.name}' is a reward model: it serves POST /v1/score, not "
                            "generation", None, "wrong_model_kind")
+        if not served.engine.alive():
+            raise APIError(503, "the generation engine has stopped; restart the server", kind="server_error")
         gen = protocol.parse(kind, await _json(request), served.info)
         run = Run(served, gen, request)
         if gen.stream:
@@ -179,14 +183,18 @@ class Run:
 
     async def events(self):
         """(choice, new text, finish reason or None) until every choice is finished."""
-        finished = set()
+        finished, checked = set(), time.monotonic()
         try:
             while len(finished) < len(self.jobs):
+                # By the clock, not only when idle: tokens arrive every step, and a client that left must not
+                # hold its slots until max_tokens (uvicorn does not cancel a handler whose client is gone).
+                if time.monotonic() - checked > POLL_S:
+                    if await self.request.is_disconnected():
+                        return
+                    checked = time.monotonic()
                 try:
                     index, token, finish = await asyncio.wait_for(self.queue.get(), POLL_S)
                 except asyncio.TimeoutError:
-                    if await self.request.is_disconnected():
-                        return
                     continue
                 if index in finished:
                     continue  # what a job stopped by a stop string produced before its cancel took effect

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-import time
 from typing import Callable
 
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.data.batches import positions_from_segments
+from llm_jax.errors import ConfigError
 from llm_jax.inference.generate import sample_rows
 from llm_jax.inference.runner import ModelRunner
 
@@ -44,12 +44,13 @@ class Job:
     stream: int = 0  # the n-th choice of a request: same seed, its own random stream
     cancelled: bool = False
     generated: int = 0
-    submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, max_batch: int, max_context: int):
         runner.check_length(max_context, "--max-context")
+        if max_context < 2:
+            raise ConfigError(f"--max-context={max_context}: needs room for a prompt token and an answer token")
         self.runner, self.context = runner, max_context
         self.batch = runner.round_rows(max_batch)
         self.prefill_rows = runner.round_rows(1)  # a batch is split over devices in whole rows
@@ -57,6 +58,7 @@ class Engine:
         self.pending: collections.deque[Job] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self._admitting: Job | None = None  # popped from pending, not yet in a slot: failed with the step if it fails
         self.ended = collections.Counter()  # jobs by how they ended (stop, length, cancelled), for /health
         self._cache = runner.empty_cache(self.batch, max_context)
         B = self.batch
@@ -124,19 +126,31 @@ class Engine:
         return sum(job is not None for job in self.slots), len(self.pending)
 
     def warm_up(self) -> None:
-        """Compiles the decode step and every prefill width, so that no request waits for a compilation."""
+        """Compiles the decode step and every prefill width, so that no request waits for a compilation; a width
+        that fails (out of memory at a long --max-context) is a ConfigError here, not a 500 on every request."""
         widths = [w for w in (MIN_PREFILL << i for i in range(32)) if w < self.context] + [self.context]
-        left = threading.Semaphore(0)
+        left, ends = threading.Semaphore(0), []
+
+        def done(token, finish):
+            if finish:
+                ends.append(finish)
+                left.release()
         for width in widths:
             P = min(width, self.context - 1)
-            self.submit(Job([0] * P, min(2, self.context - P), lambda token, finish: finish and left.release()))
+            self.submit(Job([0] * P, min(2, self.context - P), done))
         for _ in widths:
             left.acquire()
+        failed = [e for e in ends if e.startswith("error")]
+        if failed:
+            raise ConfigError(f"--max-context {self.context}: warming up the engine failed ({failed[0][7:]})")
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self.pending and not any(self.slots):
+                while not self._stopping and not self.pending and not any(self.slots) and not self._admitting:
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -144,28 +158,31 @@ class Engine:
                 self._admit()
                 if any(self.slots):
                     self._decode()
-            except Exception as e:  # a failed step fails its jobs, not the server
-                for job in [*self.slots, *self.pending]:
+            except Exception as e:  # a failed step fails its jobs (the one being admitted too), not the server
+                with self._wake:
+                    jobs, self.pending = [*self.slots, self._admitting, *self.pending], collections.deque()
+                self.slots, self._admitting = [None] * self.batch, None
+                for job in jobs:
                     if job is not None:
-                        job.on_event(None, f"error: {type(e).__name__}: {e}")
-                self.slots, self.pending = [None] * self.batch, collections.deque()
+                        self._end(job, f"error: {type(e).__name__}: {e}")
                 self._cache = self.runner.empty_cache(self.batch, self.context)
         for job in [*self.slots, *self.pending]:
             if job is not None:
-                job.on_event(None, "cancelled")
+                self._end(job, "cancelled")
 
     def _admit(self) -> None:
         while None in self.slots:
             with self._wake:
                 if not self.pending:
                     return
-                job = self.pending.popleft()
+                job = self._admitting = self.pending.popleft()
             if job.cancelled:
+                self._admitting = None
                 self._end(job, "cancelled")
                 continue
             slot = self.slots.index(None)
             token = self._prefill_job(job, slot)
-            self.slots[slot] = job
+            self.slots[slot], self._admitting = job, None
             self._emit(slot, token)
 
     def _prefill_job(self, job: Job, slot: int) -> int:
@@ -204,19 +221,27 @@ class Engine:
             finish = "cancelled"
         else:
             job.generated += 1
-            job.on_event(token, None)
+            self._tell(job, token, None)
             finish = ("stop" if token in job.stop_ids else "length" if job.generated >= job.max_tokens
                       else "cancelled" if job.cancelled else None)
         h["token"][slot], h["count"][slot] = token, job.generated
         if finish:
             self._end(job, finish)
             self.slots[slot] = None
-            h["temperature"][slot] = 0.0  # an idle row decodes greedily: the cheapest
+            # An idle row decodes greedily and asks for no filter: the cheapest (sample_rows skips the rest).
+            h["temperature"][slot], h["top_k"][slot], h["top_p"][slot] = 0.0, 0, 1.0
 
 
     def _end(self, job: Job, finish: str) -> None:
-        self.ended[finish] += 1
-        job.on_event(None, finish)
+        self.ended[finish.partition(":")[0]] += 1
+        self._tell(job, None, finish)
+
+    @staticmethod
+    def _tell(job: Job, token: int | None, finish: str | None) -> None:
+        try:
+            job.on_event(token, finish)
+        except Exception:  # a listener gone with its event loop (shutdown) must not end the engine thread
+            job.cancelled = True
 
 
 _SETTINGS = ("seed", "stream", "count", "temperature", "top_k", "top_p")

@@ -89,11 +89,13 @@ def parse(kind: str, body, model: ModelInfo) -> Generation:
     if longest >= model.context:
         raise APIError(400, f"This model's maximum context length is {model.context} tokens, and the {which} "
                        f"alone has {longest}", which, "context_length_exceeded")
-    max_tokens = _max_tokens(body, kind, model.context - longest)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    # A completion defaults to 16 tokens as in the OpenAI API; a chat answer may use the rest of the context.
+    max_tokens = _int(body, key, 16 if kind == "completions" else model.context - longest, 1, None)
     if max_tokens > model.context - longest:
         raise APIError(400, f"This model's maximum context length is {model.context} tokens; you requested "
                        f"{longest + max_tokens} ({longest} in the {which}, {max_tokens} in the completion)",
-                       "max_tokens", "context_length_exceeded")
+                       key, "context_length_exceeded")
     options = body.get("stream_options")
     stream = _typed(body, "stream", bool, False)
     if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
@@ -104,7 +106,7 @@ def parse(kind: str, body, model: ModelInfo) -> Generation:
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0,
                                                                                 open_low=True),
         top_k=_int(body, "top_k", 0, 0, model.vocab_size), seed=_seed(body), stop=_stop(body), stream=stream,
-        include_usage=bool(options and _typed(options, "include_usage", bool, False)))
+        include_usage=bool(options and _typed(options, "include_usage", bool, False, "stream_options.include_usage")))
 
 
 def _completion_prompts(body, model: ModelInfo) -> tuple[tuple[int, ...], ...]:
@@ -151,18 +153,12 @@ def _content(content, where: str) -> str:
     return content.strip()
 
 
-def _max_tokens(body, kind: str, room: int) -> int:
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    # A completion defaults to 16 tokens as in the OpenAI API; a chat answer may use the rest of the context.
-    return _int(body, key, 16 if kind == "completions" else room, 1, None)
-
-
-def _typed(body, key: str, kind: type, default):
+def _typed(body, key: str, kind: type, default, param: str = ""):
     value = body.get(key)
     if value is None:
         return default
     if type(value) is not kind:
-        raise APIError(400, f"'{key}' must be a {kind.__name__}", key)
+        raise APIError(400, f"'{param or key}' must be a {kind.__name__}", param or key)
     return value
 
 

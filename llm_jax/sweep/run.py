@@ -96,7 +96,7 @@ def check_options(launcher: str, given: dict | None, sweep_dir: Path, dry_run: b
         raise LaunchError(f"launcher {launcher} needs {', '.join(missing)}")
     tool = {"slurm": "sbatch", "tpu": "gcloud"}.get(launcher)
     if tool and not dry_run and not shutil.which(tool):
-        raise LaunchError(f"{tool} is not on PATH: run the sweep where it is, or print it with dry_run")
+        raise LaunchError(f"{tool} is not on PATH: run it where it is, or print it with --dry-run")
     return options
 
 
