@@ -21,7 +21,7 @@ from llm_jax.data.chat.template import render_prompt, stop_ids
 from llm_jax.inference.generate import Generator, Sampling
 from llm_jax.inference.runner import ModelRunner
 from llm_jax.model import Transformer
-from llm_jax.serve.protocol import ChoiceText
+from llm_jax.inference.stream import Detokenizer
 from served import serving
 from test_evaluate import random_export, tiny_config, write_export
 
@@ -69,7 +69,7 @@ def test_completions_match_the_generator_and_count_tokens(client, export):
     for prompt in PROMPTS[:3]:
         ids = tok.encode_prompt(prompt)
         expected = generator.generate([ids], 12, stop_ids=stops, prompt_width=16)[0]  # one compilation
-        text = ChoiceText(tok, set(stops), ())
+        text = Detokenizer(tok, set(stops), ())
         want = "".join(text.add(t) for t in expected) + text.add(None)
         got = greedy(client, prompt, 12)
         assert got.choices[0].text == want

@@ -17,22 +17,49 @@ from llm_jax.errors import ConfigError
 from llm_jax.inference.generate import Generator, check_sampling
 
 
+class Detokenizer:
+    """The text of one sequence as its tokens arrive: bytes decoded incrementally (a character split over several
+    tokens comes out whole), stop tokens print nothing, and text that could be the start of a stop string is held
+    back until it is not (the returned text never contains a stop string)."""
+
+    def __init__(self, tokenizer, stop_ids, stops: tuple[str, ...]):
+        self.tokenizer, self.stop_ids, self.stops = tokenizer, stop_ids, stops
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, token: int | None) -> str:
+        """The new text safe to send after `token` (None: the end, flush everything)."""
+        if self.stopped:
+            return ""
+        if token is None:
+            self.text += self.decoder.decode(b"", final=True)
+        elif token not in self.stop_ids:
+            self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+        end = len(self.text) if token is None or self.stopped else len(self.text) - self._held()
+        delta, self.sent = self.text[self.sent:max(end, self.sent)], max(end, self.sent)
+        return delta
+
+    def _held(self) -> int:
+        """How many trailing characters could begin a stop string."""
+        return max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+
+
 class TextStream:
     """Prints the tokens of one row as text as they arrive; stop tokens print nothing."""
 
     def __init__(self, tokenizer: Tokenizer, out: TextIO, stop_ids: set[int]):
-        self.tokenizer, self.out, self.stop_ids = tokenizer, out, stop_ids
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.out, self.text = out, Detokenizer(tokenizer, stop_ids, ())
 
     def __call__(self, step_tokens: list[int | None]) -> None:
-        token = step_tokens[0]
-        if token is None or token in self.stop_ids:
-            return
-        self.out.write(self.decoder.decode(self.tokenizer.decode_bytes([token])))
-        self.out.flush()
+        if step_tokens[0] is not None:
+            self.out.write(self.text.add(step_tokens[0]))
+            self.out.flush()
 
     def close(self) -> None:
-        self.out.write(self.decoder.decode(b"", final=True) + "\n")
+        self.out.write(self.text.add(None) + "\n")
         self.out.flush()
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from matplotlib.figure import Figure
 
 from llm_jax.evaluation.baselines import label
-from llm_jax.pipeline.plan import Comparisons, Pipeline
+from llm_jax.pipeline.plan import Pipeline, describe
 from llm_jax.sweep.report import FINAL_FRACTION
 
 if TYPE_CHECKING:
@@ -22,19 +22,12 @@ def markdown(pipeline: Pipeline, facts: list[StageFacts], plots: list[Path], hel
              + ("" if len(walls) == len(facts) else f" (recorded for {len(walls)} of {len(facts)} stages)")
              + ("" if math.isnan(card_s) else f", then this card's evaluations {_seconds(card_s)} (cached ones "
                 "are not redone)"), ""]
-    lines += [f"- `{f.name}` ({_what(f)}): {f.state}, in `{f.item.run_dir}`" for f in facts]
+    lines += [f"- `{f.name}` ({describe(f.item)}): {f.state}, in `{f.item.run_dir}`" for f in facts]
     lines += [f"- `{name}`: held, {why}" for name, why in held.items()]
     for section in (_stages, _compression, _benchmarks, _win_rates, _answers):
         lines += ["", *section(pipeline, facts)]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
-
-
-def _what(f: StageFacts) -> str:
-    s = f.item.stage
-    if isinstance(s, Comparisons):
-        return f"comparisons: {s.policy} vs {s.baseline}, judged by {s.judge}"
-    return f"`{s.experiment}`, task {f.item.cfg.task}" + (f", from {s.init_from}" if s.init_from else "")
 
 
 def _stages(pipeline: Pipeline, facts: list[StageFacts]) -> list[str]:

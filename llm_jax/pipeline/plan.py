@@ -183,7 +183,7 @@ def _plan_stage(pipeline: Pipeline, stage: Stage | Comparisons, planned: dict[st
             _earlier(planned, getattr(stage, role), f"{where}: {role}", want="reward" if role == "judge" else "lm")
         return Planned(stage, pipeline_dir / stage.name, None, ())
     # What the user or the file sets explicitly wins over the wiring (their own export, their own labels).
-    given = {o.split("=", 1)[0].strip() for o in stage.overrides}
+    given = explicit_keys(stage)
     wiring = []
     if stage.init_from and "checkpoint.init_from" not in given:
         wiring.append(f"checkpoint.init_from={_earlier(planned, stage.init_from, f'{where}: init_from').export}")
@@ -207,6 +207,24 @@ def _plan_stage(pipeline: Pipeline, stage: Stage | Comparisons, planned: dict[st
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return Planned(stage, pipeline_dir / stage.name, cfg, overrides)
+
+
+def explicit_keys(stage: Stage | Comparisons) -> set[str]:
+    """The config keys a stage's overrides set explicitly: they win over its wiring."""
+    return {o.split("=", 1)[0].strip() for o in getattr(stage, "overrides", ())}
+
+
+def describe(item: Planned) -> str:
+    """A stage in a few words: its experiment and task, and the wiring in force."""
+    s = item.stage
+    if isinstance(s, Comparisons):
+        return f"comparisons: {s.policy} vs {s.baseline}, judged by {s.judge}"
+    given = explicit_keys(s)
+    wiring = [f"{k} {v}" for k, v, key in (("from", s.init_from, "checkpoint.init_from"),
+                                           ("reward model", s.reward_model, "rl.reward_model"),
+                                           ("pairs", s.pairs_from, "data.sources"),
+                                           ("data of", s.data_from, "data.sources")) if v and key not in given]
+    return ", ".join([f"{s.experiment} (task {item.cfg.task})", *wiring])
 
 
 def head(item: Planned) -> str:

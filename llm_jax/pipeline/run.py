@@ -24,7 +24,7 @@ from llm_jax.errors import PREEMPTED_EXIT, ConfigError
 from llm_jax.launch.local import local_command, run_local, run_multiprocess
 from llm_jax.launch.slurm import slurm_script
 from llm_jax.launch.tpu import tpu_commands
-from llm_jax.pipeline.plan import Comparisons, Planned, load_pipeline, plan, with_overrides
+from llm_jax.pipeline.plan import Comparisons, Planned, describe, load_pipeline, plan, with_overrides
 from llm_jax.sweep.run import INTERRUPTED, check_options
 
 
@@ -77,7 +77,7 @@ def run_pipeline(path: str | Path, launcher: str = "local", *, pipeline_dir: Pat
     print(f"pipeline {pipeline.name}: {len(items)} stages in {pipeline_dir}, launcher {launcher}"
           f"{' (dry run: nothing runs, nothing is written)' if dry_run else ''}")
     for item in items:
-        print(f"  {item.stage.name} ({_what(item)}): {states[item.stage.name]}   [{item.run_dir}]")
+        print(f"  {item.stage.name} ({describe(item)}): {states[item.stage.name]}   [{item.run_dir}]")
     for name, why in held.items():
         print(f"  {name}: held, {why}")
     for stage in pipeline.stages:
@@ -111,18 +111,6 @@ def run_pipeline(path: str | Path, launcher: str = "local", *, pipeline_dir: Pat
     from llm_jax.pipeline.card import write_card  # matplotlib and the evaluations are needed only here
     print(f"report card: {write_card(pipeline, items, pipeline_dir, record, held)}")
     return 0
-
-
-def _what(item: Planned) -> str:
-    s = item.stage
-    if isinstance(s, Comparisons):
-        return f"comparisons: {s.policy} vs {s.baseline}, judged by {s.judge}"
-    given = {o.split("=", 1)[0] for o in s.overrides}  # explicit keys, which win over the wiring
-    wiring = [f"{k} {v}" for k, v, key in (("from", s.init_from, "checkpoint.init_from"),
-                                           ("reward model", s.reward_model, "rl.reward_model"),
-                                           ("pairs", s.pairs_from, "data.sources"),
-                                           ("data of", s.data_from, "data.sources")) if v and key not in given]
-    return ", ".join([f"{s.experiment} (task {item.cfg.task})", *wiring])
 
 
 def _record(pipeline_dir: Path, name: str, items: list[Planned]) -> dict:

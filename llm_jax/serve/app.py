@@ -25,7 +25,8 @@ from starlette.routing import Route
 from llm_jax.errors import DataError
 from llm_jax.serve import protocol
 from llm_jax.serve.engine import Engine, Job
-from llm_jax.serve.protocol import APIError, ChoiceText, Generation, ModelInfo
+from llm_jax.inference.stream import Detokenizer
+from llm_jax.serve.protocol import APIError, Generation, ModelInfo
 
 MAX_BODY = 4 << 20  # bytes: far more than any context, far less than what could hurt the server
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
@@ -108,9 +109,7 @@ async def _score(request: Request, served: Served):
     if not isinstance(body, dict) or not isinstance(body.get("input"), list) or not body["input"]:
         raise APIError(400, "'input' must be a non-empty list of {prompt, response}, {messages}, "
                        "{prompt, chosen, rejected} or {chosen, rejected} objects", "input")
-    if body.get("model") != served.info.name:
-        raise APIError(404, f"The model '{body.get('model')}' does not exist; this server serves "
-                       f"'{served.info.name}'", "model", "model_not_found")
+    protocol.check_model(body, served.info)
     from llm_jax.inference.score import parse_item, score_items
     try:
         items = [(i, parse_item(record, f"input[{i}]")) for i, record in enumerate(body["input"])]
@@ -176,7 +175,7 @@ class Run:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (index, token, finish))
                 self.jobs.append(Job(list(prompt), gen.max_tokens, on_event, served.stop_ids, gen.temperature,
                                      gen.top_k, gen.top_p, seed, stream=index))
-                self.texts.append(ChoiceText(served.info.tokenizer, served.stop_ids, gen.stop))
+                self.texts.append(Detokenizer(served.info.tokenizer, served.stop_ids, gen.stop))
         self.counts = [0] * len(self.jobs)
         for job in self.jobs:
             served.engine.submit(job)

@@ -77,12 +77,7 @@ def parse(kind: str, body, model: ModelInfo) -> Generation:
                 continue
             raise APIError(400, f"{key}={value!r} is not supported by this server", key, "unsupported_parameter")
         raise APIError(400, f"Unrecognized request argument supplied: {key}", key, "unrecognized_argument")
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise APIError(400, "'model' is required: a string (GET /v1/models lists it)", "model")
-    if name != model.name:
-        raise APIError(404, f"The model '{name}' does not exist; this server serves '{model.name}'", "model",
-                       "model_not_found")
+    check_model(body, model)
     prompts = _chat_prompt(body, model) if kind == "chat" else _completion_prompts(body, model)
     longest = max(len(p) for p in prompts)
     which = "messages" if kind == "chat" else "prompt"
@@ -107,6 +102,16 @@ def parse(kind: str, body, model: ModelInfo) -> Generation:
                                                                                 open_low=True),
         top_k=_int(body, "top_k", 0, 0, model.vocab_size), seed=_seed(body), stop=_stop(body), stream=stream,
         include_usage=bool(options and _typed(options, "include_usage", bool, False, "stream_options.include_usage")))
+
+
+def check_model(body: dict, model: ModelInfo) -> None:
+    """The request's `model` names the served one (every route that runs the model asks)."""
+    name = body.get("model")
+    if not isinstance(name, str):
+        raise APIError(400, "'model' is required: a string (GET /v1/models lists it)", "model")
+    if name != model.name:
+        raise APIError(404, f"The model '{name}' does not exist; this server serves '{model.name}'", "model",
+                       "model_not_found")
 
 
 def _completion_prompts(body, model: ModelInfo) -> tuple[tuple[int, ...], ...]:
@@ -220,34 +225,3 @@ def choice(kind: str, index: int, text: str, finish: str | None, chunk: bool, fi
                 "finish_reason": finish}
     delta = {"role": "assistant", "content": text} if first else {"content": text} if text or not finish else {}
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-
-class ChoiceText:
-    """The text of one choice as its tokens arrive: bytes decoded incrementally (a character split over several
-    tokens comes out whole), stop tokens print nothing, and text that could be the start of a stop string is held
-    back until it is not (the returned text never contains a stop string)."""
-
-    def __init__(self, tokenizer, stop_ids, stops: tuple[str, ...]):
-        import codecs
-        self.tokenizer, self.stop_ids, self.stops = tokenizer, stop_ids, stops
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def add(self, token: int | None) -> str:
-        """The new text safe to send after `token` (None: the end, flush everything)."""
-        if self.stopped:
-            return ""
-        if token is None:
-            self.text += self.decoder.decode(b"", final=True)
-        elif token not in self.stop_ids:
-            self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-        end = len(self.text) if token is None or self.stopped else len(self.text) - self._held()
-        delta, self.sent = self.text[self.sent:max(end, self.sent)], max(end, self.sent)
-        return delta
-
-    def _held(self) -> int:
-        """How many trailing characters could begin a stop string."""
-        return max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
