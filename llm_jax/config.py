@@ -40,6 +40,7 @@ class ModelConfig:
     qk_norm: bool = False
     # >0: output logits become cap * tanh(logits / cap) (Gemma 2; modded-nanogpt): no token's logit runs away.
     logit_softcap: float = 0.0
+    dropout: float = 0.0  # on the embeddings and each block's two residual branches, in train steps (GPT-2's)
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
@@ -240,15 +241,17 @@ def _check_recipe(cfg: Config) -> None:
         section, name = key.split(".")
         if (value := getattr(getattr(cfg, section), name)) < 0:
             raise ConfigError(f"{key}={value} must not be negative")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={cfg.model.dropout} must lie in [0, 1)")
     if not 0.0 < o.decay_fraction <= 1.0:
         raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must lie in (0, 1]")
     if t.seq_len_warmup_steps and cfg.data.seq_len % 4:
         raise ConfigError(f"train.seq_len_warmup_steps needs data.seq_len divisible by 4, got {cfg.data.seq_len}")
 
 
-# Model fields of the output head: fine-tuning an export into another task (a language model into a reward
-# model) keeps the export's trunk and takes these from the new config.
-HEAD_FIELDS = ("reward_init_std",)
+# Model fields that shape no trained weight (a new head's initialisation; dropout in train steps): a run from an
+# export (another task's: a language model into a reward model) or a resumed one takes them from its own config.
+RUN_FIELDS = ("reward_init_std", "dropout")
 
 
 def to_dict(cfg) -> dict:

@@ -15,7 +15,7 @@ import json
 import typing
 from pathlib import Path
 
-from llm_jax.config import HEAD_FIELDS, REPO_ROOT, Config, from_dict, validate
+from llm_jax.config import REPO_ROOT, RUN_FIELDS, Config, from_dict, validate
 from llm_jax.errors import ConfigError
 
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
@@ -121,8 +121,8 @@ def with_init_from(cfg: Config) -> Config:
 def init_from_saved(cfg: Config, saved: Config, export: Path) -> Config:
     """with_init_from for an export at `export` whose config is `saved` (a pipeline plans with the config an
     earlier stage's export will hold, before it exists)."""
-    head = {f: getattr(cfg.model, f) for f in HEAD_FIELDS}
-    return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, **head),
+    own = {f: getattr(cfg.model, f) for f in RUN_FIELDS}
+    return dataclasses.replace(cfg, model=dataclasses.replace(saved.model, **own),
                                data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.model"),
                                                         chat_template=cfg.data.chat_template
                                                         or saved.data.chat_template))

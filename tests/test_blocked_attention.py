@@ -1,5 +1,6 @@
 """model/blocked_attention.py equals attention.attend's einsum path, in value and in gradient."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,15 +66,17 @@ def test_model_with_blocked_attention_matches_einsum_and_generates():
     _, _, _, seg = _inputs(T=45)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, seg.shape), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(45), seg.shape)
-    params = Transformer(cfg).init(jax.random.key(0), tokens, positions, seg)["params"]
+    # (jitted: run eagerly, each of the model's operations compiles on its own)
+    params = jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens, positions, seg)["params"]
     blocked = Transformer(dataclasses.replace(cfg, attention_impl="blocked"))
-    np.testing.assert_allclose(blocked.apply({"params": params}, tokens, positions, seg),
-                               Transformer(cfg).apply({"params": params}, tokens, positions, seg), atol=1e-5)
+    apply_blocked = jax.jit(blocked.apply)
+    np.testing.assert_allclose(apply_blocked({"params": params}, tokens, positions, seg),
+                               jax.jit(Transformer(cfg).apply)({"params": params}, tokens, positions, seg), atol=1e-5)
     decoder = Transformer(blocked.cfg, decode=True)
     # An empty cache, as the generator makes one (init also writes its inputs' keys into it).
-    cache = jax.tree.map(jnp.zeros_like, decoder.init(jax.random.key(0), tokens[:, :40], positions[:, :40],
-                                                      seg[:, :40])["cache"])
-    prefill, _ = decoder.apply({"params": params, "cache": cache}, tokens[:, :40], positions[:, :40], seg[:, :40],
-                               mutable=["cache"])
-    np.testing.assert_allclose(prefill, blocked.apply({"params": params}, tokens[:, :40], positions[:, :40],
+    cache = jax.tree.map(jnp.zeros_like, jax.eval_shape(decoder.init, jax.random.key(0), tokens[:, :40],
+                                                        positions[:, :40], seg[:, :40])["cache"])
+    prefill, _ = jax.jit(functools.partial(decoder.apply, mutable=["cache"]))(
+        {"params": params, "cache": cache}, tokens[:, :40], positions[:, :40], seg[:, :40])
+    np.testing.assert_allclose(prefill, apply_blocked({"params": params}, tokens[:, :40], positions[:, :40],
                                                       seg[:, :40]), atol=1e-5)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import set_flags
@@ -163,14 +164,24 @@ LONG = ("model.d_model=64", "model.d_ff=128", f"train.steps={TOTAL}")
 
 @pytest.mark.slow
 def test_resume_continues_the_curve_with_the_same_losses(finished, tmp_path, train_argv, events, assert_each_step_once):
-    """Checkpoint 2E lost (as if killed after E): the resumed run retrains E+1..2E, each step once in TB."""
+    """Checkpoint 2E lost (as if killed after E): the resumed run retrains E+1..2E, each step once in TB.
+    Checkpoint E is rewritten as versions before the time budget wrote it, without `planned_steps` in the state:
+    it still resumes, to the same losses."""
     run = copy_run(finished, tmp_path / "run")
     original = {tag: by_step(events(run, tag)) for tag in (LOSS, GRAD_NORM)}
     shutil.rmtree(run / "checkpoints" / str(2 * E))
     (run / "results.json").unlink()
+    state_dir = (run / "checkpoints" / str(E) / "state").absolute()
+    with ocp.StandardCheckpointer() as ckpt:
+        old_state = ckpt.restore(state_dir)
+    del old_state["planned_steps"]
+    shutil.rmtree(state_dir)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(state_dir, old_state)
     t0 = time.time()
     assert main(train_argv(run)) == 0
     assert (run / "results.json").exists() and committed(run) == [E, 2 * E]
+    assert not (run / "corrupt_checkpoints").exists()
     for tag in (LOSS, GRAD_NORM):
         assert_each_step_once(run, 2 * E, tag)
         evs = events(run, tag)
@@ -205,7 +216,7 @@ def test_elastic_resume_on_another_mesh(tmp_path, monkeypatch, overrides, events
     t0 = time.time()
     loop.train(cfg4, run, devices=devices4)
 
-    (state, step), = restored
+    (state, step, _), = restored
     assert step == E
     for leaf in jax.tree.leaves(state.params):
         assert leaf.sharding.device_set == set(devices4)

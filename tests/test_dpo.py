@@ -172,6 +172,8 @@ def test_dpo_needs_an_export_and_a_language_model_reference(tmp_path, tiny_expor
         tasks.make(apply_overrides(cfg, ["data.sources=chat:d.jsonl", f"checkpoint.init_from={tiny_export}"]))
     with pytest.raises(ConfigError, match=r"dpo.beta=0.0 must be positive"):
         resolve(apply_overrides(cfg, ["dpo.beta=0", f"checkpoint.init_from={tiny_export}"]))
+    with pytest.raises(ConfigError, match=r"model.dropout=0.1: task=dpo's reference would drop out"):
+        tasks.make(resolve(apply_overrides(cfg, ["model.dropout=0.1", f"checkpoint.init_from={tiny_export}"])))
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
     argv = ["train", "--config", "dpo_tiny", "--run-dir", str(tmp_path / "run"),
             *set_flags([f"checkpoint.init_from={tiny_export}", f"data.sources=pairs:{tmp_path}/pairs.jsonl",

@@ -2,11 +2,13 @@
 import dataclasses
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import linen as nn
 
@@ -14,10 +16,11 @@ from llm_jax.cli.main import main
 from llm_jax.config import Config, OptimConfig, TrainConfig, llama
 from llm_jax.data.batches import TokenBatch, positions_from_segments
 from llm_jax.model import Transformer
+from llm_jax.model.dropout import dropout
 from llm_jax.model.layers import MLP
 from llm_jax.tasks import losses
 from llm_jax.tasks.pretrain import Pretrain
-from llm_jax.train import budget, optim
+from llm_jax.train import budget, checkpoint, optim
 
 CFG = llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, compute_dtype="float32")
 
@@ -33,7 +36,8 @@ def _batch(rows=2, length=8, seed=0) -> TokenBatch:
 
 def _params(cfg, seed=0):
     b = _batch()
-    return nn.unbox(Transformer(cfg).init(jax.random.key(seed), b.inputs, b.positions, b.segment_ids)["params"])
+    init = jax.jit(Transformer(cfg).init)  # (eager, each of the model's operations compiles on its own)
+    return nn.unbox(init(jax.random.key(seed), b.inputs, b.positions, b.segment_ids)["params"])
 
 
 def test_schedules_follow_their_formulas():
@@ -68,7 +72,7 @@ def test_muon_step_matches_a_hand_computation():
     params = jax.tree.map(np.asarray, _params(CFG))
     grads = jax.tree.map(lambda p: np.random.default_rng(p.size).normal(size=p.shape).astype(np.float32), params)
     opt = optim.make_optimizer(cfg)
-    updates, _ = opt.update(grads, opt.init(params), params)
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)  # (eager, each op compiles alone)
     for name, (kernel, as_matrix) in {"up": (("mlp", "up"), lambda k: k), "down": (("mlp", "down"), lambda k: k),
                                       "q": (("attn", "q"), lambda k: k.reshape(k.shape[0], -1))}.items():
         # Stacked layers (scan_layers): each layer's slice is its own matrix.
@@ -80,7 +84,7 @@ def test_muon_step_matches_a_hand_computation():
         np.testing.assert_allclose(got, expected, atol=2e-5, err_msg=name)
     adamw = optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=optim.decay_mask)
-    plain, _ = adamw.update(grads, adamw.init(params), params)
+    plain, _ = jax.jit(adamw.update)(grads, adamw.init(params), params)
     for path in (("embed", "embedding"), ("lm_head", "kernel"), ("final_norm", "scale")):
         np.testing.assert_allclose(updates[path[0]][path[1]], plain[path[0]][path[1]], rtol=1e-6, err_msg=str(path))
 
@@ -89,13 +93,13 @@ def test_logit_softcap_is_the_tanh_of_the_plain_logits_chunked_or_not():
     capped = dataclasses.replace(CFG, logit_softcap=2.0, init_std=0.5)
     params, b = _params(capped), _batch()
     args = (b.inputs, b.positions, b.segment_ids)
-    plain = Transformer(dataclasses.replace(capped, logit_softcap=0.0)).apply({"params": params}, *args)
-    logits = Transformer(capped).apply({"params": params}, *args)
+    plain = jax.jit(Transformer(dataclasses.replace(capped, logit_softcap=0.0)).apply)({"params": params}, *args)
+    logits = jax.jit(Transformer(capped).apply)({"params": params}, *args)
     assert float(jnp.abs(plain).max()) > 2.0  # the cap binds
     np.testing.assert_allclose(logits, 2.0 * np.tanh(plain / 2.0), rtol=1e-5, atol=1e-6)
     chunked = Transformer(dataclasses.replace(capped, logits_chunk=16))
-    for got, want in zip(losses.next_token_nats_and_lse(chunked, params, b),
-                         losses.next_token_nats_and_lse(Transformer(capped), params, b)):
+    nats_and_lse = jax.jit(losses.next_token_nats_and_lse, static_argnums=0)
+    for got, want in zip(nats_and_lse(chunked, params, b), nats_and_lse(Transformer(capped), params, b)):
         np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -108,11 +112,11 @@ def test_z_loss_adds_its_formula_to_the_objective_and_its_gradient():
         lse = jax.nn.logsumexp(logits, axis=-1)
         nats = lse - jnp.take_along_axis(logits, b.targets[..., None], axis=-1)[..., 0]
         return jnp.sum((nats + 0.01 * lse ** 2) * b.weights)
-    sums = task.sums(model, params, b, {})
-    assert float(sums["objective"]) == pytest.approx(float(by_hand(params)), rel=1e-5)
+    sums = jax.jit(lambda p: task.sums(model, p, b, {}))(params)
+    assert float(sums["objective"]) == pytest.approx(float(jax.jit(by_hand)(params)), rel=1e-5)
     assert float(sums["objective"]) > float(sums["nats"])  # the reported nats stay the plain ones
-    got = jax.grad(lambda p: task.sums(model, p, b, {})["objective"])(params)
-    want = jax.grad(by_hand)(params)
+    got = jax.jit(jax.grad(lambda p: task.sums(model, p, b, {})["objective"]))(params)
+    want = jax.jit(jax.grad(by_hand))(params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
@@ -122,6 +126,7 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
     params, b = _params(cfg), _batch()
     assert params["layers"]["attn"]["q_norm"]["scale"].shape == (cfg.n_layers, cfg.resolved_head_dim)
 
+    @jax.jit
     def logits(p):
         return Transformer(cfg).apply({"params": p}, b.inputs, b.positions, b.segment_ids)
 
@@ -145,6 +150,32 @@ def test_relu_squared_mlp_by_hand():
     up, down = p["up"]["kernel"].unbox(), p["down"]["kernel"].unbox()
     np.testing.assert_allclose(MLP(cfg).apply(variables, x), np.maximum(x @ up, 0) ** 2 @ down, rtol=1e-5, atol=1e-6)
     assert "gate" not in p
+
+
+def test_dropout_only_where_a_dropout_key_is_given():
+    """model.dropout zeroes a fraction of the embeddings and of each residual branch in train steps (which pass a
+    key), scaled to keep the mean; without a key (evaluation, decoding) the model is the one without dropout."""
+    b = _batch()
+    args = (b.inputs, b.positions, b.segment_ids)
+    params = _params(CFG)  # scanned layers: nn.scan splits the key, so each layer draws its own mask
+    dropped = Transformer(dataclasses.replace(CFG, dropout=0.5))
+    run = jax.jit(lambda key: dropped.apply({"params": params}, *args, rngs={"dropout": key}))
+    a, again, other = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+    np.testing.assert_array_equal(a, again)
+    assert np.abs(np.asarray(a - other)).max() > 1e-2  # another key, another mask
+    np.testing.assert_array_equal(jax.jit(dropped.apply)({"params": params}, *args),
+                                  jax.jit(Transformer(CFG).apply)({"params": params}, *args))
+    embedded = nn.Embed(8, 256)
+    x = embedded.apply(embedded.init(jax.random.key(0), jnp.arange(8)), jnp.arange(8))
+
+    class Drop(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return dropout(self, x, 0.25)
+    y = np.asarray(Drop().apply({}, x, rngs={"dropout": jax.random.key(3)}))
+    kept = y != 0
+    assert 0.7 < kept.mean() < 0.8
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
 
 
 def test_shorter_windows_keep_every_token():
@@ -188,13 +219,33 @@ def test_budget_plans_from_the_measured_rate():
 @pytest.mark.slow
 def test_time_budget_run_stops_on_time_with_its_schedule_completed(tmp_path, train_args, scalars):
     run = tmp_path / "run"
-    assert main(train_args(run, "train.time_budget_s=20", "train.steps=100000", "train.eval_every=100000",
-                           "checkpoint.every=0", "optim.schedule=wsd")) == 0
+    budget_args = train_args(run, "train.time_budget_s=20", "train.steps=100000", "train.eval_every=100000",
+                             "checkpoint.every=100", "checkpoint.keep=100", "optim.schedule=wsd")
+    assert main(budget_args) == 0
     results = json.loads((run / "results.json").read_text())
     assert 18.0 <= results["train_time_s"] <= 22.0, results
-    assert results["eval_time_s"] > 0 and results["steps"] < 100000
+    assert results["eval_time_s"] > 0 and results["checkpoint_time_s"] > 0 and results["steps"] < 100000
     found, _ = scalars(run)
     lr = found["optim/learning_rate"]
     assert lr[-1][0] == results["steps"]
     assert lr[-1][1] == pytest.approx(1e-2 * 0.1, rel=0.05)  # the planned decay reached its floor
     assert found["time/train_s"][-1][0] == results["steps"]
+
+    # Killed after a checkpoint near the end: the resumed run keeps that checkpoint's plan, and its clock goes on
+    # from the time the checkpoint recorded (training time only: the 20 s are not spent again).
+    steps = checkpoint.committed_steps(run)
+    resume_at = steps[-2] if steps[-1] == results["steps"] else steps[-1]
+    for later in steps[steps.index(resume_at) + 1:]:
+        shutil.rmtree(run / "checkpoints" / str(later))
+    meta = json.loads((run / "checkpoints" / str(resume_at) / "meta" / "metadata").read_text())
+    with ocp.StandardCheckpointer() as reader:
+        planned = int(reader.restore((run / "checkpoints" / str(resume_at) / "state").absolute())["planned_steps"])
+    (run / "results.json").unlink()
+    assert main(budget_args) == 0
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["steps"] == planned > resume_at
+    assert meta["time"]["train_time_s"] < resumed["train_time_s"] < 22.0 + 5.0, (meta["time"], resumed)
+    assert resumed["checkpoint_time_s"] >= meta["time"]["checkpoint_time_s"]
+    found, _ = scalars(run)
+    times = [v for _, v in found["time/train_s"]]
+    assert times == sorted(times) and found["optim/learning_rate"][-1][0] == resumed["steps"]

@@ -192,6 +192,7 @@ def test_config_errors_name_the_key(tiny_export, prompts_file):
              ("rl.top_p=0",): "rl.top_p=0",
              ("model.logits_chunk=64",): "model.logits_chunk=64",
              ("peft.method=lora", "peft.dropout=0.1"): "peft.dropout=0.1",
+             ("model.dropout=0.1",): "model.dropout=0.1",
              ("checkpoint.init_from=",): "checkpoint.init_from"}
     for sets, message in cases.items():
         cfg = apply_overrides(base, [f"checkpoint.init_from={tiny_export}", f"data.sources=prompts:{prompts_file}",

@@ -27,7 +27,7 @@ def fresh_process(args, **env):
 
 
 def bench_faults(**env):
-    out = fresh_process(["-m", "llm_jax", *STEP], **env)
+    out = fresh_process(["-m", "llm_jax", *STEP], XLA_FLAGS="--xla_backend_optimization_level=0", **env)
     faults = float(re.search(r"^host page faults / step \(median\)\s+([\d,]+)", out, re.M).group(1).replace(",", ""))
     return re.search(r"^host malloc\s+(\w+)", out, re.M).group(1), faults
 

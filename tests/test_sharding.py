@@ -45,7 +45,7 @@ def run(mesh_cfg, devices=None, microbatches=1, steps=STEPS, recipe=False, peft_
     """The metrics of each step and the last state; with peft_method, also the frozen base it trained on and a
     host copy of the initial (adapters, frozen base)."""
     # Every dimension divisible by 8, so any factorisation of 8 devices is a valid mesh; still GQA (2:1).
-    switches = dict(qk_norm=True, logit_softcap=5.0, mlp="relu2") if recipe else {}
+    switches = dict(qk_norm=True, logit_softcap=5.0, mlp="relu2", dropout=0.1) if recipe else {}
     cfg = llama(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8, d_ff=128,
                 compute_dtype="float32", **switches)
     mesh = make_mesh(mesh_cfg, devices)
@@ -91,7 +91,8 @@ def test_same_losses_on_one_device_and_on_a_mesh(single_device, shape):
 
 
 def test_recipe_switches_same_on_one_device_and_on_a_mesh():
-    """Muon, the WSD schedule, QK-norm, logit soft-capping, ReLU² and the z-loss on the 2x2x2 mesh."""
+    """Muon, the WSD schedule, QK-norm, logit soft-capping, ReLU², the z-loss and dropout (the same masks:
+    the key is split alike however the arrays are laid out) on the 2x2x2 mesh."""
     reference, _ = run(MeshConfig(1, 1, 1), jax.devices()[:1], recipe=True)
     history, state = run(MeshConfig(2, 2, 2), recipe=True)
     for key in ("train/loss_bits_per_token", "optim/grad_norm", "optim/param_norm", "optim/learning_rate"):

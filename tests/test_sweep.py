@@ -60,7 +60,8 @@ def hparams_dashboard(logdir):
 
 @pytest.mark.slow
 def test_sweep_runs_skips_resumes_and_reports(tmp_path, capfd, monkeypatch, write_sweep):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # the runs' own processes
+    # The runs' own processes: one device each, compiled least optimised as the suite's are (conftest.py).
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
     path, sweep_dir = write_sweep(), tmp_path / "sweep"
     assert run_sweep(path, sweep_dir=sweep_dir) == 0
     out = capfd.readouterr().out

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.atomic import write_atomic
-from llm_jax.config import ModelConfig
+from llm_jax.config import RUN_FIELDS, ModelConfig
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import CheckpointError, DataError
 from llm_jax.inference.arithmetic import CODE_BITS, Decoder, Encoder, decode_symbol, quantise
@@ -107,12 +107,12 @@ def model_sha256(runner: ModelRunner, version: int = VERSION) -> bytes:
     """sha256 over the model config and every param leaf (path, dtype, shape, bytes) in tree order, as the
     format `version` defines it."""
     cfg = runner.cfg
-    if version == 1:  # ModelConfig's repr before model.qkv_bias existed
-        config = repr(cfg).replace(", qkv_bias=False", "")
-    else:
+    if version == 1:  # ModelConfig's repr before model.qkv_bias and model.dropout existed
+        config = repr(cfg).replace(", qkv_bias=False", "").replace(", dropout=0.0", "")
+    else:  # (fields that shape no weight change no prediction: RUN_FIELDS)
         default = ModelConfig()
-        config = json.dumps({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                             if getattr(cfg, f.name) != getattr(default, f.name)}, sort_keys=True)
+        config = json.dumps({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RUN_FIELDS
+                             and getattr(cfg, f.name) != getattr(default, f.name)}, sort_keys=True)
     h = hashlib.sha256(config.encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(runner.params)[0]:
         host = np.ascontiguousarray(jax.device_get(leaf))

@@ -89,7 +89,8 @@ def hf_config_json(m: ModelConfig, family: str, tok) -> dict:
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
                 "n_positions": m.max_seq_len, "n_embd": m.d_model, "n_layer": m.n_layers, "n_head": m.n_heads,
                 "n_inner": m.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
+                # model.dropout is GPT-2's residual and embedding dropout (Llama's config has no place for it)
+                "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": 0.0, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
                 "tie_word_embeddings": True, "bos_token_id": bos, "eos_token_id": eos, "dtype": "float32"}
     common = {"vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.d_ff,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from llm_jax.model.dropout import dropout
 from llm_jax.task_config import PeftConfig
 
 LORA = ("lora_a", "lora_b")
@@ -41,9 +42,7 @@ def lora_update(module: nn.Module, peft: PeftConfig, rows, n_in: int, features: 
             or not present(module, "lora_a"):
         return None
     in_shape = rows.shape[1:]
-    if peft.dropout and module.has_rng("dropout"):  # train steps pass the key; evaluation and decoding do not
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - peft.dropout, rows.shape)
-        rows = jnp.where(keep, rows / (1.0 - peft.dropout), 0.0).astype(rows.dtype)
+    rows = dropout(module, rows, peft.dropout)
     a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
     a = module.param("lora_a", nn.with_logical_partitioning(a_init, (*names[:n_in], "adapter_rank")),
                      (*in_shape, peft.rank), jnp.float32)

@@ -15,6 +15,7 @@ from flax import linen as nn
 from llm_jax.config import ModelConfig, PeftConfig
 from llm_jax.model import adapters
 from llm_jax.model.attention import Attention
+from llm_jax.model.dropout import dropout
 from llm_jax.model.layers import MLP, Dense, compute_dtype, norm, param_dtype, softcap
 
 REMAT_POLICIES = {
@@ -44,8 +45,9 @@ class Block(nn.Module):
                                          use_cache=False, return_kv=True)
             virtual_1xVxD = virtual_1xVxD + out_1xVxD
             virtual_1xVxD = virtual_1xVxD + mlp(mlp_norm(virtual_1xVxD))
-        x_BxTxD = x_BxTxD + attn(attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT, virtual_kv)
-        x_BxTxD = x_BxTxD + mlp(mlp_norm(x_BxTxD))
+        rate = self.cfg.dropout
+        x_BxTxD = x_BxTxD + dropout(self, attn(attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT, virtual_kv), rate)
+        x_BxTxD = x_BxTxD + dropout(self, mlp(mlp_norm(x_BxTxD)), rate)
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
         return (x_BxTxD, virtual_1xVxD), None  # (carry, output) so the same block works under nn.scan
 
@@ -90,7 +92,7 @@ class Transformer(nn.Module):
                 cfg.max_seq_len, cfg.d_model, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),
                 embedding_init=nn.with_logical_partitioning(
                     nn.initializers.normal(cfg.init_std), ("positions", "embed")), name="pos_embed")(positions_BxT)
-        x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
+        x_BxTxD = nn.with_logical_constraint(dropout(self, x_BxTxD, cfg.dropout), ("batch", "length", "act_embed"))
         carry = (x_BxTxD, self._virtual_tokens())
         for layer in block_stack(cfg, self.decode, self.peft):
             carry, _ = layer(carry, positions_BxT, segment_ids_BxT)

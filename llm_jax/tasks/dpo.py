@@ -98,6 +98,9 @@ class DPO(PreferenceTask):
         if not self.cfg.checkpoint.init_from:
             raise ConfigError("task=dpo trains a policy from an export: set checkpoint.init_from=EXPORT (an SFT, "
                               "pretrained or imported model; also the reference unless dpo.reference is set)")
+        if self.cfg.model.dropout:  # one model computes both, so the reference's log-probabilities would be noisy too
+            raise ConfigError(f"model.dropout={self.cfg.model.dropout}: task=dpo's reference would drop out as the "
+                              "policy does; set model.dropout=0")
 
     def frozen_exports(self) -> dict[str, tuple[str, Path]]:
         if self.cfg.dpo.reference:

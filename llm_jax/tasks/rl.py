@@ -147,9 +147,10 @@ class RL(Task):
                               "logits; set model.logits_chunk=0")
         if jax.process_count() > 1:
             raise ConfigError(f"task=rl generates on one process; this run has {jax.process_count()}")
-        if c.peft.dropout:  # the clipped ratio compares the update's log-probabilities with the rollout's
-            raise ConfigError(f"peft.dropout={c.peft.dropout}: task=rl's ratio against the rollout (which samples "
-                              "without dropout) would not start at 1; set peft.dropout=0")
+        for key, rate in (("peft.dropout", c.peft.dropout), ("model.dropout", c.model.dropout)):
+            if rate:  # the clipped ratio compares the update's log-probabilities with the rollout's
+                raise ConfigError(f"{key}={rate}: task=rl's ratio against the rollout (which samples without "
+                                  f"dropout) would not start at 1; set {key}=0")
 
     def _check_reward_model(self, path: Path) -> None:
         from llm_jax import tasks

@@ -5,7 +5,8 @@ The budget counts from the loop's start, so the first step's compilation is part
 compiles longer pays for it); its step rate is measured from the step after compilation (and after any
 shorter-window steps of train.seq_len_warmup_steps, which are faster). The step count is planned once the
 first steps have taken PLAN_AT of the budget, and planned again at each fraction of REPLAN_AT from the steps
-since the plan before; a resumed run keeps the last plan its checkpoint holds.
+since the plan before; a resumed run keeps the last plan its checkpoint holds, and its clock goes on from the
+time the checkpoint recorded (the steps an attempt ran past its last checkpoint are counted when run again).
 """
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ REPLAN_AT = (0.5, 0.8, 0.95)  # each from the rate since the plan before: a mach
 
 
 class Clock:
-    """Training time: wall time since the loop started, less what ran inside `excluding(...)` blocks."""
+    """Training time: wall time since the loop started, less what ran inside `excluding(...)` blocks, plus the
+    time `before` (report()'s keys) that the attempts before a resumed checkpoint spent."""
 
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.excluded = {"eval": 0.0, "checkpoint": 0.0}
+    def __init__(self, before: dict | None = None):
+        before = before or {}
+        self.start = time.perf_counter() - before.get("train_time_s", 0.0)
+        self.excluded = {k: before.get(f"{k}_time_s", 0.0) for k in ("eval", "checkpoint")}
+        self.start -= sum(self.excluded.values())
 
     @contextlib.contextmanager
     def excluding(self, what: str):

@@ -3,7 +3,7 @@
 `RUN_DIR/checkpoints/<step>/` holds three items: `state` (params, optimizer state, step, RNG, skipped-step
 count; restored straight into the current mesh's shardings, so a checkpoint written on one mesh resumes on
 another), `data` (each process's batch source position: a grain iterator's, for data sets) and `meta` (the
-resolved config and the tokenizer model). Orbax writes a step under a temporary name and renames it when
+resolved config, the tokenizer model, the last evaluation's scores and the run's time so far: train/budget.Clock). Orbax writes a step under a temporary name and renames it when
 complete, so a killed save never looks like a checkpoint; a committed one that cannot be read is moved to
 `RUN_DIR/corrupt_checkpoints/` (never deleted) and the previous step is used instead.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -27,7 +28,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from llm_jax.config import CheckpointConfig, Config, from_dict, to_dict
+from llm_jax.config import RUN_FIELDS, CheckpointConfig, Config, from_dict, to_dict
 from llm_jax.data.tokenizer import from_bytes
 from llm_jax.errors import CheckpointError
 from llm_jax.train import peft
@@ -94,8 +95,9 @@ def committed_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
 
 
-def restore_latest(run_dir: Path, cfg: Config, target_state, tokenizer) -> tuple[object, int] | None:
-    """The newest readable checkpoint, resharded like `target_state`; unreadable ones are moved aside.
+def restore_latest(run_dir: Path, cfg: Config, target_state, tokenizer) -> tuple[object, int, dict] | None:
+    """(state, step, metadata) of the newest readable checkpoint, the state resharded like `target_state`;
+    unreadable ones are moved aside.
 
     Its metadata is checked against this run first, so that a changed config is reported as such and
     never mistaken for a damaged checkpoint.
@@ -108,9 +110,8 @@ def restore_latest(run_dir: Path, cfg: Config, target_state, tokenizer) -> tuple
                 saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             check_compatible(saved, cfg, tokenizer)
             with _quiet():
-                state = mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(_abstract(target_state))))["state"]
-            return state, step
+                state = _restore_state(mngr, step, target_state)
+            return state, step, saved
         except CheckpointError:
             raise
         except Exception as e:  # orbax raises many kinds for a damaged checkpoint; all mean "unusable"
@@ -118,6 +119,15 @@ def restore_latest(run_dir: Path, cfg: Config, target_state, tokenizer) -> tuple
         finally:
             mngr.close()
     return None
+
+
+def _restore_state(mngr: ocp.CheckpointManager, step: int, target_state):
+    """The train state of checkpoint `step`. A checkpoint written before a field joined the train state
+    (planned_steps) restores the fields it has; the new one keeps its value in `target_state`, its start."""
+    saved_fields = set(mngr.item_metadata(step)["state"].keys())
+    kept = {f.name: getattr(target_state, f.name) for f in dataclasses.fields(target_state) if f.name in saved_fields}
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(kept))))["state"]
+    return target_state.replace(**restored)
 
 
 def _quarantine(run_dir: Path, step: int, error: Exception) -> None:
@@ -164,7 +174,8 @@ def restore_data(run_dir: Path, cfg: Config, step: int, source) -> str:
 def check_compatible(saved: dict, cfg: Config, tokenizer) -> None:
     """The task, the model and the adapters must match field for field (the rest may change: train.steps, to
     train longer); the tokenizer and a peft run's base must be the ones the checkpoint was trained with."""
-    diffs = differences(from_dict(saved["config"]), cfg, keys=("task", "model.", "peft."))
+    diffs = differences(from_dict(saved["config"]), cfg, keys=("task", "model.", "peft."),
+                        ignore=tuple(f"model.{f}" for f in RUN_FIELDS))
     if diffs:
         raise CheckpointError(f"the checkpoint was written by a different task or model ({'; '.join(diffs)}); "
                               "use the same task and model.* settings, or --fresh to start over")

@@ -52,7 +52,7 @@ def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict
     references = ReferenceLines(run_dir / "tb", setup.task.reference_lines(setup.data) if is_main() else {},
                                 is_main(), setup.start_step if setup.earlier_attempt else None)
     mngr = checkpoint.manager(run_dir, cfg.checkpoint)
-    clock = Clock()
+    clock = Clock(setup.time_before)
     try:
         with PreemptionWatch() as watch:
             state, last_eval = _train_steps(setup, writer, references, mngr, watch, clock)
@@ -166,7 +166,8 @@ def _train_steps(setup: Setup, writer: Writer, references: ReferenceLines, mngr,
                 perf.t0 = None  # evaluation time is not step time
             if save_now:
                 with clock.excluding("checkpoint"):
-                    _save(mngr, state, source, meta, last_eval if eval_now else None, writer, done)
+                    _save(mngr, state, source, {**meta, "time": clock.report()}, last_eval if eval_now else None,
+                          writer, done)
                 perf.t0 = None  # a save is not step time
             if preempted:
                 mngr.wait_until_finished()

@@ -38,10 +38,13 @@ class Setup:
     train_fn: object  # (state, batch, frozen) -> (state, metrics)
     eval_fn: object  # (params, batch, frozen) -> sums
     n_params: int
-    earlier_attempt: bool
+    earlier_attempt: bool  # the run directory holds a run of this config already (resumed or restarted)
     # The run's length as planned in the state: train.steps, a time budget's plan restored from a checkpoint,
     # or 0 while a time budget has yet to plan it (train/budget.py).
-    planned_steps: int  # the run directory holds a run of this config already (resumed or restarted)
+    planned_steps: int
+    # Training, evaluation and checkpoint seconds of the attempts before the checkpoint resumed from
+    # (train/budget.Clock.report's keys), so that a resumed run's times and budget count the whole run.
+    time_before: dict
     # eval.tasks' ModelRunner, made at the first evaluation and given each evaluation's params, so that its
     # jitted forward and generation steps compile once per run
     benchmark_runner: object = None
@@ -79,7 +82,7 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
         if opened.created:  # a run that never started leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    state, start_step = _initial_state(task, run_dir, opened.resume, state, data)
+    state, start_step, time_before = _initial_state(task, run_dir, opened.resume, state, data)
     cfg, state, planned = _plan_length(cfg, state)
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     train_fn = step.jit_train_step(model, optimizer, cfg.optim, mesh, shardings, task, frozen_shardings)
@@ -88,7 +91,8 @@ def build(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> Setu
     if peft.enabled(cfg) and is_main():
         print(peft.describe(cfg, state, frozen), flush=True)
     return Setup(cfg, task, run_dir, mesh, data, state, frozen, start_step, train_fn, eval_fn,
-                 metrics.param_count(peft.with_base(state.params, frozen)), opened.earlier_attempt, planned)
+                 metrics.param_count(peft.with_base(state.params, frozen)), opened.earlier_attempt, planned,
+                 time_before)
 
 
 def _plan_length(cfg: Config, state):
@@ -179,10 +183,11 @@ def _initial_state(task: Task, run_dir: Path, resume: bool, state, data):
         if restored is None:
             raise RunDirError(f"run directory {run_dir} has no readable checkpoint left (damaged ones are in "
                               f"{run_dir / 'corrupt_checkpoints'}); pass --fresh to start over")
-        return restored
+        state, step, saved = restored
+        return state, step, saved.get("time", {})  # (checkpoints of older versions did not keep it)
     if cfg.checkpoint.init_from and not peft.enabled(cfg):  # (a peft run's base is frozen, its adapters new)
         params, fresh = task.initial_params(state.params)
         if fresh and is_main():
             print(f"init_from {cfg.checkpoint.init_from}: {', '.join(fresh)} initialised fresh (not in the export)")
-        return state.replace(params=params), 0
-    return state, 0
+        return state.replace(params=params), 0, {}
+    return state, 0, {}
