@@ -107,7 +107,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def with_init_from(cfg: Config) -> Config:
-    """Fine-tuning an export: its model (with this config's head fields) and its tokenizer are the ones to
+    """Fine-tuning an export: its model (with this config's RUN_FIELDS) and its tokenizer are the ones to
     train, and its chat template unless this config names one. Applying it twice changes nothing."""
     if not cfg.checkpoint.init_from:
         return cfg

@@ -165,6 +165,14 @@ def test_dropout_only_where_a_dropout_key_is_given():
     assert np.abs(np.asarray(a - other)).max() > 1e-2  # another key, another mask
     np.testing.assert_array_equal(jax.jit(dropped.apply)({"params": params}, *args),
                                   jax.jit(Transformer(CFG).apply)({"params": params}, *args))
+    # Each of the 1 + 2L places (the embeddings, each block's two branches) draws a key of its own: flax's
+    # make_rng folds the call's key once per draw. (Unrolled layers: under nn.scan the block is traced once.)
+    for rate, draws in ((0.5, 1 + 2 * CFG.n_layers), (0.0, 0)):
+        unrolled = Transformer(dataclasses.replace(CFG, scan_layers=False, dropout=rate))
+        p = _params(dataclasses.replace(CFG, scan_layers=False))
+        jaxpr = jax.make_jaxpr(lambda key: unrolled.apply({"params": p}, *args, rngs={"dropout": key}))(
+            jax.random.key(1))
+        assert str(jaxpr).count("random_fold_in") == draws
     embedded = nn.Embed(8, 256)
     x = embedded.apply(embedded.init(jax.random.key(0), jnp.arange(8)), jnp.arange(8))
 
@@ -176,6 +184,17 @@ def test_dropout_only_where_a_dropout_key_is_given():
     kept = y != 0
     assert 0.7 < kept.mean() < 0.8
     np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+
+
+def test_a_resumed_clock_goes_on_from_the_recorded_time():
+    before = {"train_time_s": 50.0, "eval_time_s": 7.0, "checkpoint_time_s": 2.0}
+    clock = budget.Clock(before)
+    assert clock.train_s() == pytest.approx(50.0, abs=0.05)
+    with clock.excluding("eval"):
+        pass
+    report = clock.report()
+    assert report["eval_time_s"] == pytest.approx(7.0, abs=0.05) and report["checkpoint_time_s"] == 2.0
+    assert budget.Clock().train_s() < 0.05
 
 
 def test_shorter_windows_keep_every_token():

@@ -23,8 +23,9 @@ would differ in the last bits. Decompress on the machine type (and software vers
 Format (big-endian), HEADER_SIZE = 93 bytes, then the arithmetic-coded payload:
     magic b"LLMZ" | version u8 | model sha256 (32 bytes: params and model config) | tokenizer sha256 (32) |
     original byte length u64 | token count u64 | context u32 | crc32 of the original bytes u32
-Version 2 hashes the model config's fields that differ from their defaults, so a field added to ModelConfig
-later leaves old files readable; version 1 (still read) hashed the config's repr as it was then.
+Version 2 hashes the model config's fields that differ from their defaults (but model.dropout, which changes
+no prediction), so a field added to ModelConfig later leaves old files readable; version 1 (still read) hashed
+the config's repr as it was then.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.atomic import write_atomic
-from llm_jax.config import RUN_FIELDS, ModelConfig
+from llm_jax.config import ModelConfig
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import CheckpointError, DataError
 from llm_jax.inference.arithmetic import CODE_BITS, Decoder, Encoder, decode_symbol, quantise
@@ -109,9 +110,9 @@ def model_sha256(runner: ModelRunner, version: int = VERSION) -> bytes:
     cfg = runner.cfg
     if version == 1:  # ModelConfig's repr before model.qkv_bias and model.dropout existed
         config = repr(cfg).replace(", qkv_bias=False", "").replace(", dropout=0.0", "")
-    else:  # (fields that shape no weight change no prediction: RUN_FIELDS)
+    else:  # (dropout changes no prediction, and no file made before it existed)
         default = ModelConfig()
-        config = json.dumps({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RUN_FIELDS
+        config = json.dumps({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "dropout"
                              and getattr(cfg, f.name) != getattr(default, f.name)}, sort_keys=True)
     h = hashlib.sha256(config.encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(runner.params)[0]:

@@ -3,7 +3,8 @@
 `RUN_DIR/checkpoints/<step>/` holds three items: `state` (params, optimizer state, step, RNG, skipped-step
 count; restored straight into the current mesh's shardings, so a checkpoint written on one mesh resumes on
 another), `data` (each process's batch source position: a grain iterator's, for data sets) and `meta` (the
-resolved config, the tokenizer model, the last evaluation's scores and the run's time so far: train/budget.Clock). Orbax writes a step under a temporary name and renames it when
+resolved config, the tokenizer model, the last evaluation's scores and the run's time so far:
+train/budget.Clock). Orbax writes a step under a temporary name and renames it when
 complete, so a killed save never looks like a checkpoint; a committed one that cannot be read is moved to
 `RUN_DIR/corrupt_checkpoints/` (never deleted) and the previous step is used instead.
 
@@ -121,10 +122,17 @@ def restore_latest(run_dir: Path, cfg: Config, target_state, tokenizer) -> tuple
     return None
 
 
+# Train-state fields that checkpoints of earlier versions do not have (restored at their initial values).
+NEWER_STATE_FIELDS = {"planned_steps"}
+
+
 def _restore_state(mngr: ocp.CheckpointManager, step: int, target_state):
     """The train state of checkpoint `step`. A checkpoint written before a field joined the train state
     (planned_steps) restores the fields it has; the new one keeps its value in `target_state`, its start."""
     saved_fields = set(mngr.item_metadata(step)["state"].keys())
+    missing = {f.name for f in dataclasses.fields(target_state)} - saved_fields
+    if missing - NEWER_STATE_FIELDS:  # not an older version's checkpoint but a damaged one: moved aside
+        raise ValueError(f"the saved train state lacks {', '.join(sorted(missing))}")
     kept = {f.name: getattr(target_state, f.name) for f in dataclasses.fields(target_state) if f.name in saved_fields}
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(kept))))["state"]
     return target_state.replace(**restored)
@@ -172,10 +180,10 @@ def restore_data(run_dir: Path, cfg: Config, step: int, source) -> str:
 
 
 def check_compatible(saved: dict, cfg: Config, tokenizer) -> None:
-    """The task, the model and the adapters must match field for field (the rest may change: train.steps, to
-    train longer); the tokenizer and a peft run's base must be the ones the checkpoint was trained with."""
-    diffs = differences(from_dict(saved["config"]), cfg, keys=("task", "model.", "peft."),
-                        ignore=tuple(f"model.{f}" for f in RUN_FIELDS))
+    """The task, the model (but RUN_FIELDS) and the adapters must match field for field (the rest may change:
+    train.steps, to train longer); the tokenizer and a peft run's base must be the ones the checkpoint was
+    trained with."""
+    diffs = differences(from_dict(saved["config"]), cfg, keys=("task", "model.", "peft."), ignore=RUN_KEYS)
     if diffs:
         raise CheckpointError(f"the checkpoint was written by a different task or model ({'; '.join(diffs)}); "
                               "use the same task and model.* settings, or --fresh to start over")
@@ -206,6 +214,10 @@ def check_writable(run_dir: Path, state_bytes: int, keep: int) -> None:
     if free < need:
         raise CheckpointError(f"not enough free space for checkpoints in {run_dir}: about {need / 2**20:.0f} MiB "
                               f"needed (checkpoint.keep={keep}), {free / 2**20:.0f} MiB free")
+
+
+# The dotted keys of config.RUN_FIELDS: what a resumed run or a run from an export may set anew.
+RUN_KEYS = tuple(f"model.{f}" for f in RUN_FIELDS)
 
 
 def differences(saved: Config, cfg: Config, keys: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> list[str]:

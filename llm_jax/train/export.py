@@ -17,13 +17,13 @@ import orbax.checkpoint as ocp
 
 from llm_jax import tasks
 from llm_jax.atomic import atomic_directory
-from llm_jax.config import RUN_FIELDS, CheckpointConfig, Config, MeshConfig, from_dict, to_dict
+from llm_jax.config import CheckpointConfig, Config, MeshConfig, from_dict, to_dict
 from llm_jax.data.tokenizer import Tokenizer, from_bytes
 from llm_jax.errors import CheckpointError, ConfigError, MeshError
 from llm_jax.model import adapters
 from llm_jax.parallel import sharding
 from llm_jax.train import peft
-from llm_jax.train.checkpoint import checkpoint_dir, committed_steps, differences, manager, restore_params
+from llm_jax.train.checkpoint import RUN_KEYS, checkpoint_dir, committed_steps, differences, manager, restore_params
 from llm_jax.train.state import abstract_params
 
 
@@ -164,8 +164,8 @@ def load_params(path: Path, cfg: Config, target_params, key: str = "checkpoint.i
     """Params from an `llm-jax export` directory (or a run directory's latest checkpoint), checked against the
     model and resharded like the target.
 
-    The export may have another head (RUN_FIELDS): its other params are used, the target's own head keeps
-    its initialisation. Returns the params and the names of the top-level params that were not in the export.
+    The export may differ in RUN_FIELDS (another head: its other params are used, the target's own head keeps
+    its initialisation). Returns the params and the names of the top-level params that were not in the export.
     `key` is the config key that names the export, for errors.
     """
     path = Path(path)
@@ -174,7 +174,7 @@ def load_params(path: Path, cfg: Config, target_params, key: str = "checkpoint.i
                           "make one with `llm-jax export`")
     saved = saved_config(path, key=key)
     # Another task's export (a language model for a reward model) gives its trunk; the head is this run's.
-    diffs = differences(saved, cfg, keys=("model.",), ignore=tuple(f"model.{f}" for f in RUN_FIELDS))
+    diffs = differences(saved, cfg, keys=("model.",), ignore=RUN_KEYS)
     if diffs:
         raise CheckpointError(f"{key}={path} has a different model ({'; '.join(diffs)})")
     loaded = _restore(path, saved, jax.tree.leaves(target_params)[0].sharding.mesh)

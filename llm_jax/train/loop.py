@@ -56,7 +56,9 @@ def train(cfg: Config, run_dir: Path, devices=None, fresh: bool = False) -> dict
     try:
         with PreemptionWatch() as watch:
             state, last_eval = _train_steps(setup, writer, references, mngr, watch, clock)
-        results = {**_final_eval(setup, state, last_eval), **clock.report()}
+        with clock.excluding("eval"):  # (evaluates again only when resumed from the last checkpoint)
+            final = _final_eval(setup, state, last_eval)
+        results = {**final, **clock.report()}
     finally:
         mngr.wait_until_finished()
         mngr.close()

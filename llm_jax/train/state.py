@@ -18,7 +18,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-    rng: jax.Array  # base key data; per-step randomness derives as fold_in(rng, step) (train/step.py: LoRA dropout)
+    rng: jax.Array  # base key data; per-step randomness derives as fold_in(rng, step) (train/step.py: dropout)
     skipped: jax.Array  # updates skipped for a non-finite loss, gradient or update
     # The step count the learning-rate schedule is planned for (optim.lr_factor; 0: not planned yet): train.steps,
     # or what a time budget estimated. State, not a compile-time constant, so that planning needs no recompile.

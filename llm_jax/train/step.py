@@ -22,7 +22,7 @@ from llm_jax.train.state import TrainState
 
 
 class _WithDropoutKey:
-    """The model, its `apply` given a "dropout" key (LoRA's peft.dropout: the only consumer; model/adapters.py)."""
+    """The model, its `apply` given a "dropout" key (model.dropout and LoRA's peft.dropout: model/dropout.py)."""
 
     def __init__(self, model, key):
         self.model, self.key = model, key
