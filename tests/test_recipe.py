@@ -234,6 +234,22 @@ def test_budget_plans_from_the_measured_rate():
     clock.t = 99.0
     assert plan.propose(130) == 0  # no plan after the last of REPLAN_AT
 
+    clock.t = 60.0  # resumed from a checkpoint at step 500 that holds a plan and 60 s of training
+    resumed = budget.Budget(100.0, clock, measure_from=501, planned=True)
+    clock.t = 63.0  # step 501, with the compilation
+    assert resumed.propose(501) == 0
+    clock.t = 79.0
+    assert resumed.propose(533) == 0  # the next plan is due at 80%, the first fraction ahead
+    clock.t = 80.0  # steps 501..541 took 17 s
+    assert resumed.propose(541) == 541 + int(20.0 * 40 / 17.0)
+    resumed.accept()
+    clock.t = 96.0
+    assert resumed.propose(581) == 581 + 10  # 40 steps in 16 s, and 4 s left
+    resumed.accept()
+    assert resumed.propose(590) == 0
+    late = budget.Budget(100.0, clock, measure_from=601, planned=True)  # resumed past 95%: no plan ahead
+    assert [late.propose(s) for s in (601, 650)] == [0, 0]
+
 
 @pytest.mark.slow
 def test_time_budget_run_stops_on_time_with_its_schedule_completed(tmp_path, train_args, scalars):
@@ -262,9 +278,11 @@ def test_time_budget_run_stops_on_time_with_its_schedule_completed(tmp_path, tra
     (run / "results.json").unlink()
     assert main(budget_args) == 0
     resumed = json.loads((run / "results.json").read_text())
-    assert resumed["steps"] == planned > resume_at
+    # Its plan is the checkpoint's, or one made again at a fraction of the budget still ahead of it.
+    assert resume_at < resumed["steps"] and abs(resumed["steps"] - planned) <= 0.1 * planned, (resumed, planned)
     assert meta["time"]["train_time_s"] < resumed["train_time_s"] < 22.0 + 5.0, (meta["time"], resumed)
     assert resumed["checkpoint_time_s"] >= meta["time"]["checkpoint_time_s"]
     found, _ = scalars(run)
     times = [v for _, v in found["time/train_s"]]
     assert times == sorted(times) and found["optim/learning_rate"][-1][0] == resumed["steps"]
+    assert found["optim/learning_rate"][-1][1] == pytest.approx(1e-2 * 0.1, rel=0.05)

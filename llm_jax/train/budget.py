@@ -5,8 +5,9 @@ The budget counts from the loop's start, so the first step's compilation is part
 compiles longer pays for it); its step rate is measured from the step after compilation (and after any
 shorter-window steps of train.seq_len_warmup_steps, which are faster). The step count is planned once the
 first steps have taken PLAN_AT of the budget, and planned again at each fraction of REPLAN_AT from the steps
-since the plan before; a resumed run keeps the last plan its checkpoint holds, and its clock goes on from the
-time the checkpoint recorded (the steps an attempt ran past its last checkpoint are counted when run again).
+since the plan before. A resumed run's clock goes on from the time its checkpoint recorded (the steps an attempt
+ran past its last checkpoint are counted when run again); it keeps the plan the checkpoint holds, and plans
+again at the fractions still ahead, from its own steps after the one that compiles.
 """
 from __future__ import annotations
 
@@ -48,10 +49,11 @@ class Clock:
 class Budget:
     """Proposes the run's step count from the measured step rate; `accept` records a plan that was adopted."""
 
-    def __init__(self, seconds: float, clock: Clock, measure_from: int):
+    def __init__(self, seconds: float, clock: Clock, measure_from: int, planned: bool = False):
+        """`planned`: a resumed run's checkpoint holds a plan; the next is due at the first REPLAN_AT ahead."""
         self.seconds, self.clock, self.measure_from = seconds, clock, measure_from
         self.mark: tuple[int, float] | None = None  # (step, training seconds) where the rate's measurement began
-        self.plans = 0
+        self.plans = 1 + sum(clock.train_s() >= f * seconds for f in REPLAN_AT) if planned else 0
         self.pending: tuple[int, float] | None = None  # where the last proposal was made
 
     def propose(self, done: int) -> int:

@@ -194,7 +194,9 @@ class _Plan:
 
     def __init__(self, setup: Setup, clock: Clock):
         self.setup, t = setup, setup.cfg.train
-        self.budget = None if setup.planned_steps else Budget(t.time_budget_s, clock, t.seq_len_warmup_steps + 1)
+        # (the rate is measured from the step after the first of this attempt, which compiles)
+        self.budget = Budget(t.time_budget_s, clock, max(t.seq_len_warmup_steps, setup.start_step) + 1,
+                             planned=setup.planned_steps > 0) if t.time_budget_s else None
         self.total = setup.planned_steps or math.inf
 
     def update(self, step_done: int, bar, state):
