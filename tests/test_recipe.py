@@ -266,8 +266,9 @@ def test_time_budget_run_stops_on_time_with_its_schedule_completed(tmp_path, tra
     assert lr[-1][1] == pytest.approx(1e-2 * 0.1, rel=0.05)  # the planned decay reached its floor
     assert found["time/train_s"][-1][0] == results["steps"]
 
-    # Killed after a checkpoint near the end: the resumed run keeps that checkpoint's plan, and its clock goes on
-    # from the time the checkpoint recorded (training time only: the 20 s are not spent again).
+    # Killed after a checkpoint near the end: the resumed run starts from that checkpoint's plan (and may plan
+    # again at a fraction of the budget still ahead), and its clock goes on from the time the checkpoint
+    # recorded (training time only: the 20 s are not spent again).
     steps = checkpoint.committed_steps(run)
     resume_at = steps[-2] if steps[-1] == results["steps"] else steps[-1]
     for later in steps[steps.index(resume_at) + 1:]:
